@@ -1,0 +1,249 @@
+"""Model configuration: frozen dataclasses, presets, JSON round trip and validation.
+
+torch-free: the runtime reads these from a bundle's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PYRAMIDS = ("fmvr", "m3", "none")
+PROJECTORS = ("mlp2x_gelu", "crosslayer")
+TEXT_ARCHS = ("llama", "qwen2", "mistral")
+
+# OpenAI CLIP normalisation, used by LLaVA-1.5 (and its pad colour).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def cascade_sides(grid: int) -> tuple[int, ...]:
+    """Grid sides of the Matryoshka cascade: halve while even, then pool an odd side to 1.
+
+    24 -> (24, 12, 6, 3, 1); 16 -> (16, 8, 4, 2, 1).
+    """
+    if grid < 1:
+        raise ValueError(f"grid side must be >= 1, got {grid}")
+    sides = [grid]
+    while sides[-1] % 2 == 0:
+        sides.append(sides[-1] // 2)
+    if sides[-1] != 1:
+        sides.append(1)
+    return tuple(sides)
+
+
+def cascade_budgets(grid: int) -> tuple[int, ...]:
+    """Token budgets of the cascade, largest first: 24 -> (576, 144, 36, 9, 1)."""
+    return tuple(s * s for s in cascade_sides(grid))
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP ViT vision tower (transformers `CLIPVisionConfig` fields)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    layer_norm_eps: float = 1e-5
+    # Hidden states fed to the projector, CLS dropped. (-2,) is LLaVA-1.5; the authors'
+    # cross-layer variant uses (-2, 21, 18, 15, 12, 9, 6, 3).
+    feature_layers: tuple[int, ...] = (-2,)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A decoder-only causal LM understood by transformers (`model_type` = arch)."""
+
+    arch: str = "llama"
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 32064
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class FMVRConfig:
+    """Everything needed to build FMVR-LLaVA, and to preprocess and prompt it."""
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector: str = "mlp2x_gelu"
+    # Hidden width of the projector's first layer for the cross-layer variant (16384 in
+    # the authors' release); mlp2x_gelu uses the text width, as LLaVA-1.5 does.
+    projector_hidden: int = 0
+    pyramid: str = "fmvr"
+    # Declared budgets; each must be in the cascade of the grid (validated, never rounded).
+    budgets: tuple[int, ...] = (576, 144, 36, 9, 1)
+    image_token_id: int = 32000
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    template: str = "vicuna_v1"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        return self.vision.grid
+
+    @property
+    def cascade(self) -> tuple[int, ...]:
+        return cascade_budgets(self.grid)
+
+    @property
+    def full_budget(self) -> int:
+        return self.vision.num_patches
+
+    def check_budget(self, tokens: int) -> int:
+        """Return `tokens` if this model serves it, else a ValueError listing the valid ones."""
+        if tokens not in self.budgets:
+            raise ValueError(
+                f"{tokens} visual tokens is not a budget of this model; "
+                f"valid budgets: {', '.join(map(str, self.budgets))}"
+            )
+        return tokens
+
+    def validate(self) -> FMVRConfig:
+        v, t = self.vision, self.text
+        problems = []
+        if v.image_size % v.patch_size:
+            problems.append(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.hidden_size % v.num_heads:
+            problems.append("vision hidden_size must be divisible by num_heads")
+        for layer in v.feature_layers:
+            if not -v.num_layers <= layer <= v.num_layers:
+                problems.append(f"feature layer {layer} outside the tower's {v.num_layers} layers")
+        if t.arch not in TEXT_ARCHS:
+            problems.append(f"text arch {t.arch!r} not in {TEXT_ARCHS}")
+        if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
+            problems.append("text heads must divide hidden_size and be a multiple of num_kv_heads")
+        if self.projector not in PROJECTORS:
+            problems.append(f"projector {self.projector!r} not in {PROJECTORS}")
+        if self.projector == "crosslayer" and self.projector_hidden <= 0:
+            problems.append("projector 'crosslayer' needs projector_hidden > 0")
+        if self.projector == "mlp2x_gelu" and len(v.feature_layers) != 1:
+            problems.append("projector 'mlp2x_gelu' takes one feature layer")
+        if self.pyramid not in PYRAMIDS:
+            problems.append(f"pyramid {self.pyramid!r} not in {PYRAMIDS}")
+        if not self.budgets:
+            problems.append("budgets is empty")
+        bad = [b for b in self.budgets if b not in self.cascade]
+        if bad:
+            problems.append(f"budgets {bad} not in the cascade {self.cascade} of a {self.grid}x{self.grid} grid")
+        if self.pyramid == "none" and tuple(self.budgets) != (self.full_budget,):
+            problems.append(f"pyramid 'none' serves only {self.full_budget} tokens")
+        if list(self.budgets) != sorted(set(self.budgets), reverse=True):
+            problems.append("budgets must be distinct and sorted largest first")
+        if not 0 <= self.image_token_id < t.vocab_size:
+            problems.append(f"image_token_id {self.image_token_id} outside vocab {t.vocab_size}")
+        if problems:
+            raise ValueError(f"invalid FMVR config {self.name!r}: " + "; ".join(problems))
+        return self
+
+    # ---- JSON ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FMVRConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        vision = VisionConfig(**_tuples(d.pop("vision", {})))
+        text = TextConfig(**d.pop("text", {}))
+        return cls(vision=vision, text=text, **_tuples(d)).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> FMVRConfig:
+        return cls.from_dict(json.loads(s))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FMVRConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON: identifies the architecture in a bundle."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> FMVRConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to the tuples the frozen dataclasses hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# ---- presets -----------------------------------------------------------------------------
+
+# Tiny: the real LLaVA geometry (336 px, patch 14, 24x24 grid, 576/144/36/9/1) with tiny
+# widths so that it trains on 2 CPU cores. Its vocabulary is the in-process tokenizer's
+# (fmvr.tokenizer.build_tiny_tokenizer), whose special ids are fixed below.
+TINY_VOCAB = 1024
+TINY = FMVRConfig(
+    name="tiny",
+    vision=VisionConfig(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128),
+    text=TextConfig(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=1024,
+    ),
+    image_token_id=4,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B v1.5.
+LLAVA_15_7B = FMVRConfig(name="llava-1.5-7b")
+
+PRESETS: dict[str, FMVRConfig] = {c.name: c.validate() for c in (TINY, LLAVA_15_7B)}
+
+
+def preset(name: str, **changes: Any) -> FMVRConfig:
+    """A preset by name, optionally with top-level fields replaced (e.g. pyramid='m3')."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    if changes.get("pyramid") == "none" and "budgets" not in changes:
+        changes["budgets"] = (cfg.full_budget,)
+    return cfg.replace(**changes) if changes else cfg

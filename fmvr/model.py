@@ -1,0 +1,216 @@
+"""FMVR-LLaVA: CLIP tower -> projector -> Matryoshka pyramid -> causal LM.
+
+    pixels [B,3,H,W] -> tower hidden states (CLS dropped)  [B,N,Dv] (x len(feature_layers))
+                     -> projector                          [B,N,D]
+                     -> pyramid at budget T                [B,T,D]
+                     -> T placeholder positions of the prompt's embeddings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fmvr.config import FMVRConfig, TextConfig, VisionConfig
+from fmvr.pyramid import Pyramid
+from fmvr.tokenizer import IGNORE_INDEX
+
+
+def clip_config(v: VisionConfig):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act="quick_gelu",
+        projection_dim=v.hidden_size,
+    )
+
+
+def text_config(t: TextConfig, cfg: FMVRConfig):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        t.arch,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        vocab_size=t.vocab_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
+
+
+class Projector(nn.Module):
+    """mlp2x_gelu (LLaVA-1.5) or the authors' cross-layer fusion + wide MLP."""
+
+    def __init__(self, cfg: FMVRConfig) -> None:
+        super().__init__()
+        dv, dt = cfg.vision.hidden_size, cfg.text.hidden_size
+        self.crosslayer: nn.Sequential | None = None
+        if cfg.projector == "crosslayer":
+            n = len(cfg.vision.feature_layers)
+            self.crosslayer = nn.Sequential(nn.Linear(n * dv, dt), nn.GELU(), nn.Linear(dt, dv))
+            hidden = cfg.projector_hidden
+        else:
+            hidden = dt
+        self.mlp = nn.Sequential(nn.Linear(dv, hidden), nn.GELU(), nn.Linear(hidden, dt))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, N, Dv*layers] -> [B, N, D]
+        if self.crosslayer is not None:
+            feats = self.crosslayer(feats)  # [B, N, Dv]
+        return self.mlp(feats)
+
+
+@dataclass
+class Batch:
+    """A tokenised batch with the image placeholders already expanded to T positions."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor | None = None  # [B, S], IGNORE_INDEX where no loss
+
+
+class FMVRLlava(nn.Module):
+    def __init__(self, cfg: FMVRConfig) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+        self.cfg = cfg.validate()
+        self.vision_tower = CLIPVisionModel(clip_config(cfg.vision))
+        self.projector = Projector(cfg)
+        self.pyramid = Pyramid(cfg)
+        self.language_model = AutoModelForCausalLM.from_config(text_config(cfg.text, cfg))
+
+    # ---- vision ------------------------------------------------------------------------
+    def encode_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tower + projector: pixels [B,3,H,W] -> the full projected grid [B, N, D]."""
+        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        layers = [out.hidden_states[i][:, 1:] for i in self.cfg.vision.feature_layers]  # CLS dropped
+        feats = torch.cat(layers, dim=-1)  # [B, N, Dv * len(layers)]
+        return self.projector(feats)  # [B, N, D]
+
+    def encode_image(self, pixel_values: torch.Tensor, tokens: int) -> torch.Tensor:
+        """pixels [B,3,H,W] -> visual tokens [B, tokens, D] at one budget."""
+        self.pyramid.check(tokens)
+        return self.pyramid(self.encode_grid(pixel_values), tokens)
+
+    def encode_budgets(self, pixel_values: torch.Tensor, budgets: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """One tower pass, every requested budget: {T: [B, T, D]}."""
+        return self.pyramid.forward_many(self.encode_grid(pixel_values), budgets)
+
+    # ---- language ----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the placeholder positions replaced by visual tokens, in order.
+
+        input_ids [B, S] hold exactly T placeholders per row; image_features [B, T, D].
+        """
+        embeds = self.language_model.get_input_embeddings()
+        is_image = input_ids == self.cfg.image_token_id  # [B, S]
+        safe_ids = input_ids.masked_fill(is_image, self.cfg.pad_token_id)
+        x = embeds(safe_ids)  # [B, S, D]
+        if image_features is None:
+            if is_image.any():
+                raise ValueError("prompt has image placeholders but no image features were given")
+            return x
+        b, t, _ = image_features.shape
+        counts = is_image.sum(dim=1)  # [B]
+        if (counts != t).any():
+            raise ValueError(
+                f"each prompt must hold exactly {t} image placeholder positions (the budget); "
+                f"found {counts.tolist()}: expand the <image> placeholder with "
+                "fmvr.tokenizer.expand_image_tokens(ids, image_token_id, tokens)"
+            )
+        x = x.clone()
+        x[is_image] = image_features.reshape(b * t, -1).to(x.dtype)  # row-major, in order
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tokens: int | None = None,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        """LM forward with the image at `tokens`; loss (shifted CE) when labels are given."""
+        if image_features is None and pixel_values is not None:
+            if tokens is None:
+                raise ValueError("pass tokens=<budget> with pixel_values")
+            image_features = self.encode_image(pixel_values, tokens)
+        inputs_embeds = self.embed(input_ids, image_features)
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == self.cfg.image_token_id, IGNORE_INDEX)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        tokens: int,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """Answer ids for one image [1,3,H,W] and one prompt [1,S] (placeholders expanded).
+
+        Greedy when temperature == 0, else temperature + top-p sampling with `seed`.
+        Stops at eos (not returned) or after max_new_tokens.
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        feats = self.encode_image(pixel_values, tokens)
+        embeds = self.embed(input_ids, feats)  # [1, S, D]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+        past, answer = out.past_key_values, []
+        for _ in range(max_new_tokens):
+            nxt = pick_token(out.logits[0, -1], temperature, top_p, gen)
+            if nxt == self.cfg.eos_token_id:
+                break
+            answer.append(nxt)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            out = self.language_model(
+                input_ids=torch.tensor([[nxt]]), attention_mask=mask, past_key_values=past, use_cache=True
+            )
+            past = out.past_key_values
+        return answer
+
+    def trainable(self, parts: tuple[str, ...]) -> None:
+        """Freeze everything but `parts` (names of submodules: projector, pyramid, language_model)."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.split(".")[0] in parts)
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """Greedy argmax, or a temperature/top-p sample from the last-position logits [V]."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the top token
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+    return int(order[choice])
+
+
+def build_model(cfg: FMVRConfig, seed: int = 0) -> FMVRLlava:
+    """A freshly initialised model, deterministic for `seed`, in eval mode."""
+    torch.manual_seed(seed)
+    return FMVRLlava(cfg).eval()

@@ -1,0 +1,120 @@
+"""Tokenizers (the `tokenizers` library only, torch-free) and prompt encoding.
+
+- `build_tiny_tokenizer()`: a byte-level BPE trained in-process on a fixed corpus, so the
+  tiny preset needs no download. Deterministic: the same vocabulary on every machine.
+- `encode_segments`: template segments -> ids + target mask, one placeholder per image.
+- `expand_image_tokens`: one placeholder -> exactly T placeholder positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fmvr.template import EOS_TEXT, IMAGE_TOKEN, VICUNA_SYSTEM, Segment
+
+IGNORE_INDEX = -100
+# Fixed ids of the tiny tokenizer (fmvr.config.TINY uses them).
+TINY_SPECIALS = ("<pad>", "<s>", EOS_TEXT, "<unk>", IMAGE_TOKEN)
+
+# Words the tiny model meets: the templates, the built-in benchmark's questions and
+# answers, and plain English glue. Byte-level BPE still encodes any other text.
+_TINY_CORPUS_WORDS = """
+USER ASSISTANT SYSTEM user assistant human image picture photo describe the a an is are of in
+on at to and or what which where how many much color colour shape object objects there any
+yes no none zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9
+red green blue yellow orange purple white black gray grey brown pink cyan
+circle square triangle star cross diamond ring bar heart
+top bottom left right center middle upper lower corner region quadrant side
+handwritten digit number written read say answer word single short question please
+count see visible does do contain present this that it you with for from by as be
+Answer the question using a single word or phrase.
+""".split()
+
+
+def _tiny_corpus() -> list[str]:
+    lines = [VICUNA_SYSTEM, "USER: <image>\nWhat is this? ASSISTANT: A red circle.</s>"]
+    lines += [" ".join(_TINY_CORPUS_WORDS[i : i + 12]) for i in range(0, len(_TINY_CORPUS_WORDS), 12)]
+    lines += [f" {w}" for w in _TINY_CORPUS_WORDS] + [f" {w.capitalize()}." for w in _TINY_CORPUS_WORDS]
+    return lines * 4
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+    """A byte-level BPE over the fixed corpus; ids 0..4 are <pad> <s> </s> <unk> <image>."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    for i, name in enumerate(TINY_SPECIALS):
+        assert tok.token_to_id(name) == i, f"special token {name} moved"
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"tiny tokenizer grew to {tok.get_vocab_size()} > {vocab_size}")
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizer.json` file, or a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return Tokenizer.from_file(str(p))
+
+
+def encode_segments(
+    tok: Tokenizer, segments: Sequence[Segment], bos_id: int | None
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered segments and, per id, whether it is a training target.
+
+    Each segment is encoded on its own (no special tokens added), so target boundaries
+    are exact; `<image>` and `</s>` in the text become their special ids.
+    """
+    ids: list[int] = [] if bos_id is None else [bos_id]
+    target: list[bool] = [False] * len(ids)
+    for text, is_target in segments:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        ids += piece
+        target += [is_target] * len(piece)
+    return ids, target
+
+
+def expand_image_tokens(
+    ids: Sequence[int], image_token_id: int, tokens: int, images: int = 1
+) -> list[int]:
+    """Replace each image placeholder by `tokens` copies; the count must equal `images`."""
+    found = sum(1 for i in ids if i == image_token_id)
+    if found != images:
+        raise ValueError(
+            f"prompt has {found} image placeholders ({IMAGE_TOKEN}) but {images} image(s) given"
+        )
+    out: list[int] = []
+    for i in ids:
+        out += [i] * tokens if i == image_token_id else [i]
+    return out
+
+
+def labels_for(ids: Sequence[int], target: Sequence[bool]) -> list[int]:
+    """Labels: the id on target positions, IGNORE_INDEX elsewhere (placeholders included)."""
+    return [i if t else IGNORE_INDEX for i, t in zip(ids, target, strict=True)]
+
+
+def expand_with_labels(
+    ids: Sequence[int], target: Sequence[bool], image_token_id: int, tokens: int
+) -> tuple[list[int], list[int]]:
+    """Expanded ids and matching labels (placeholders never targets)."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for i, t in zip(ids, target, strict=True):
+        n = tokens if i == image_token_id else 1
+        out_ids += [i] * n
+        out_labels += [i if (t and i != image_token_id) else IGNORE_INDEX] * n
+    return out_ids, out_labels
