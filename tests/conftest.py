@@ -1,0 +1,56 @@
+"""Shared tiny fixtures. Nothing here downloads: configs and tokenizer are built in-process,
+real photos come from scikit-learn's bundled sample images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def _has_cuda_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (and TensorRT where the test says); none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from fmvr.config import preset
+
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from fmvr.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    from fmvr.model import build_model
+
+    return build_model(tiny_cfg, seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_images():
+    """Two real photographs (RGB PIL images, 427x640) bundled with scikit-learn."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    return [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
