@@ -1,0 +1,43 @@
+# Quick start:  make demo   (the main job on the built-in tiny model: no downloads, no GPU)
+#               make test   (the test suite)
+# Both create .venv and install the pinned versions of constraints.txt on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint typecheck check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip==26.0.1
+	# torch first, as the CPU build that lies on this machine's disk (a bare `torch` pulls CUDA).
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[train,export,dev]'
+	# Type stubs only; their `tensorrt` dependency cannot be installed here (NVIDIA's index).
+	$(PIP) install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	touch $@
+
+demo: venv
+	$(PY) -m fmvr.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy export/trt.py runtime/vision.py
+
+check: test lint typecheck
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
