@@ -1,0 +1,373 @@
+"""The bundle schema: export writes it, the torch-free runtime reads and verifies it.
+
+stdlib + numpy only (no torch, no onnx, no tensorrt). One schema, one version number.
+
+Layout of a bundle directory (all paths in the manifest are relative to it, POSIX style):
+
+    manifest.json
+    vision/all.onnx                       layout "shared": one graph, every budget an output
+    vision/t36.onnx ...                   layout "per-budget": one graph per budget
+    vision/t36.fp16.engine + .engine.json TensorRT engine (plain bytes) + its sidecar
+    llm/decoder.onnx (+ decoder.onnx.data) decoder over inputs_embeds + KV cache
+    llm/embed_tokens.npy                  token-embedding table [vocab, hidden] (float32/16)
+    tokenizer/tokenizer.json
+
+manifest.json (schema_version 1), keys:
+
+- schema_version: int, == SCHEMA_VERSION or the runtime refuses the bundle.
+- created: ISO-8601 UTC time of the export.
+- model: {name, config: FMVRConfig.to_dict(), config_hash: FMVRConfig.hash()}.
+- budgets: [576, 144, 36, 9, 1] (the budgets this bundle serves, largest first).
+- preprocessing: fmvr.preprocess.Preprocessor.to_dict() (size, mean, std; pad colour = mean).
+- template: chat template name ("vicuna_v1" | "plain"), rendered by fmvr.template.
+- special_tokens: {bos, eos, pad, image} token ids.
+- vision (VisionSection):
+    layout: "shared" | "per-budget"; input_name: "pixel_values"; input_dtype: "float32"
+    | "float16"; image_size: 336; hidden_size: D (width of each visual token);
+    budgets: {"36": {file: "vision/all.onnx", output: "tokens_36"}, ...} (keys are str(T));
+    engines: {"36": EngineEntry{file, sidecar, precision, trt_version, gpu_name,
+    compute_capability "8.7", profile {min_batch, opt_batch, max_batch}}} (possibly empty).
+    Every ONNX graph: input pixel_values [batch, 3, S, S] -> output tokens_<T> [batch, T, D].
+- llm (LLMSection, or null for a vision-only bundle):
+    decoder: "llm/decoder.onnx"; external_data: ["llm/decoder.onnx.data"] or [];
+    embed_tokens: "llm/embed_tokens.npy"; exporter: "torch-dynamo" | "onnxruntime-genai";
+    num_layers, num_kv_heads, head_dim, hidden_size, vocab_size;
+    inputs: ["inputs_embeds", "attention_mask", ("position_ids",) "past_key_values.0.key", ...];
+    outputs: ["logits", "present.0.key", "present.0.value", ...];
+    past_key / past_value / present_key / present_value: name templates with "{i}"
+    ("past_key_values.{i}.key", ..., "present.{i}.value"); KV tensors are
+    [batch, num_kv_heads, seq, head_dim] in kv_dtype; has_position_ids: bool;
+    quantization: {method: "fp32"|"fp16"|"int8-dynamic"|"int4-matmulnbits", block_size,
+    target: "cpu"|"cuda", agreement: {top1, max_abs_logit_err, floor, prompts, tokens,
+    greedy_equal (fp32 only)}}.
+- tokenizer: "tokenizer/tokenizer.json".
+- files: [FileEntry{path, sha256, bytes, role, precision, budgets, shapes {name: [dims]},
+  parity {str(T): {max_abs, cosine, tolerance, images, reference} | ...}}]. Every file the
+  runtime opens is listed here and hash-checked by verify_bundle.
+- tools: {"torch": "2.13.0", "onnx": ..., "onnxruntime": ..., "python": ...}.
+- build: {command: the command that rebuilds this bundle, checkpoint: path or "demo-tiny"}.
+
+A TensorRT sidecar (vision/t36.fp16.engine.json) holds: trt_version, gpu_name,
+compute_capability, precision, profile, engine_sha256, onnx_sha256, parity, latency_ms.
+Engines are tied to the TensorRT version and GPU: `engine_mismatch` says when to rebuild.
+
+Making a tiny bundle from another package's tests (needs torch; the export package):
+
+    from export import build_tiny_bundle
+    bundle_dir = build_tiny_bundle(out_dir, tokens="all", layout="shared", llm="fp32",
+                                   force=False, seed=0)  # -> Path, an fp32 tiny bundle
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REBUILD_HINT = "python -m export --checkpoint CKPT --out BUNDLE --force"
+LAYOUTS = ("shared", "per-budget")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: what is wrong, and the command that rebuilds it."""
+
+
+# ---- schema ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+    role: str  # vision-onnx | vision-engine | engine-sidecar | llm-decoder | llm-data | embed | tokenizer
+    precision: str = ""
+    budgets: list[int] = field(default_factory=list)
+    shapes: dict[str, list[Any]] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VisionOutput:
+    file: str
+    output: str
+
+
+@dataclass
+class EngineEntry:
+    file: str
+    sidecar: str
+    precision: str
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    profile: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class VisionSection:
+    layout: str
+    input_name: str
+    input_dtype: str
+    image_size: int
+    hidden_size: int
+    budgets: dict[str, VisionOutput]
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+
+    def output_for(self, tokens: int) -> VisionOutput:
+        """The graph file and output name serving `tokens` (BundleError listing valid ones)."""
+        if str(tokens) not in self.budgets:
+            valid = ", ".join(sorted(self.budgets, key=int, reverse=True))
+            raise BundleError(
+                f"{tokens} visual tokens is not a budget of this bundle; valid budgets: {valid}"
+            )
+        return self.budgets[str(tokens)]
+
+
+@dataclass
+class LLMSection:
+    decoder: str
+    embed_tokens: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    inputs: list[str]
+    outputs: list[str]
+    external_data: list[str] = field(default_factory=list)
+    exporter: str = "torch-dynamo"
+    has_position_ids: bool = False
+    kv_dtype: str = "float32"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    model: dict[str, Any]
+    budgets: list[int]
+    preprocessing: dict[str, Any]
+    template: str
+    special_tokens: dict[str, int]
+    vision: VisionSection
+    tokenizer: str
+    files: list[FileEntry]
+    llm: LLMSection | None = None
+    tools: dict[str, str] = field(default_factory=dict)
+    build: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise BundleError(f"{path} is not listed in the manifest's files")
+
+    def rebuild_command(self) -> str:
+        return self.build.get("command") or REBUILD_HINT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        try:
+            v = dict(d.pop("vision"))
+            v["budgets"] = {k: VisionOutput(**x) for k, x in v["budgets"].items()}
+            v["engines"] = {k: EngineEntry(**x) for k, x in v.get("engines", {}).items()}
+            llm = d.pop("llm", None)
+            files = [FileEntry(**f) for f in d.pop("files")]
+            return cls(
+                vision=VisionSection(**v),
+                llm=LLMSection(**llm) if llm else None,
+                files=files,
+                **d,
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(
+                f"manifest does not follow schema {SCHEMA_VERSION} ({type(e).__name__}: {e}); "
+                f"rebuild the bundle: {REBUILD_HINT}"
+            ) from e
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(bundle_dir: str | Path, rel: str, role: str, **meta: Any) -> FileEntry:
+    """A FileEntry for bundle_dir/rel with its sha256 and size measured now."""
+    p = Path(bundle_dir) / rel
+    if not p.is_file():
+        raise BundleError(f"cannot list {rel}: no such file in {bundle_dir}")
+    return FileEntry(
+        path=Path(rel).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size, role=role, **meta
+    )
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """JSON to a temp file beside `path`, then renamed over it."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (also used to add engines to an existing bundle)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    write_json_atomic(path, manifest.to_dict())
+    return path
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Parse manifest.json and check its schema version (hashes: see verify_bundle)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"no bundle at {bundle_dir}: not a directory; build one with {REBUILD_HINT}")
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a bundle: no {MANIFEST_NAME}; build one with {REBUILD_HINT}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle: {REBUILD_HINT}") from e
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if version != SCHEMA_VERSION:
+        cmd = (d.get("build") or {}).get("command") if isinstance(d, dict) else None
+        raise BundleError(
+            f"{path} has schema_version {version!r}; this runtime reads {SCHEMA_VERSION}. "
+            f"Re-export with the matching toolkit: {cmd or REBUILD_HINT}"
+        )
+    return Manifest.from_dict(d)
+
+
+def verify_bundle(bundle_dir: str | Path) -> Manifest:
+    """read_manifest + every listed file present with its size and sha256; referenced paths listed."""
+    m = read_manifest(bundle_dir)
+    root = Path(bundle_dir)
+    for f in m.files:
+        p = root / f.path
+        if not p.is_file():
+            raise BundleError(f"bundle {root}: {f.path} is missing; rebuild it: {m.rebuild_command()}")
+        size = p.stat().st_size
+        if size != f.bytes:
+            raise BundleError(
+                f"bundle {root}: {f.path} is {size} bytes, the manifest says {f.bytes} "
+                f"(truncated or replaced); rebuild it: {m.rebuild_command()}"
+            )
+        if sha256_file(p) != f.sha256:
+            raise BundleError(
+                f"bundle {root}: {f.path} fails its sha256 check (corrupted or edited); "
+                f"rebuild it: {m.rebuild_command()}"
+            )
+    listed = {f.path for f in m.files}
+    for ref in referenced_paths(m):
+        if ref not in listed:
+            raise BundleError(
+                f"bundle {root}: {ref} is used by the manifest but not hash-listed; rebuild it: {m.rebuild_command()}"
+            )
+    return m
+
+
+def referenced_paths(m: Manifest) -> list[str]:
+    """Every file a section points to (each must also be in m.files)."""
+    refs = [o.file for o in m.vision.budgets.values()]
+    refs += [p for e in m.vision.engines.values() for p in (e.file, e.sidecar)]
+    if m.llm is not None:
+        refs += [m.llm.decoder, m.llm.embed_tokens, *m.llm.external_data]
+    refs.append(m.tokenizer)
+    return sorted(set(refs))
+
+
+def engine_mismatch(
+    entry: EngineEntry, trt_version: str, compute_capability: str, rebuild: str
+) -> str | None:
+    """None when the engine was built for this TensorRT + GPU, else why not and how to rebuild."""
+    problems = []
+    if entry.trt_version != trt_version:
+        problems.append(f"built with TensorRT {entry.trt_version}, this device has {trt_version}")
+    if entry.compute_capability != compute_capability:
+        problems.append(
+            f"built for compute capability {entry.compute_capability} ({entry.gpu_name}), "
+            f"this GPU is {compute_capability}"
+        )
+    if not problems:
+        return None
+    return f"engine {entry.file}: " + "; ".join(problems) + f". Rebuild it on this device: {rebuild}"
+
+
+def trt_rebuild_command(bundle_dir: str | Path, tokens: int, precision: str) -> str:
+    flag = {"fp16": " --fp16", "int8": " --int8 --calib-images DIR"}.get(precision, "")
+    return f"python -m export.trt --bundle {bundle_dir} --tokens {tokens}{flag}"
+
+
+# ---- atomic bundle writing -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_bundle(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it becomes `out` in one rename.
+
+    An exception (or Ctrl-C) removes the temp dir and leaves no `out`. The temp dir must hold
+    manifest.json at the end. An existing `out` is refused unless force=True.
+    """
+    out = Path(out)
+    check_output_free(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if not (tmp / MANIFEST_NAME).is_file():
+            raise BundleError(f"export did not write {MANIFEST_NAME}: bundle {out} not created")
+        _replace_dir(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_free(out: str | Path, force: bool) -> None:
+    out = Path(out)
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory; remove it or choose another --out")
+
+
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    check_output_free(out, force)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
