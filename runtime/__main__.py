@@ -1,0 +1,178 @@
+"""`python -m runtime ask|profile|serve|bench`: the torch-free runtime's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from runtime.vision import BACKENDS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory (made by `python -m export`)")
+    p.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="vision backend (auto: from manifest + device)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("ask", help="answer a question about an image within a latency budget")
+    _common(a)
+    a.add_argument("--image", required=True, help="image file (jpg/png/...)")
+    a.add_argument("--prompt", required=True, help="the question")
+    a.add_argument(
+        "--latency-ms", type=float, nargs="+", help="latency budget(s) in ms; several: one answer each"
+    )
+    a.add_argument("--tokens", type=int, help="force a visual-token budget (skips the policy)")
+    a.add_argument("--objective", choices=("ttft", "total"), default="ttft", help="what must fit the budget")
+    a.add_argument("--strict", action="store_true", help="fail instead of missing the deadline")
+    a.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    a.add_argument("--seed", type=int, help="sampling seed")
+    a.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    a.add_argument("--escalate", help="comma-separated budgets, e.g. 9,144: one vision pass, one answer each")
+    a.add_argument(
+        "--profile-if-missing", action="store_true", help="measure this device's profile on first use"
+    )
+    a.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    a.add_argument("--json", action="store_true", help="print the full result(s) as JSON")
+    p = sub.add_parser("profile", help="measure this device's latency per budget; saved in the bundle")
+    _common(p)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _common(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: a free one)")
+    s.add_argument("--max-concurrency", type=int, default=2, help="requests running at once")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="request size limit (413 past it)")
+    s.add_argument("--timeout-s", type=float, default=120.0, help="per-request time limit (504 past it)")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument(
+        "--profile-if-missing", action="store_true", help="measure the profile at startup if absent"
+    )
+    b = sub.add_parser("bench", help="TTFT per budget vs FLOPs, and the policy under load")
+    _common(b)
+    b.add_argument("--out", default="benchmarks/results", help="where runtime_bench.{json,md,png} go")
+    b.add_argument("--runs", type=int, default=5, help="timed runs per budget")
+    b.add_argument("--requests", type=int, default=40, help="requests in the policy-under-load run")
+    b.add_argument("--concurrency", type=int, default=2, help="parallel clients in the load run")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    from runtime.bundle import BundleError
+    from runtime.pipeline import Pipeline
+    from runtime.profile import ProfileError
+
+    try:
+        pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads,
+                             profile_if_missing=getattr(args, "profile_if_missing", False))  # fmt: skip
+        return {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench}[args.cmd](pipe, args)
+    except (BundleError, ProfileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _ask(pipe, args) -> int:  # type: ignore[no-untyped-def]
+    image = Path(args.image).read_bytes() if Path(args.image).is_file() else args.image
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              seed=args.seed, stop=tuple(args.stop))  # fmt: skip
+    if args.escalate:
+        budgets = [int(t) for t in args.escalate.split(",")]
+        results = pipe.escalate(image, args.prompt, budgets, **kw)
+    else:
+        results = []
+        for lat in args.latency_ms or [None]:
+            ans = pipe.stream(image, args.prompt, latency_ms=lat, tokens=args.tokens, strict=args.strict,
+                              objective=args.objective, **kw)  # fmt: skip
+            for delta in ans:
+                if args.stream and not args.json:
+                    print(delta, end="", flush=True)
+            if args.stream and not args.json:
+                print()
+            results.append(ans.result)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    print(f"vision backend: {pipe.vision.name}, LLM: {pipe.decoder.provider}, {pipe.profile_note}")
+    for r in results:
+        _print_result(r)
+    print(f"next: python -m runtime serve --bundle {args.bundle}")
+    return 0
+
+
+def _print_result(r) -> None:  # type: ignore[no-untyped-def]
+    lat = "none" if r.latency_ms is None else f"{r.latency_ms:g} ms"
+    met = {None: "-", True: "met", False: "MISSED"}[r.deadline_met]
+    key = "total" if r.objective == "total" else "ttft"
+    pred = r.predicted_ms.get(key)
+    pred_s = "-" if pred is None else f"{pred:.1f}"
+    print(f"[latency budget {lat}] -> {r.budget} visual tokens ({r.reason})")
+    print(f"  {key}: predicted {pred_s} ms, measured {r.measured_ms[key]:.1f} ms, deadline {met}")
+    stages = ", ".join(f"{s} {r.measured_ms[s]:.1f}" for s in ("preprocess", "vision", "prefill", "decode"))
+    print(f"  stages (ms): {stages}; {len(r.token_ids)} tokens, finish {r.finish_reason}")
+    print(f"  answer: {r.answer!r}")
+
+
+def _profile(pipe, args) -> int:  # type: ignore[no-untyped-def]
+    from runtime.profile import profile_path
+
+    prof = pipe.measure_profile(warmup=args.warmup, runs=args.runs)
+    print(f"device {prof.key}: backend {prof.backend}")
+    print("budget  vision p50 ms  p90 ms  prefill ms (predicted)")
+    for t in pipe.budgets:
+        v = prof.vision_ms[t]
+        print(f"{t:>6}  {v['p50']:>12.2f}  {v['p90']:>6.2f}  {prof.prefill(t + 40):>10.2f}")
+    print(f"prefill: {prof.prefill_intercept_ms:.2f} ms + {prof.prefill_ms_per_token:.4f} ms/token; "
+          f"decode {prof.decode_ms_per_token:.2f} ms/token")  # fmt: skip
+    print(f"saved {profile_path(pipe.bundle_dir, prof.device)}")
+    print(f"next: python -m runtime ask --bundle {args.bundle} --image IMG --prompt '...' --latency-ms 50")
+    return 0
+
+
+def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
+    from runtime.server import ServerConfig, make_server
+
+    if pipe.policy is None and args.profile_if_missing:
+        pipe.measure_profile()
+    cfg = ServerConfig(host=args.host, port=args.port, max_concurrency=args.max_concurrency,
+                       max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                       timeout_s=args.timeout_s, allow_remote_images=args.allow_remote_images)  # fmt: skip
+    srv = make_server(pipe, cfg)
+    print(f"serving {srv.model} on {srv.url} (vision {pipe.vision.name}; {pipe.profile_note})")
+    print(f"try: curl {srv.url}/health")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
+
+
+def _bench(pipe, args) -> int:  # type: ignore[no-untyped-def]
+    from runtime.bench import run_bench
+
+    run_bench(pipe, Path(args.out), runs=args.runs, requests=args.requests, concurrency=args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""LLM decoding over the bundle's ONNX decoder (onnxruntime only, no torch).
+
+Decoder contract (runtime/bundle.py LLMSection, onnxruntime-genai naming):
+    inputs   inputs_embeds [B,S,D], attention_mask [B,past+S] int64, (position_ids [B,S]),
+             past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
+    outputs  logits [B,S,V], present.{i}.key/.value [B, kv_heads, past+S, head_dim]
+
+One `Decoder` serves any number of threads: it holds the session and read-only buffers
+(an all-ones mask and the position ramp, preallocated to the model's context length and
+sliced per step); every `Generation` holds its own KV cache, so concurrent requests never
+share cache state. The KV cache moves through IO binding: each step's `present` OrtValues
+are bound as the next step's `past` without a copy (and stay on the GPU under CUDA).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.bundle import LLMSection
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (applied by TextStream)
+
+    def check(self) -> SamplingParams:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+class GenerationTimeout(TimeoutError):
+    """The request's deadline passed during decoding."""
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy argmax, or a temperature + top-p (nucleus) sample from logits [V]."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    sp = p[order]
+    keep = np.cumsum(sp) - sp < top_p  # always keeps the top token
+    sp = np.where(keep, sp, 0.0)
+    return int(order[rng.choice(len(sp), p=sp / sp.sum())])
+
+
+class Decoder:
+    """An onnxruntime decoder session + the embedding table; `start` begins a Generation."""
+
+    def __init__(
+        self, session: ort.InferenceSession, spec: LLMSection, embed_table: np.ndarray, max_len: int
+    ) -> None:
+        self.session, self.spec, self.max_len = session, spec, max_len
+        types = {i.name: i.type for i in session.get_inputs()}
+        missing = [
+            n for n in ("inputs_embeds", "attention_mask", spec.past_key.format(i=0)) if n not in types
+        ]
+        if missing:
+            raise ValueError(f"decoder has no input(s) {missing}; inputs are {sorted(types)}")
+        self.embed_dtype = ORT_DTYPES[types["inputs_embeds"]]
+        self.kv_dtype = ORT_DTYPES[types[spec.past_key.format(i=0)]]
+        self.has_position_ids = "position_ids" in types
+        self.table = embed_table
+        providers = session.get_providers()
+        self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.provider = providers[0] if providers else "CPUExecutionProvider"
+        # Read-only, shared by every request: sliced per step, never written.
+        self.ones = np.ones((1, max_len), dtype=np.int64)  # [1, L]
+        self.positions = np.arange(max_len, dtype=np.int64)[None]  # [1, L]
+        self.kv_names = [
+            (spec.past_key.format(i=i), spec.past_value.format(i=i), spec.present_key.format(i=i),
+             spec.present_value.format(i=i))
+            for i in range(spec.num_layers)
+        ]  # fmt: skip
+
+    @classmethod
+    def load(
+        cls, bundle_dir: str | Path, spec: LLMSection, providers: Sequence[Any], max_len: int,
+        threads: int = 0,
+    ) -> Decoder:  # fmt: skip
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        path = str(Path(bundle_dir) / spec.decoder)
+        session = ort.InferenceSession(path, sess_options=opts, providers=list(providers))
+        table = np.load(Path(bundle_dir) / spec.embed_tokens, mmap_mode="r", allow_pickle=False)
+        if table.shape != (spec.vocab_size, spec.hidden_size):
+            raise ValueError(
+                f"{spec.embed_tokens} has shape {table.shape}, the manifest says "
+                f"[{spec.vocab_size}, {spec.hidden_size}]"
+            )
+        return cls(session, spec, table, max_len)
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """Token embeddings [1, S, D] in the decoder's input dtype."""
+        return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=self.embed_dtype)[None]
+
+    def start(self, embeds: np.ndarray, params: SamplingParams, deadline: float | None = None) -> Generation:
+        """A new generation from prompt embeddings [1, S, D] (its own KV cache)."""
+        return Generation(self, embeds, params.check(), deadline)
+
+    def empty_past(self) -> Any:
+        spec = self.spec
+        z = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self.kv_dtype)  # [1, kv, 0, hd]
+        return ort.OrtValue.ortvalue_from_numpy(z, self.device, 0)
+
+
+class Generation:
+    """Iterate to get answer token ids (stop tokens are not yielded). Timings in ms after use."""
+
+    def __init__(self, dec: Decoder, embeds: np.ndarray, params: SamplingParams, deadline: float | None):
+        if embeds.ndim != 3 or embeds.shape[0] != 1:
+            raise ValueError(f"prompt embeddings must be [1, S, D], got {embeds.shape}")
+        need = embeds.shape[1] + params.max_new_tokens
+        if need > dec.max_len:
+            raise ValueError(
+                f"prompt ({embeds.shape[1]} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
+                f"exceeds the model's context of {dec.max_len}; lower max_new_tokens or the budget"
+            )
+        self.dec, self.params, self.deadline = dec, params, deadline
+        self.embeds = np.ascontiguousarray(embeds, dtype=dec.embed_dtype)
+        self.rng = np.random.default_rng(params.seed)
+        self.step_embed = np.empty((1, 1, embeds.shape[2]), dtype=dec.embed_dtype)  # [1, 1, D], reused
+        self.past = [(dec.empty_past(), dec.empty_past()) for _ in range(dec.spec.num_layers)]
+        self.length = 0  # tokens in the cache
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0  # decoder calls after prefill
+        self.decode_steps = 0
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def _run(self, embeds: np.ndarray) -> np.ndarray:
+        """One decoder call on [1, S, D]: updates the cache, returns last-position logits [V]."""
+        dec, s = self.dec, embeds.shape[1]
+        io = dec.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", embeds)
+        io.bind_cpu_input("attention_mask", dec.ones[:, : self.length + s])  # [1, past + S]
+        if dec.has_position_ids:
+            io.bind_cpu_input("position_ids", dec.positions[:, self.length : self.length + s])  # [1, S]
+        for (pk, pv, _, _), (k, v) in zip(dec.kv_names, self.past):
+            io.bind_ortvalue_input(pk, k)
+            io.bind_ortvalue_input(pv, v)
+        io.bind_output("logits", "cpu")
+        for _, _, ok, ov in dec.kv_names:
+            io.bind_output(ok, dec.device)
+            io.bind_output(ov, dec.device)
+        dec.session.run_with_iobinding(io)
+        outs = io.get_outputs()  # logits, then present k/v per layer in bind order
+        self.past = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(len(dec.kv_names))]
+        self.length += s
+        return outs[0].numpy()[0, -1]  # [V]
+
+    def __iter__(self) -> Iterator[int]:
+        p = self.params
+        t0 = time.perf_counter()
+        logits = self._run(self.embeds)
+        self.prefill_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            while True:
+                tok = pick_token(logits, p.temperature, p.top_p, self.rng)
+                if tok in p.stop_token_ids:
+                    self.finish_reason = "stop"
+                    return
+                self.tokens.append(tok)
+                yield tok  # the consumer's time is not counted as decode time
+                if len(self.tokens) >= p.max_new_tokens:
+                    self.finish_reason = "length"
+                    return
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.finish_reason = "timeout"
+                    raise GenerationTimeout(f"request timed out after {len(self.tokens)} tokens")
+                t0 = time.perf_counter()
+                self.step_embed[0, 0] = self.dec.table[tok]
+                logits = self._run(self.step_embed)
+                self.decode_ms += (time.perf_counter() - t0) * 1e3
+                self.decode_steps += 1
+        finally:
+            if self.finish_reason is None:
+                self.finish_reason = "stop"  # closed by the caller (a stop string)
+
+
+class TextStream:
+    """Text deltas of a Generation, with stop strings: text that could still become a stop
+    string is held back, and the answer is cut before the first stop string found."""
+
+    def __init__(self, gen: Generation, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.gen, self.tok, self.stop = gen, tokenizer, tuple(s for s in stop if s)
+        self.text = ""  # emitted so far
+        self.full = ""
+
+    def __iter__(self) -> Iterator[str]:
+        ids: list[int] = []
+        for tok in self.gen:
+            ids.append(tok)
+            self.full = self.tok.decode(ids)
+            cut = self._stop_at(self.full)
+            if cut is not None:
+                self.full = self.full[:cut]
+                yield from self._emit(len(self.full))
+                self.gen.finish_reason = "stop"
+                return
+            safe = len(self.full) - self._held(self.full)
+            if self.full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
+                safe = min(safe, len(self.full) - 1)
+            yield from self._emit(safe)
+        yield from self._emit(len(self.full))
+
+    def _emit(self, upto: int) -> Iterator[str]:
+        if upto > len(self.text):
+            delta = self.full[len(self.text) : upto]
+            self.text += delta
+            yield delta
+
+    def _stop_at(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s, max(0, len(self.text) - len(s))) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if s.startswith(text[-n:]):
+                    best = max(best, n)
+                    break
+        return best

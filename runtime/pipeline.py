@@ -1,0 +1,316 @@
+"""The torch-free pipeline: image + question -> answer, at the budget the deadline allows.
+
+pipe = Pipeline.load("bundle/")                     # verifies hashes, picks a backend
+r = pipe.ask(image, "What is this?", latency_ms=120)  # r.answer, r.budget, r.deadline_met
+for delta in (s := pipe.stream(image, "Describe it.")):  # text deltas; s.result at the end
+    print(delta, end="")
+small, large = pipe.escalate(image, "Count the cars.", budgets=(9, 144))  # one vision pass
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmvr.config import FMVRConfig
+from fmvr.preprocess import Preprocessor
+from fmvr.template import IMAGE_TOKEN, Turn, render, user_turn
+from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
+from runtime.bundle import BundleError, Manifest, verify_bundle
+from runtime.llm import Decoder, Generation, SamplingParams, TextStream
+from runtime.policy import Choice, Policy
+from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
+from runtime.vision import VisionBackend, load_backend
+
+log = logging.getLogger("runtime")
+
+
+@dataclass
+class VisionPass:
+    """One image through the vision backend: visual tokens per budget (batch 1)."""
+
+    features: dict[int, np.ndarray]  # T -> [T, D]
+    preprocess_ms: float
+    vision_ms: float
+    backend: str
+
+
+@dataclass
+class Result:
+    answer: str
+    token_ids: list[int]
+    budget: int
+    backend: str
+    llm_provider: str
+    finish_reason: str
+    prompt_tokens: int  # text + visual tokens
+    latency_ms: float | None
+    objective: str
+    deadline_met: bool | None  # measured against latency_ms (None: no deadline)
+    predicted_deadline_met: bool | None
+    reason: str
+    predicted_ms: dict[str, float] = field(default_factory=dict)
+    measured_ms: dict[str, float] = field(default_factory=dict)
+    vision_reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Answer:
+    """A streaming answer: iterate for text deltas; `.result` once exhausted."""
+
+    def __init__(self, deltas: Iterator[str]) -> None:
+        self._deltas = deltas
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._deltas
+
+    def close(self) -> None:
+        close = getattr(self._deltas, "close", None)
+        if close:
+            close()
+
+
+class Pipeline:
+    def __init__(
+        self, bundle_dir: Path, manifest: Manifest, vision: VisionBackend, decoder: Decoder,
+        tokenizer: Any, profile_if_missing: bool = False, alpha: float = 0.3,
+    ) -> None:  # fmt: skip
+        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.cfg = FMVRConfig.from_dict(manifest.model["config"])
+        self.budgets = tuple(sorted(manifest.budgets, reverse=True))
+        self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
+        self.preprocessor = Preprocessor.from_dict(manifest.preprocessing)
+        self.special = manifest.special_tokens
+        self.alpha, self.profile_if_missing = alpha, profile_if_missing
+        self.device = device_info(vision.name)
+        self.policy: Policy | None = None
+        self.profile_note = ""
+        self.reload_profile()
+
+    # ---- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, bundle: str | Path, backend: str = "auto", threads: int = 0,
+        profile_if_missing: bool = False, alpha: float = 0.3,
+    ) -> Pipeline:  # fmt: skip
+        """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it."""
+        root = Path(bundle)
+        m = verify_bundle(root)
+        if m.llm is None:
+            raise BundleError(
+                f"bundle {root} has no LLM (vision-only); rebuild it with one: {m.rebuild_command()}"
+            )
+        vision = load_backend(root, m, backend, threads)
+        providers = ["CPUExecutionProvider"]
+        if vision.name != "ort-cpu":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        cfg = FMVRConfig.from_dict(m.model["config"])
+        decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
+        log.info("LLM provider: %s", decoder.provider)
+        tok = load_tokenizer(root / m.tokenizer)
+        return cls(root, m, vision, decoder, tok, profile_if_missing, alpha)
+
+    def reload_profile(self) -> None:
+        try:
+            prof = load_profile(self.bundle_dir, self.device, self.vision.name)
+        except ProfileError as e:
+            self.policy, self.profile_note = None, str(e)
+            log.warning("%s", e)
+            return
+        self.use_profile(prof)
+
+    def use_profile(self, prof: Profile) -> None:
+        self.policy = Policy(prof, self.budgets, self.alpha)
+        self.profile_note = f"profile {prof.key} ({prof.created})"
+
+    def measure_profile(self, warmup: int = 2, runs: int = 5, save: bool = True) -> Profile:
+        from runtime.measure import measure
+
+        prof = measure(self, warmup=warmup, runs=runs)
+        if save:
+            path = save_profile(self.bundle_dir, prof)
+            log.info("saved latency profile %s", path)
+        self.use_profile(prof)
+        return prof
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[Turn]) -> list[int]:
+        """Token ids of the rendered prompt with ONE image placeholder (not yet expanded)."""
+        turns = [user_turn(prompt)] if isinstance(prompt, str) else list(prompt)
+        if not any(IMAGE_TOKEN in t["value"] for t in turns if t["from"] == "human"):
+            turns[0] = user_turn(turns[0]["value"])
+        segs = render(self.manifest.template, turns, add_generation_prompt=True)
+        ids, _ = encode_segments(self.tokenizer, segs, self.special.get("bos"))
+        return ids
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """Path, bytes or PIL image -> pixels [1, 3, S, S] (fmvr.preprocess.ImageError if unreadable)."""
+        return self.preprocessor(image)  # [1, 3, S, S]
+
+    def encode(self, image: Any, budgets: Sequence[int]) -> VisionPass:
+        """Preprocess + one vision pass for every budget in `budgets`."""
+        for t in budgets:
+            self.cfg.check_budget(t)
+        t0 = time.perf_counter()
+        pixels = self.preprocess(image)  # [1, 3, S, S]
+        t1 = time.perf_counter()
+        feats = self.vision.encode(pixels, list(budgets))  # T -> [1, T, D]
+        t2 = time.perf_counter()
+        return VisionPass(
+            {t: f[0] for t, f in feats.items()}, (t1 - t0) * 1e3, (t2 - t1) * 1e3, self.vision.name
+        )
+
+    def embeddings(self, ids: Sequence[int], feats: np.ndarray) -> np.ndarray:
+        """Prompt embeddings [1, S, D] with the T visual tokens at the expanded placeholders."""
+        image_id = self.special["image"]
+        expanded = np.asarray(expand_image_tokens(ids, image_id, feats.shape[0]), dtype=np.int64)  # [S]
+        is_image = expanded == image_id  # [S]
+        x = self.decoder.embed(np.where(is_image, self.special["pad"], expanded))  # [1, S, D]
+        x[0, is_image] = feats.astype(x.dtype)  # [T, D] in order
+        return x
+
+    def choose(
+        self, latency_ms: float | None, text_tokens: int, max_new_tokens: int,
+        tokens: int | None, objective: str, strict: bool,
+    ) -> Choice:  # fmt: skip
+        if tokens is not None:
+            self.cfg.check_budget(tokens)
+            pred = self.policy.predict(tokens, text_tokens, max_new_tokens) if self.policy else None
+            met = None if latency_ms is None or pred is None else pred.time(objective) <= latency_ms
+            return Choice(tokens, pred, met, "budget forced by the caller")
+        if latency_ms is not None and self.policy is None:
+            if not self.profile_if_missing:
+                raise ProfileError(f"a latency budget needs this device's profile: {self.profile_note}; "
+                                   "or pass tokens=<budget> to force one")  # fmt: skip
+            log.warning("no profile for this device: measuring one now (first use)")
+            self.measure_profile()
+        if self.policy is None:
+            return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
+        return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict)
+
+    # ---- asking --------------------------------------------------------------------------------
+    def ask(self, image: Any, prompt: str | Sequence[Turn], **kw: Any) -> Result:
+        """Answer in one go; see `stream` for the arguments."""
+        ans = self.stream(image, prompt, **kw)
+        for _ in ans:
+            pass
+        assert ans.result is not None
+        return ans.result
+
+    def stream(
+        self, image: Any, prompt: str | Sequence[Turn], latency_ms: float | None = None,
+        max_new_tokens: int = 64, tokens: int | None = None, strict: bool = False,
+        objective: str = "ttft", temperature: float = 0.0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (), timeout_s: float | None = None,
+    ) -> Answer:  # fmt: skip
+        """Choose the budget, encode, and stream the answer's text deltas (`.result` at the end)."""
+        t_start = time.perf_counter()
+        params = self._params(max_new_tokens, temperature, top_p, seed, stop)
+        ids = self.prompt_ids(prompt)
+        choice = self.choose(latency_ms, len(ids) - 1, max_new_tokens, tokens, objective, strict)
+        vp = self.encode(image, [choice.budget])
+        ans = Answer(iter(()))
+        ans._deltas = self._answer(ans, vp, ids, choice, params, latency_ms, objective, t_start, timeout_s)
+        return ans
+
+    def answer(
+        self, vp: VisionPass, prompt: str | Sequence[Turn], tokens: int, max_new_tokens: int = 64, **kw: Any
+    ) -> Result:
+        """Re-answer from an earlier vision pass at one of its budgets (no second tower run)."""
+        if tokens not in vp.features:
+            raise ValueError(f"this vision pass holds budgets {sorted(vp.features)}, not {tokens}")
+        ids = self.prompt_ids(prompt)
+        choice = self.choose(None, len(ids) - 1, max_new_tokens, tokens, "ttft", False)
+        params = self._params(max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0),
+                              kw.get("seed"), kw.get("stop", ()))  # fmt: skip
+        ans = Answer(iter(()))
+        ans._deltas = self._answer(
+            ans, vp, ids, choice, params, None, "ttft", time.perf_counter(), None, True
+        )
+        for _ in ans:
+            pass
+        assert ans.result is not None
+        return ans.result
+
+    def escalate(
+        self, image: Any, prompt: str | Sequence[Turn], budgets: Sequence[int] = (9, 144), **kw: Any
+    ) -> list[Result]:
+        """Encode once for every budget, answer at each in order (smallest first)."""
+        if not self.vision.shared:
+            raise BundleError(
+                f"escalation needs the shared vision layout (one pass, every budget); backend "
+                f"{self.vision.name} runs one graph per budget. Re-export: python -m export.onnx "
+                f"--checkpoint CKPT --tokens all --layout shared --out {self.bundle_dir}"
+            )
+        order = sorted(budgets)
+        vp = self.encode(image, order)
+        results = []
+        for i, t in enumerate(order):
+            r = self.answer(vp, prompt, t, **kw)
+            if i == 0:  # the one vision pass is charged to the first answer
+                r.measured_ms.update(preprocess=round(vp.preprocess_ms, 3), vision=round(vp.vision_ms, 3))
+                r.measured_ms["ttft"] = round(r.measured_ms["ttft"] + vp.preprocess_ms + vp.vision_ms, 3)
+                r.vision_reused = False
+            results.append(r)
+        return results
+
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                stop: Sequence[str]) -> SamplingParams:  # fmt: skip
+        stops = (self.special["eos"],)
+        return SamplingParams(max_new_tokens, temperature, top_p, seed, stops, tuple(stop)).check()
+
+    def _answer(
+        self, ans: Answer, vp: VisionPass, ids: list[int], choice: Choice, params: SamplingParams,
+        latency_ms: float | None, objective: str, t_start: float, timeout_s: float | None,
+        reused: bool = False,
+    ) -> Iterator[str]:  # fmt: skip
+        t = choice.budget
+        embeds = self.embeddings(ids, vp.features[t])  # [1, S, D]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        gen = self.decoder.start(embeds, params, deadline)
+        text = TextStream(gen, self.tokenizer, params.stop)
+        t_first = None
+        for delta in text:
+            if t_first is None:
+                t_first = time.perf_counter()
+            yield delta
+        t_end = time.perf_counter()
+        ans.result = self._result(
+            vp, ids, choice, gen, text, latency_ms, objective, t_start, t_first, t_end, reused
+        )
+
+    def _result(
+        self, vp: VisionPass, ids: list[int], choice: Choice, gen: Generation, text: TextStream,
+        latency_ms: float | None, objective: str, t_start: float, t_first: float | None, t_end: float,
+        reused: bool,
+    ) -> Result:  # fmt: skip
+        pre, vis = (0.0, 0.0) if reused else (vp.preprocess_ms, vp.vision_ms)
+        ttft = pre + vis + gen.prefill_ms
+        measured = {"preprocess": pre, "vision": vis, "prefill": gen.prefill_ms, "decode": gen.decode_ms,
+                    "ttft": ttft, "total": (t_end - t_start) * 1e3}  # fmt: skip
+        pred = choice.prediction
+        predicted = {**pred.stages, "ttft": pred.ttft_ms, "total": pred.total_ms} if pred else {}
+        t = choice.budget
+        if self.policy is not None and not reused:
+            self.policy.observe(t, len(ids) - 1, gen.decode_steps, measured)
+        met = None if latency_ms is None else measured[objective] <= latency_ms
+        return Result(
+            answer=text.full, token_ids=list(gen.tokens), budget=t, backend=vp.backend,
+            llm_provider=self.decoder.provider, finish_reason=gen.finish_reason or "stop",
+            prompt_tokens=len(ids) - 1 + t, latency_ms=latency_ms, objective=objective,
+            deadline_met=met, predicted_deadline_met=choice.deadline_met, reason=choice.reason,
+            predicted_ms={k: round(v, 3) for k, v in predicted.items()},
+            measured_ms={k: round(v, 3) for k, v in measured.items()}, vision_reused=reused,
+        )  # fmt: skip

@@ -1,0 +1,36 @@
+"""Runtime test fixtures: the fp32 tiny bundle (built once per session by export), images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `pytest tests/runtime` puts tests/ on sys.path, where tests/runtime would shadow the real
+# `runtime` package as a namespace package: make sure the repository root comes first.
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))
+if "runtime" in sys.modules and getattr(sys.modules["runtime"], "__file__", None) is None:
+    del sys.modules["runtime"]
+
+from runtime.profile import Profile  # noqa: E402
+
+
+def make_synthetic_profile() -> Profile:
+    vision = {576: 40.0, 144: 20.0, 36: 10.0, 9: 8.0, 1: 7.0}
+    return Profile(
+        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "ort-cpu"},
+        backend="ort-cpu",
+        vision_ms={t: {"p50": v, "p90": v * 1.1, "n": 5} for t, v in vision.items()},
+        prefill_intercept_ms=1.0,
+        prefill_ms_per_token=0.1,
+        decode_ms_per_token=2.0,
+        preprocess_ms=1.0,
+    )
+
+
+@pytest.fixture
+def synthetic_profile() -> Profile:
+    return make_synthetic_profile()
