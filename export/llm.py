@@ -1,0 +1,213 @@
+"""The LLM: a decoder ONNX over inputs_embeds + KV cache, the embedding table, the tokenizer.
+
+    python -m export.llm --checkpoint CKPT --quant int4|int8|fp16|fp32 --target cpu|cuda
+                         --out BUNDLE [--exporter auto|genai|dynamo] [--block-size 32]
+
+Exporters (the IO contract is the same; see runtime/bundle.py LLMSection):
+- genai (preferred, `auto` picks it for llama/mistral/qwen2): onnxruntime-genai's model
+  builder run offline on a local HF directory with exclude_embeds=true: fused
+  GroupQueryAttention + SkipSimplifiedLayerNormalization (onnxruntime contrib ops).
+- dynamo: our own torch.onnx.export(dynamo=True) of export.wrap.DecoderExport, standard ops
+  only: the general path for any transformers causal LM.
+Quantization, the same for both: int4 = MatMulNBits (onnxruntime MatMulNBitsQuantizer,
+symmetric, --block-size), int8 = quantize_dynamic (MatMul weights int8, CPU provider).
+The quality record (llm_check) compares with PyTorch fp32 and fails the export below its floor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.common import ExportError
+from runtime.bundle import FileEntry, LLMSection, file_entry
+
+QUANTS = ("int4", "int8", "fp16", "fp32")
+TARGETS = ("cpu", "cuda")
+EXPORTERS = ("auto", "genai", "dynamo")
+GENAI_ARCHS = ("llama", "mistral", "qwen2")
+METHODS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int4": "int4-matmulnbits"}
+DECODER = "llm/decoder.onnx"
+EMBED = "llm/embed_tokens.npy"
+
+
+def check_combo(quant: str, target: str, exporter: str, arch: str) -> str:
+    """Refuse what will not run; return the exporter to use."""
+    if quant == "fp16" and target == "cpu":
+        raise ExportError("--quant fp16 needs --target cuda (onnxruntime's CPU provider lacks fp16 kernels); "
+                          "on the CPU use fp32, int8 or int4")  # fmt: skip
+    if quant == "int8" and target == "cuda":
+        raise ExportError(
+            "--quant int8 is dynamic quantization for the CPU provider; for --target cuda use int4 or fp16"
+        )
+    if exporter == "genai" and arch not in GENAI_ARCHS:
+        raise ExportError(f"--exporter genai does not support arch {arch!r} ({', '.join(GENAI_ARCHS)}); "
+                          "use --exporter dynamo")  # fmt: skip
+    if exporter == "auto":
+        return "genai" if arch in GENAI_ARCHS else "dynamo"
+    return exporter
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def export_dynamo(lm: Any, cfg: Any, path: Path, fp16: bool) -> None:
+    """torch.onnx dynamo export of DecoderExport; KV given as one pytree of (key, value) pairs."""
+    import copy
+
+    import torch
+
+    from export.wrap import DecoderExport
+
+    t = cfg.text
+    module = DecoderExport(copy.deepcopy(lm).half() if fp16 else lm).eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    b, p, s = 2, 3, 4  # sample sizes; all dynamic below
+    kv = (b, t.num_kv_heads, p, t.head_dim)  # [B, kv, P, hd]
+    past = tuple((torch.zeros(kv, dtype=dtype), torch.zeros(kv, dtype=dtype)) for _ in range(t.num_layers))
+    args = (torch.zeros(b, s, t.hidden_size, dtype=dtype), torch.ones(b, p + s, dtype=torch.long), past)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=65536)
+    past_len, total = torch.export.Dim("past", min=0, max=65536), torch.export.Dim("total", min=1, max=131072)
+    dyn = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+           "past": tuple(({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(t.num_layers))}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, opset_version=18, dynamic_shapes=dyn, external_data=True,
+            input_names=["inputs_embeds", "attention_mask", *kv_names(t.num_layers, "past_key_values")],
+            output_names=["logits", *kv_names(t.num_layers, "present")], verbose=False,
+        )  # fmt: skip
+
+
+def export_genai(lm: Any, tokenizer: Any, path: Path, fp16: bool, target: str, work: Path) -> None:
+    """onnxruntime-genai's model builder, offline, from a local HF directory, exclude_embeds=true."""
+    hf, out = work / "hf", work / "genai"
+    lm.save_pretrained(hf)
+    tokenizer.save(str(hf / "tokenizer.json"))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf), "-o", str(out),
+           "-p", "fp16" if fp16 else "fp32", "-e", target, "-c", str(work / "cache"),
+           "--extra_options", "exclude_embeds=true"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = (res.stdout + res.stderr)[-2000:]
+        raise ExportError(f"onnxruntime-genai model builder failed (exit {res.returncode}); "
+                          f"retry with --exporter dynamo. Its output ends:\n{tail}")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(load_model(out / "model.onnx"), path)
+
+
+def load_model(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Weights in `<name>.data` beside the graph (the 2 GB protobuf limit never bites)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)  # fmt: skip
+
+
+def quantize(src: Path, dst: Path, quant: str, block_size: int, target: str) -> None:
+    """int4: MatMulNBits (symmetric, block_size); int8: quantize_dynamic on MatMul weights."""
+    if quant == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(load_model(src), bits=4, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=4 if target == "cpu" else None)  # fmt: skip
+        q.process()
+        save_model(q.model.model, dst)
+    elif quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = dst.with_name("int8-tmp.onnx")
+        quantize_dynamic(src, tmp, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=True)  # fmt: skip
+        save_model(load_model(tmp), dst)
+    else:
+        raise ExportError(f"no quantization step for {quant!r}")
+
+
+def check_io(path: Path, layers: int) -> tuple[list[str], list[str], str]:
+    """The graph's input/output names (checked against the contract) and the KV dtype."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    ins, outs = [i.name for i in g.input], [o.name for o in g.output]
+    want_in = {"inputs_embeds", "attention_mask", *kv_names(layers, "past_key_values")}
+    want_out = {"logits", *kv_names(layers, "present")}
+    if not want_in <= set(ins) or not want_out <= set(outs):
+        raise ExportError(f"decoder IO does not follow the bundle contract: inputs {ins}, outputs {outs}")
+    kv = next(i for i in g.input if i.name == "past_key_values.0.key")
+    kv_dtype = "float16" if kv.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
+    return ins, outs, kv_dtype
+
+
+def write_llm(
+    model: Any, tokenizer: Any, root: Path, quant: str, target: str, exporter: str, block_size: int
+) -> tuple[LLMSection, list[FileEntry]]:
+    """Export, quantize, check and hash the decoder + embedding table into bundle dir `root`."""
+    from export.llm_check import quality
+
+    cfg, lm = model.cfg, model.language_model
+    exporter = check_combo(quant, target, exporter, cfg.text.arch)
+    fp16 = quant == "fp16"
+    work = root / "llm.work"
+    work.mkdir(parents=True)
+    base = work / "base.onnx"
+    if exporter == "genai":
+        export_genai(lm, tokenizer, base, fp16, target, work)
+    else:
+        export_dynamo(lm, cfg, base, fp16)
+    final = root / DECODER
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if quant in ("int8", "int4"):
+        quantize(base, final, quant, block_size, target)
+    else:
+        save_model(load_model(base), final)
+    shutil.rmtree(work)
+    table = lm.get_input_embeddings().weight.detach().float().numpy()  # [vocab, hidden]
+    np.save(root / EMBED, table.astype(np.float16) if fp16 else table)
+    record = quality(final, table, model, tokenizer, quant)
+    if record.get("status") == "measured" and not record["ok"]:
+        raise ExportError(f"{quant} decoder below its quality floor: top-1 {record['top1']:.3f} "
+                          f"(floor {record['floor']}), greedy equal {record['greedy_equal']}; "
+                          "try --quant int8, a smaller --block-size, or --exporter dynamo")  # fmt: skip
+    ins, outs, kv_dtype = check_io(final, cfg.text.num_layers)
+    prec = quant if quant in ("fp16", "fp32") else f"{quant} weights"
+    quant_rec = {"method": METHODS[quant], "block_size": block_size if quant == "int4" else None,
+                 "target": target, "agreement": record}  # fmt: skip
+    section = LLMSection(
+        decoder=DECODER, embed_tokens=EMBED, num_layers=cfg.text.num_layers, num_kv_heads=cfg.text.num_kv_heads,
+        head_dim=cfg.text.head_dim, hidden_size=cfg.text.hidden_size, vocab_size=cfg.text.vocab_size,
+        inputs=ins, outputs=outs, external_data=[DECODER + ".data"], exporter=exporter,
+        has_position_ids="position_ids" in ins, kv_dtype=kv_dtype, quantization=quant_rec,
+    )  # fmt: skip
+    entries = [
+        file_entry(root, DECODER, "llm-decoder", precision=prec, parity={"quality": record}),
+        file_entry(root, DECODER + ".data", "llm-data", precision=prec),
+        file_entry(
+            root,
+            EMBED,
+            "embed",
+            precision="fp16" if fp16 else "fp32",
+            shapes={"embed_tokens": list(table.shape)},
+        ),
+    ]
+    quant_rec["bytes"] = sum(e.bytes for e in entries[:2])
+    return section, entries
