@@ -34,3 +34,31 @@ def make_synthetic_profile() -> Profile:
 @pytest.fixture
 def synthetic_profile() -> Profile:
     return make_synthetic_profile()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The untrained tiny model (seed 0) exported by export as an fp32 bundle, shared layout."""
+    from export import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("rt") / "bundle", tokens="all", layout="shared", llm="fp32")
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_bundle):
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_bundle, threads=1)
+
+
+@pytest.fixture(scope="session")
+def image_bytes(real_images) -> list[bytes]:
+    """The two real photos as JPEG bytes (what a client sends)."""
+    import io
+
+    out = []
+    for im in real_images:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out

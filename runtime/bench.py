@@ -1,0 +1,180 @@
+"""`python -m runtime bench --bundle B`: what the budgets buy on this device.
+
+1. TTFT per budget (median of `runs`) against the FLOPs ratio of fmvr.flops: how close
+   TTFT(T)/TTFT(576) comes to the compute ratio (the physical limit).
+2. The policy under load: N requests from `concurrency` clients, each with the same
+   deadline; the fraction that met it and the mean budget, against each fixed budget.
+
+Writes runtime_bench.json, runtime_bench.md and runtime_bench.png under --out.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.bundle import write_json_atomic
+from runtime.measure import synthetic_image
+
+PROMPT = "What is in the picture? Answer the question using a single word or phrase."
+
+
+def ttft_per_budget(pipe: Any, image: Any, runs: int) -> list[dict[str, Any]]:
+    from fmvr.flops import budget_table
+
+    text = len(pipe.prompt_ids(PROMPT)) - 1
+    flops = {r["tokens"]: r for r in budget_table(pipe.cfg, text)}
+    full = pipe.budgets[0]
+    rows = []
+    for t in pipe.budgets:
+        pipe.ask(image, PROMPT, tokens=t, max_new_tokens=1)  # warm-up
+        rs = [pipe.ask(image, PROMPT, tokens=t, max_new_tokens=1) for _ in range(runs)]
+        rows.append({
+            "budget": t,
+            "ttft_ms": statistics.median(r.measured_ms["ttft"] for r in rs),
+            "vision_ms": statistics.median(r.measured_ms["vision"] for r in rs),
+            "prefill_ms": statistics.median(r.measured_ms["prefill"] for r in rs),
+            "total_flops": flops[t]["total_flops"],
+            "llm_prefill_flops": flops[t]["llm_prefill_flops"],
+        })  # fmt: skip
+    base = next(r for r in rows if r["budget"] == full)
+    for r in rows:
+        r["ttft_ratio"] = r["ttft_ms"] / base["ttft_ms"]
+        r["flops_ratio"] = r["total_flops"] / base["total_flops"]
+        r["prefill_ratio"] = r["prefill_ms"] / base["prefill_ms"]
+        r["prefill_flops_ratio"] = r["llm_prefill_flops"] / base["llm_prefill_flops"]
+    return rows
+
+
+def _load(pipe: Any, image: Any, n: int, concurrency: int, **kw: Any) -> list[Any]:
+    """n requests from `concurrency` threads; results in completion order."""
+    results: list[Any] = []
+    lock = threading.Lock()
+    todo = iter(range(n))
+
+    def client() -> None:
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            r = pipe.ask(image, PROMPT, max_new_tokens=1, **kw)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
+def policy_under_load(pipe: Any, image: Any, rows: list[dict[str, Any]], n: int, concurrency: int) -> dict:
+    """Deadline = the single-request TTFT of the middle budget: the policy must trade budget for time."""
+    mid = rows[len(rows) // 2]
+    deadline = round(mid["ttft_ms"] * 1.1, 3)
+    out: dict[str, Any] = {"deadline_ms": deadline, "requests": n, "concurrency": concurrency, "runs": []}
+    configs: list[tuple[str, dict[str, Any]]] = [("policy", {"latency_ms": deadline})]
+    configs += [(f"fixed {t}", {"tokens": t}) for t in pipe.budgets]
+    for name, kw in configs:
+        t0 = time.perf_counter()
+        rs = _load(pipe, image, n, concurrency, **kw)
+        wall = time.perf_counter() - t0
+        met = [r.measured_ms["ttft"] <= deadline for r in rs]
+        out["runs"].append({
+            "config": name,
+            "met_fraction": sum(met) / len(met),
+            "mean_budget": statistics.mean(r.budget for r in rs),
+            "budgets_used": sorted({r.budget for r in rs}, reverse=True),
+            "p50_ttft_ms": statistics.median(r.measured_ms["ttft"] for r in rs),
+            "throughput_rps": len(rs) / wall,
+        })  # fmt: skip
+    return out
+
+
+def to_markdown(rep: dict[str, Any]) -> str:
+    lines = [
+        f"# Runtime benchmark ({rep['device']['key']}, vision {rep['backend']}, LLM {rep['llm_provider']})",
+        "",
+    ]
+    lines += ["## TTFT per budget vs FLOPs", "", "| budget | TTFT ms | vision ms | prefill ms | TTFT ratio "
+              "| FLOPs ratio | prefill ratio | prefill FLOPs ratio |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rep["ttft"]:
+        lines.append(
+            f"| {r['budget']} | {r['ttft_ms']:.2f} | {r['vision_ms']:.2f} | {r['prefill_ms']:.2f} | "
+            f"{r['ttft_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['prefill_ratio']:.3f} | {r['prefill_flops_ratio']:.3f} |"
+        )
+    load = rep["load"]
+    lines += ["", f"## Policy under load: {load['requests']} requests, {load['concurrency']} clients, "
+              f"deadline {load['deadline_ms']:.1f} ms TTFT", "",
+              "| config | deadline met | mean budget | p50 TTFT ms | req/s |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in load["runs"]:
+        lines.append(
+            f"| {r['config']} | {r['met_fraction']:.0%} | {r['mean_budget']:.1f} | {r['p50_ttft_ms']:.2f} | "
+            f"{r['throughput_rps']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG written (pip install matplotlib for the plot)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rep["ttft"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["budget"] for r in rows]
+    a.plot(xs, [r["ttft_ratio"] for r in rows], "o-", label="measured TTFT(T)/TTFT(576)")
+    a.plot(xs, [r["flops_ratio"] for r in rows], "s--", label="FLOPs(T)/FLOPs(576)")
+    a.plot(xs, [r["prefill_ratio"] for r in rows], "^-", label="measured prefill ratio")
+    a.set_xscale("log")
+    a.set_xlabel("visual tokens")
+    a.set_ylabel("ratio to 576")
+    a.legend(fontsize=8)
+    a.set_title("TTFT vs compute")
+    runs = rep["load"]["runs"]
+    b.bar([r["config"] for r in runs], [r["met_fraction"] for r in runs])
+    b.set_ylabel("fraction of deadlines met")
+    b.set_title(f"deadline {rep['load']['deadline_ms']:.1f} ms under load")
+    b.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_bench(
+    pipe: Any, out: Path, runs: int = 5, requests: int = 40, concurrency: int = 2
+) -> dict[str, Any]:
+    image = synthetic_image()
+    if pipe.policy is None:
+        print(f"{pipe.profile_note}: measuring the profile first")
+        pipe.measure_profile()
+    rows = ttft_per_budget(pipe, image, runs)
+    rep = {
+        "device": {**pipe.device, "key": pipe.policy.profile.key},
+        "backend": pipe.vision.name,
+        "llm_provider": pipe.decoder.provider,
+        "bundle": str(pipe.bundle_dir),
+        "llm_quantization": (pipe.manifest.llm.quantization or {}).get("method", "?"),
+        "ttft": rows,
+        "load": policy_under_load(pipe, image, rows, requests, concurrency),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "runtime_bench.json", rep)
+    md = to_markdown(rep)
+    (out / "runtime_bench.md").write_text(md)
+    made = ["runtime_bench.json", "runtime_bench.md"]
+    if plot(rep, out / "runtime_bench.png"):
+        made.append("runtime_bench.png")
+    print(md)
+    print(f"wrote {', '.join(str(out / m) for m in made)}")
+    print(f"next: python -m runtime serve --bundle {pipe.bundle_dir}")
+    return rep
