@@ -41,7 +41,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """The untrained tiny model (seed 0) exported by export as an fp32 bundle, shared layout."""
     from export import build_tiny_bundle
 
-    return build_tiny_bundle(tmp_path_factory.mktemp("rt") / "bundle", tokens="all", layout="shared", llm="fp32")
+    return build_tiny_bundle(
+        tmp_path_factory.mktemp("rt") / "bundle", tokens="all", layout="shared", llm="fp32"
+    )
 
 
 @pytest.fixture(scope="session")
