@@ -1,0 +1,219 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from runtime.server import ServerConfig, make_server, start_in_thread
+
+openai = pytest.importorskip("openai")
+PROMPT = "What is in the picture?"
+
+
+@contextmanager
+def running(pipeline, **cfg):
+    srv = make_server(pipeline, ServerConfig(host="127.0.0.1", port=0, **cfg))
+    thread = start_in_thread(srv)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    with running(pipe, max_concurrency=2, max_queue=8, max_body_bytes=1_000_000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def messages(image: bytes, text: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": data_uri(image)}}]}]  # fmt: skip
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, data
+
+
+def test_binds_loopback_by_default():
+    assert ServerConfig().host == "127.0.0.1"
+
+
+def test_chat_completion_with_the_openai_client(server, client, pipe, image_bytes):
+    want = pipe.ask(image_bytes[0], PROMPT, tokens=36, max_new_tokens=8)
+    r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=8,
+                                       extra_body={"visual_tokens": 36})  # fmt: skip
+    assert r.choices[0].message.content == want.answer
+    assert r.choices[0].finish_reason == want.finish_reason
+    u = r.usage.model_dump()
+    assert u["visual_tokens"] == 36 and u["completion_tokens"] == len(want.token_ids)
+    assert u["backend"] == "ort-cpu" and {"vision", "prefill", "ttft"} <= set(u["timings_ms"]["measured"])
+
+
+def test_streaming_with_the_openai_client(server, client, pipe, image_bytes):
+    want = pipe.ask(image_bytes[1], PROMPT, tokens=144, max_new_tokens=10)
+    stream = client.chat.completions.create(model=server.model, messages=messages(image_bytes[1]), max_tokens=10,
+                                            stream=True, extra_body={"visual_tokens": 144})  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.answer
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    assert chunks[-1].usage.model_dump()["visual_tokens"] == 144
+
+
+def test_sse_ends_with_done(server, image_bytes):
+    body = json.dumps(
+        {"messages": messages(image_bytes[0]), "stream": True, "max_tokens": 3, "visual_tokens": 9}
+    )
+    status, data = raw(server, "POST", "/v1/chat/completions", body.encode())
+    events = [line for line in data.decode().split("\n\n") if line]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_concurrent_requests_get_their_own_answers(server, client, pipe, image_bytes):
+    jobs = [(i % 2, t) for i, t in enumerate((576, 9, 144, 36, 1, 144))]
+    want = [pipe.ask(image_bytes[i], PROMPT, tokens=t, max_new_tokens=8).answer for i, t in jobs]
+    got: list = [None] * len(jobs)
+
+    def call(k: int) -> None:
+        i, t = jobs[k]
+        r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[i]), max_tokens=8,
+                                           extra_body={"visual_tokens": t})  # fmt: skip
+        got[k] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert got == want
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [server.model]
+    status, data = raw(server, "GET", "/health")
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok" and health["budgets"] == [576, 144, 36, 9, 1]
+    status, data = raw(server, "GET", "/metrics")
+    assert status == 200 and "fmvr_http_responses_total" in data.decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "match"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"messages": []}', 400, "non-empty list"),
+        (b'{"messages": [{"role": "user", "content": "no image here"}]}', 400, "exactly one image"),
+    ],
+)
+def test_bad_requests_get_400(server, body, status, match):
+    got, data = raw(server, "POST", "/v1/chat/completions", body)
+    assert got == status and match in json.loads(data)["error"]["message"]
+
+
+def test_bad_image_gets_400_and_the_server_goes_on(server, client, image_bytes):
+    for bad in (b"garbage bytes", image_bytes[0][:2000]):
+        with pytest.raises(openai.BadRequestError, match="image"):
+            client.chat.completions.create(model=server.model, messages=messages(bad), max_tokens=2)
+    r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
+                                       extra_body={"visual_tokens": 1})  # fmt: skip
+    assert r.usage.model_dump()["visual_tokens"] == 1
+
+
+def test_remote_images_are_refused_unless_enabled(server, client):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                         {"type": "image_url", "image_url": {"url": "http://example.com/a.jpg"}}]}]  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="--allow-remote-images"):
+        client.chat.completions.create(model=server.model, messages=msgs, max_tokens=2)
+
+
+def test_unknown_budget_and_missing_profile_get_400(server, client, image_bytes):
+    with pytest.raises(openai.BadRequestError, match="valid budgets"):
+        client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
+                                       extra_body={"visual_tokens": 100})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="runtime profile"):
+        client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
+                                       extra_body={"latency_budget_ms": 100})  # fmt: skip
+
+
+def test_oversize_body_gets_413_and_the_server_goes_on(server):
+    status, data = raw(server, "POST", "/v1/chat/completions", b"x" * 1_500_000)
+    assert status == 413 and "at most 1000000" in json.loads(data)["error"]["message"]
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+class Gated:
+    """The real pipeline, but every request waits at a gate before it runs."""
+
+    def __init__(self, pipe) -> None:
+        self._pipe, self.gate, self.entered = pipe, threading.Event(), threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, *a, **kw):
+        self.entered.release()
+        self.gate.wait(timeout=30)
+        return self._pipe.stream(*a, **kw)
+
+
+def test_overload_gets_429_or_503_never_a_crash(pipe, image_bytes):
+    gated = Gated(pipe)
+    with running(gated, max_concurrency=1, max_queue=1, queue_timeout_s=0.5) as srv:
+        body = json.dumps(
+            {"messages": messages(image_bytes[0]), "max_tokens": 2, "visual_tokens": 1}
+        ).encode()
+        results: dict[str, int] = {}
+        first = threading.Thread(target=lambda: results.__setitem__("first", raw(srv, "POST", "/v1/chat/completions", body)[0]))  # fmt: skip
+        first.start()
+        assert gated.entered.acquire(timeout=30)  # the first request holds the only slot
+        second = threading.Thread(target=lambda: results.__setitem__("second", raw(srv, "POST", "/v1/chat/completions", body)[0]))  # fmt: skip
+        second.start()
+        deadline = time.monotonic() + 10
+        while srv.limiter.admitted < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, data = raw(srv, "POST", "/v1/chat/completions", body)  # queue full
+        assert status == 429 and "busy" in json.loads(data)["error"]["message"]
+        second.join(timeout=30)
+        assert results["second"] == 503  # waited longer than queue_timeout_s for the slot
+        gated.gate.set()
+        first.join(timeout=30)
+        assert results["first"] == 200
+        assert raw(srv, "POST", "/v1/chat/completions", body)[0] == 200  # and it still serves
+        metrics = raw(srv, "GET", "/metrics")[1].decode()
+        assert 'fmvr_rejected_total{reason="queue_full"} 1' in metrics
+
+
+def test_per_request_timeout_gets_504(pipe, image_bytes):
+    with running(pipe, timeout_s=0.0) as srv:
+        body = json.dumps(
+            {"messages": messages(image_bytes[0]), "max_tokens": 20, "visual_tokens": 1}
+        ).encode()
+        status, data = raw(srv, "POST", "/v1/chat/completions", body)
+        assert status == 504 and "timed out" in json.loads(data)["error"]["message"]
+        assert raw(srv, "GET", "/health")[0] == 200
