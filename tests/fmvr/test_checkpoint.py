@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fmvr.checkpoint as ck
+import fmvr.importers as imp
 from fmvr.checkpoint import (
     ImportReport,
     import_authors,
@@ -191,6 +192,45 @@ def test_llava_hf_matches_transformers(llava_hf):
         assert model.encode_image(pixels, 4).shape == (2, 4, 48)  # fresh stages run
 
 
+@pytest.mark.parametrize("arch,tied", [("qwen2", True), ("mistral", False)])
+def test_llava_hf_other_language_models(tmp_path, arch, tied):
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+    )
+    text = AutoConfig.for_model(
+        arch,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=tied,
+    )
+    ref = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=299)
+    )
+    ref.eval().save_pretrained(tmp_path / arch)
+    model, _ = import_llava_hf(tmp_path / arch)
+    assert (model.cfg.text.arch, model.cfg.text.tie_word_embeddings) == (arch, tied)
+    lm = model.language_model
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == tied
+    pixels, ids = torch.randn(1, 3, 56, 56), torch.tensor([[1, 5] + [299] * 16 + [7]])
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels).logits
+        assert torch.allclose(
+            model(input_ids=ids, pixel_values=pixels, tokens=16).logits, want, atol=1e-5, rtol=0
+        )
+
+
 def _rewrite(src_dir, dst_dir, rename, shards: int = 1):
     """Copy a llava-hf directory with its keys renamed, optionally as sharded safetensors + index."""
     dst_dir.mkdir()
@@ -350,6 +390,18 @@ def test_authors_crosslayer_variant(tmp_path, tiny_cfg):
         assert torch.equal(loaded.encode_image(pixels, 36), model.encode_image(pixels, 36))
 
 
+def test_authors_tied_embeddings_without_lm_head(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.replace(text=dataclasses.replace(tiny_cfg.text, tie_word_embeddings=True))
+    model = _perturb(build_model(cfg))
+    _write_authors(model, tmp_path / "release", drop=["lm_head.weight"])
+    raw = json.loads((tmp_path / "release" / "config.json").read_text())
+    (tmp_path / "release" / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": True}))
+    loaded, report = import_authors(tmp_path / "release", base=cfg)
+    assert report.missing == [] and loaded.cfg.text.tie_word_embeddings
+    assert loaded.language_model.lm_head.weight is loaded.language_model.model.embed_tokens.weight
+    _assert_same_state(model, loaded)
+
+
 def test_authors_unknown_keys_are_reported(tmp_path, tiny_cfg):
     model = build_model(tiny_cfg)
     _write_authors(model, tmp_path / "release", add={"model.something_new.weight": torch.zeros(2)})
@@ -389,9 +441,9 @@ def test_authors_config_for_the_7b_release():
         "mm_vision_tower": "openai/clip-vit-large-patch14-336",
     }
     report = ImportReport(source="/x/fmvr-7b")
-    cfg = ck.authors_config(raw, meta, None, report)
+    cfg = imp.authors_config(raw, meta, None, report)
     assert cfg.vision == dataclasses.replace(
-        preset("llava-1.5-7b").vision, feature_layers=ck.AUTHORS_CROSSLAYER
+        preset("llava-1.5-7b").vision, feature_layers=imp.AUTHORS_CROSSLAYER
     )
     assert (cfg.projector, cfg.projector_hidden, cfg.text.vocab_size, cfg.image_token_id) == (
         "crosslayer",
@@ -405,6 +457,6 @@ def test_authors_config_for_the_7b_release():
 def test_grow_vocab_appends_mean_rows():
     w = torch.arange(12.0).reshape(3, 4)
     ours = {"language_model.model.embed_tokens.weight": w, "language_model.lm_head.weight": w * 2}
-    ck._grow_vocab(ours, 5, ImportReport(source="x"))
+    imp._grow_vocab(ours, 5, ImportReport(source="x"))
     assert ours["language_model.model.embed_tokens.weight"].shape == (5, 4)
     assert torch.equal(ours["language_model.lm_head.weight"][3:], (w * 2).mean(0).expand(2, 4))
