@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,15 +77,18 @@ def encode_segments(
 ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered segments and, per id, whether it is a training target.
 
-    Each segment is encoded on its own (no special tokens added), so target boundaries
-    are exact; `<image>` and `</s>` in the text become their special ids.
+    The joined text is encoded in one go (no special tokens added), as LLaVA tokenises a
+    conversation, so the ids equal `tok.encode(prompt_text(...))`'s; a token is a target
+    when its first character lies in a target segment. `<image>` and `</s>` in the text
+    become their special ids.
     """
+    ends = list(accumulate(len(text) for text, _ in segments))  # char end of each segment
+    enc = tok.encode("".join(text for text, _ in segments), add_special_tokens=False)
     ids: list[int] = [] if bos_id is None else [bos_id]
     target: list[bool] = [False] * len(ids)
-    for text, is_target in segments:
-        piece = tok.encode(text, add_special_tokens=False).ids
-        ids += piece
-        target += [is_target] * len(piece)
+    for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
+        ids.append(token_id)
+        target.append(segments[bisect_right(ends, start)][1])
     return ids, target
 
 
