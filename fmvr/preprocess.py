@@ -8,7 +8,14 @@
 
 Numerically this is transformers' CLIPImageProcessor (PIL backend, shortest_edge=S,
 crop S) applied to the padded image: same uint8 bicubic resize, the same float64 rescale
-then float32 normalisation, so the outputs agree bit for bit.
+then float32 normalisation, so the outputs agree bit for bit (tests/fmvr/test_preprocess.py).
+
+Which CLIPImageProcessor: in transformers 5.23 the name `CLIPImageProcessor` means the
+torchvision backend; with torchvision absent (as here) it warns and falls back to
+`CLIPImageProcessorPil`, the slow PIL one that LLaVA-1.5 was trained with and that we match.
+The torchvision backend resizes uint8 tensors with tvF.resize(bicubic, antialias=True), a
+different resampling implementation, so it is not expected to agree to 1e-5 (not measured:
+torchvision is not installed). Reference it as `CLIPImageProcessorPil` explicitly.
 """
 
 from __future__ import annotations
