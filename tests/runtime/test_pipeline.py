@@ -126,4 +126,5 @@ def test_policy_with_a_profile(pipe, image_bytes, synthetic_profile):
         with pytest.raises(DeadlineError):
             pipe.ask(image_bytes[0], PROMPT, latency_ms=1, strict=True)
     finally:
-        pipe.policy = None
+        pipe.reload_profile()  # back to the session bundle's state: no profile
+    assert pipe.policy is None
