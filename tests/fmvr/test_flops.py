@@ -188,3 +188,18 @@ def test_format_table_is_markdown():
     table = flops.format_table(flops.budget_table(preset("tiny"), 10))
     lines = table.splitlines()
     assert len(lines) == 2 + 5 and all(line.startswith("|") and line.endswith("|") for line in lines)
+
+
+def test_flops_config_template_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import fmvr.flops, fmvr.config, fmvr.template\n"
+        "rows = fmvr.flops.budget_table(fmvr.config.preset('llava-1.5-7b'), 40)\n"
+        "print(len(rows))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "5"
