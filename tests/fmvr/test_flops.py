@@ -171,6 +171,20 @@ def test_param_counts_equal_meta_device_model(tiny_cfg, arch):
     assert flops.meta_param_counts(cfg) == flops.param_counts(cfg)
 
 
+@pytest.mark.parametrize("variant", ["crosslayer", "m3", "none", "tied"])
+def test_param_counts_of_variants(tiny_cfg, variant):
+    import dataclasses
+
+    if variant == "crosslayer":
+        vision = dataclasses.replace(tiny_cfg.vision, feature_layers=(-2, 2, 1))
+        cfg = tiny_cfg.replace(vision=vision, projector="crosslayer", projector_hidden=96)
+    elif variant == "tied":
+        cfg = tiny_cfg.replace(text=dataclasses.replace(tiny_cfg.text, tie_word_embeddings=True))
+    else:
+        cfg = preset("tiny", pyramid=variant)
+    assert flops.meta_param_counts(cfg) == flops.param_counts(cfg)
+
+
 def test_cli_7b_with_meta_check_and_json(tmp_path, capsys):
     out = tmp_path / "flops.json"
     assert (
