@@ -142,7 +142,7 @@ def pixels_for(cfg: Any, images: list[Any]) -> np.ndarray:
 def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """max abs error and cosine similarity of two tensors (flattened, float64)."""
     a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    cos = float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-30)
     return {"max_abs": float(np.abs(a - b).max()), "cosine": cos, "ref_max_abs": float(np.abs(a).max())}
 
 

@@ -211,3 +211,57 @@ def write_llm(
     ]
     quant_rec["bytes"] = sum(e.bytes for e in entries[:2])
     return section, entries
+
+
+def build_parser() -> Any:
+    import argparse
+
+    from export.common import add_source_args
+
+    p = argparse.ArgumentParser(prog="python -m export.llm", description=__doc__.split("\n\n")[0])
+    add_source_args(p)
+    p.add_argument("--quant", default="int8", choices=QUANTS, help="decoder precision (default int8)")
+    p.add_argument("--target", default="cpu", choices=TARGETS, help="where the decoder runs (default cpu)")
+    p.add_argument(
+        "--exporter", default="auto", choices=EXPORTERS, help="auto = genai builder where supported"
+    )
+    p.add_argument(
+        "--block-size", type=int, default=32, help="int4 block size (power of 2, >= 16; default 32)"
+    )
+    p.add_argument(
+        "--out", default="bundle", help="existing bundle (from python -m export.onnx) to add the LLM to"
+    )
+    p.add_argument("--force", action="store_true", help="replace the bundle's existing LLM")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.build import add_llm, existing_bundle, print_summary
+    from export.common import USER_ERRORS, load_source
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.block_size < 16 or args.block_size & (args.block_size - 1):
+            raise ExportError(f"--block-size {args.block_size}: use a power of two >= 16 (e.g. 32, 64, 128)")
+        if not existing_bundle(args.out):
+            raise ExportError(
+                f"{args.out} is not a bundle yet: export the vision part first "
+                f"(python -m export.onnx --checkpoint CKPT --out {args.out}) or everything at once "
+                f"(python -m export --checkpoint CKPT --out {args.out} --llm {args.quant})"
+            )
+        src = load_source(args)
+        out, manifest = add_llm(
+            src, args.out, args.quant, args.target, args.exporter, args.block_size, args.force
+        )
+    except USER_ERRORS as e:
+        print(f"error: {e}")
+        return 2
+    print_summary(out, manifest)
+    print(
+        f'\nnext: python -m runtime ask --bundle {out} --image photo.jpg --question "What is in the picture?"'
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

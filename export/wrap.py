@@ -60,7 +60,7 @@ class DecoderExport(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         from transformers.cache_utils import DynamicCache
 
-        cache = DynamicCache(config=self.lm.config)
+        cache = DynamicCache(config=self.lm.config)  # type: ignore[arg-type]
         for i, (k, v) in enumerate(past):
             cache.update(k, v, i)
         s = inputs_embeds.shape[1]
