@@ -38,10 +38,10 @@ def prompt_text(template: str, question: str) -> str:
 
 
 def user_turn(question: str) -> Turn:
-    """A human turn that carries the image: `<image>\\n` is prepended unless present."""
-    if IMAGE_TOKEN not in question:
-        question = f"{IMAGE_TOKEN}\n{question}"
-    return {"from": "human", "value": question}
+    """A human turn that carries the image, laid out as LLaVA's preprocess_multimodal does:
+    any `<image>` is removed from the text and one `<image>\\n` is put in front."""
+    text = question.replace(IMAGE_TOKEN, "").strip()
+    return {"from": "human", "value": f"{IMAGE_TOKEN}\n{text}"}
 
 
 def _vicuna(turns: Sequence[Turn], add_generation_prompt: bool) -> list[Segment]:

@@ -11,6 +11,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models: one intra-op thread is as fast as two and keeps the 2-core machine responsive
+# when torchrun tests or ONNX Runtime sessions run beside torch.
+torch.set_num_threads(1)
 
 
 def _has_cuda_gpu() -> bool:

@@ -122,3 +122,9 @@ def test_bad_conversations_are_rejected(turns, match):
 def test_unknown_template():
     with pytest.raises(ValueError, match="unknown template 'chatml'.*vicuna_v1"):
         render("chatml", CONVERSATIONS[0])
+
+
+def test_user_turn_moves_the_image_to_the_front_like_llava():
+    # LLaVA's preprocess_multimodal: "<image>\n" + value.replace("<image>", "").strip()
+    assert user_turn("What is this <image> ?") == {"from": "human", "value": "<image>\nWhat is this  ?"}
+    assert user_turn("Q?\n<image>") == {"from": "human", "value": "<image>\nQ?"}
