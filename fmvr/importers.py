@@ -114,7 +114,8 @@ def llava_hf_config(d: Path, pyramid: str, budgets: tuple[int, ...] | None) -> F
             "for the authors' LLaVA-repo release use import_authors"
         )
     hf = LlavaConfig.from_dict(raw)
-    v, t = hf.vision_config, hf.text_config
+    v: Any = hf.vision_config
+    t: Any = hf.text_config
     _require(d, v.hidden_act == "quick_gelu", f"vision hidden_act {v.hidden_act!r} (ours: quick_gelu)")
     _require(
         d,
@@ -183,14 +184,15 @@ def _require(d: Path, ok: Any, what: str) -> None:
         raise ValueError(f"{d}: {what} is not supported by FMVRLlava; convert the model or extend fmvr.model")
 
 
-def _image_norm(d: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _image_norm(d: Path) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """image_mean/std from preprocessor_config.json when present, else FMVRConfig's CLIP values."""
     p = d / "preprocessor_config.json"
     default = FMVRConfig()
     if not p.is_file():
         return default.image_mean, default.image_std
     pp = json.loads(p.read_text())
-    return tuple(pp.get("image_mean", default.image_mean)), tuple(pp.get("image_std", default.image_std))
+    mean, std = pp.get("image_mean", default.image_mean), pp.get("image_std", default.image_std)
+    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
 
 
 _AUTHORS_ARCHS = {
@@ -362,5 +364,47 @@ def _finish(
     report.loaded = len(ours)
     report.fresh = [k for k in model.state_dict() if k.startswith(fresh) and k not in ours]
     if report.fresh:  # fresh FMVR stages take the checkpoint's dtype (e.g. fp16)
-        model.pyramid.to(model.projector.mlp[0].weight.dtype)
+        model.pyramid.to(next(model.projector.mlp.parameters()).dtype)
     return model.eval(), report
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from fmvr.checkpoint import TOKENIZER_FILE, save_checkpoint
+
+    ap = argparse.ArgumentParser(
+        prog="python -m fmvr.importers",
+        description="Convert a llava-hf or the authors' directory to our checkpoint.",
+    )
+    ap.add_argument("layout", choices=("llava-hf", "authors"), help="what the source directory holds")
+    ap.add_argument("source", type=Path, help="local model directory (config.json + weights)")
+    ap.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    ap.add_argument(
+        "--pyramid", default="fmvr", choices=("fmvr", "m3", "none"), help="llava-hf: cascade to add"
+    )
+    ap.add_argument(
+        "--base-preset", default="llava-1.5-7b", help="authors: preset for what their config lacks"
+    )
+    ap.add_argument("--strict", action="store_true", help="fail on unexpected source weights")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    args = ap.parse_args(argv)
+    if args.layout == "llava-hf":
+        model, report = import_llava_hf(args.source, pyramid=args.pyramid, strict=args.strict)
+    else:
+        model, report = import_authors(args.source, base=preset(args.base_preset), strict=args.strict)
+    tok = args.source / TOKENIZER_FILE
+    save_checkpoint(model, args.out, tokenizer=tok if tok.is_file() else None, overwrite=args.overwrite)
+    print(report.summary())
+    print(
+        f"wrote {args.out} (budgets {list(model.cfg.budgets)}, tokenizer {'copied' if tok.is_file() else 'none'})"
+    )
+    print(f"next: fmvr.checkpoint.load_checkpoint({str(args.out)!r}), or export it: python -m export --help")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,7 +73,7 @@ def _open(src: ImageSource, max_pixels: int) -> Image.Image:
     """Open `src`, refuse it if w*h > max_pixels (from the header alone), then decode."""
     if isinstance(src, Image.Image):
         _check_pixels(src.size, max_pixels, "image")
-        return src
+        return _decode(src, "image")
     data, name = _read_bytes(src)
     try:
         with warnings.catch_warnings():
@@ -85,8 +85,13 @@ def _open(src: ImageSource, max_pixels: int) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     _check_pixels(img.size, max_pixels, name)
+    return _decode(img, name)
+
+
+def _decode(img: Image.Image, name: str) -> Image.Image:
+    """Decode the pixel data now (PIL opens lazily), so a bad file fails here, clearly."""
     try:
-        img.load()  # the actual decode
+        img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             f"{name}: the image data is corrupt or truncated ({type(e).__name__}: {e}); re-export or re-download it"
@@ -217,7 +222,7 @@ class Preprocessor:
     @classmethod
     def from_config(cls, cfg: Any) -> Preprocessor:
         """From an FMVRConfig: cfg.vision.image_size, cfg.image_mean, cfg.image_std."""
-        return cls(size=int(cfg.vision.image_size), mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
+        return cls(size=int(cfg.vision.image_size), mean=_rgb(cfg.image_mean), std=_rgb(cfg.image_std))
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -245,8 +250,8 @@ class Preprocessor:
             raise ValueError(f"aspect {d['aspect']!r} is not supported; this preprocessor does 'pad'")
         out = cls(
             size=int(d["size"]),
-            mean=tuple(float(x) for x in d["mean"]),
-            std=tuple(float(x) for x in d["std"]),
+            mean=_rgb(d["mean"]),
+            std=_rgb(d["std"]),
             max_pixels=int(d.get("max_pixels", DEFAULT_MAX_PIXELS)),
         )
         if "pad_color" in d and tuple(d["pad_color"]) != out.pad_color:
@@ -261,3 +266,10 @@ class Preprocessor:
             raise ValueError("no images given")
         arrays = [preprocess(im, self.size, self.mean, self.std, max_pixels=self.max_pixels) for im in images]
         return np.stack(arrays)  # [B, 3, S, S]
+
+
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """Three floats, one per RGB channel."""
+    if len(values) != 3:
+        raise ValueError(f"expected 3 values (R, G, B), got {list(values)}")
+    return (float(values[0]), float(values[1]), float(values[2]))

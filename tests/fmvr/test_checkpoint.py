@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -287,6 +288,18 @@ def test_llava_hf_missing_weight_is_an_error(llava_hf, tmp_path):
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match=r"essential weights are missing.*projector\.mlp\.2\.weight"):
         import_llava_hf(broken)
+
+
+def test_command_line_converts_llava_hf(llava_hf, tmp_path, capsys, tiny_tokenizer):
+    _, path = llava_hf
+    source = tmp_path / "with-tokenizer"
+    shutil.copytree(path, source)
+    (source / "tokenizer.json").write_text(tiny_tokenizer.to_str())
+    assert imp.main(["llava-hf", str(source), "--out", str(tmp_path / "ck"), "--pyramid", "m3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.cfg.pyramid == "m3" and (tmp_path / "ck" / "tokenizer.json").is_file()
+    _assert_same_state(import_llava_hf(path, pyramid="m3")[0], loaded)
 
 
 def test_llava_hf_wrong_directory(tmp_path):

@@ -223,6 +223,9 @@ def test_truncated_jpeg(real_images):
     data = _png_bytes(real_images[0], "JPEG", quality=90)
     with pytest.raises(ImageError, match="corrupt or truncated"):
         load_image(data[: len(data) // 2])
+    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # opened by the caller, not decoded yet
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        preprocess(lazy)
 
 
 def test_empty_bytes_and_empty_file(tmp_path):
