@@ -268,6 +268,19 @@ def test_llava_hf_other_layouts_and_shards(llava_hf, tmp_path, rename):
     _assert_same_state(base, model)
 
 
+def test_llava_hf_from_pytorch_bin(llava_hf, tmp_path):
+    """Old directories ship pytorch_model.bin: read with torch.load(weights_only=True)."""
+    _, path = llava_hf
+    old = tmp_path / "bin"
+    old.mkdir()
+    (old / "config.json").write_text((path / "config.json").read_text())
+    torch.save(ck.read_weights(path), old / "pytorch_model.bin")
+    _assert_same_state(import_llava_hf(path)[0], import_llava_hf(old)[0])
+    torch.save([1, 2], old / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        import_llava_hf(old)
+
+
 def test_llava_hf_other_pyramids(llava_hf):
     _, path = llava_hf
     m3, _ = import_llava_hf(path, pyramid="m3")
