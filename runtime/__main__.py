@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure this device's latency per budget; saved in the bundle")
     _common(p)
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per measurement")
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _common(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads,
-                             profile_if_missing=getattr(args, "profile_if_missing", False))  # fmt: skip
+                             profile_if_missing=getattr(args, "profile_if_missing", False),
+                             warmup=args.cmd != "profile")  # fmt: skip
         return {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench}[args.cmd](pipe, args)
     except (BundleError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -125,6 +126,9 @@ def _print_result(r) -> None:  # type: ignore[no-untyped-def]
     pred = r.predicted_ms.get(key)
     pred_s = "-" if pred is None else f"{pred:.1f}"
     print(f"[latency budget {lat}] -> {r.budget} visual tokens ({r.reason})")
+    if r.candidates_ms:
+        cands = ", ".join(f"{t}: {ms:.1f}" for t, ms in r.candidates_ms.items())
+        print(f"  predicted {r.objective} per budget (ms): {cands}")
     print(f"  {key}: predicted {pred_s} ms, measured {r.measured_ms[key]:.1f} ms, deadline {met}")
     stages = ", ".join(f"{s} {r.measured_ms[s]:.1f}" for s in ("preprocess", "vision", "prefill", "decode"))
     print(f"  stages (ms): {stages}; {len(r.token_ids)} tokens, finish {r.finish_reason}")

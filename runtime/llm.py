@@ -112,7 +112,7 @@ class Decoder:
             )
         return cls(session, spec, table, max_len)
 
-    def embed(self, ids: Sequence[int]) -> np.ndarray:
+    def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Token embeddings [1, S, D] in the decoder's input dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=self.embed_dtype)[None]
 

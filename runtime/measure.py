@@ -1,11 +1,12 @@
 """Measure a latency profile on this device (`python -m runtime profile --bundle B`).
 
-After warm-up: preprocessing time, per budget the vision latency (p50/p90), prefill
+After warm-up: preprocessing time (a 640x480 JPEG: decode, pad, resize), per budget the vision latency (p50/p90), prefill
 latency at each budget's prompt length (a line fitted through them), decode ms/token.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
@@ -20,13 +21,18 @@ log = logging.getLogger("runtime")
 PROFILE_PROMPT = "Describe the picture in one short sentence."
 
 
-def synthetic_image(size: int = 480, seed: int = 0) -> Image.Image:
-    """A fixed, non-uniform RGB picture: latency does not depend on content, only on shape."""
+def synthetic_image(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
+    """A fixed, non-uniform camera-sized frame as JPEG bytes (what a request carries):
+    latency depends on the size and format, not on the content."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size]  # [H, W]
-    img = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1)  # [H, W, 3]
+    y, x = np.mgrid[0:height, 0:width]  # [H, W]
+    img = np.stack(
+        [x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=-1
+    )  # [H, W, 3]
     img = (img + rng.integers(0, 32, img.shape)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(img, "RGB")
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 def _time(fn: Any, warmup: int, runs: int) -> list[float]:
@@ -60,22 +66,27 @@ def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, 
     pre = _time(lambda: pipe.preprocess(image), warmup, runs)
     pixels = pipe.preprocess(image)  # [1, 3, S, S]
     ids = pipe.prompt_ids(PROFILE_PROMPT)
-    vision, points, feats = {}, [], {}
-    for t in pipe.budgets:
-        vision[t] = percentiles(_time(lambda t=t: pipe.vision.encode(pixels, [t]), warmup, runs))
-        feats[t] = pipe.vision.encode(pixels, [t])[t][0]  # [T, D]
-        log.info("budget %d: vision p50 %.2f ms", t, vision[t]["p50"])
-    for t in pipe.budgets:
-        embeds = pipe.embeddings(ids, feats[t])  # [1, S, D]
-        for _ in range(warmup):
-            _prefill_ms(pipe, embeds)
-        for _ in range(runs):
-            points.append([len(ids) - 1 + t, _prefill_ms(pipe, embeds)])
+    feats = {t: f[0] for t, f in pipe.vision.encode(pixels, list(pipe.budgets)).items()}  # T -> [T, D]
+    embeds = {t: pipe.embeddings(ids, feats[t]) for t in pipe.budgets}  # T -> [1, S, D]
+    for _ in range(warmup):
+        for t in pipe.budgets:
+            pipe.vision.encode(pixels, [t])
+            _prefill_ms(pipe, embeds[t])
+    # Round-robin over budgets, so that a noisy neighbour slows every budget alike.
+    vis: dict[int, list[float]] = {t: [] for t in pipe.budgets}
+    points = []
+    for _ in range(runs):
+        for t in pipe.budgets:
+            t0 = time.perf_counter()
+            pipe.vision.encode(pixels, [t])
+            vis[t].append((time.perf_counter() - t0) * 1e3)
+            points.append([len(ids) - 1 + t, _prefill_ms(pipe, embeds[t])])
+    vision = {t: percentiles(v) for t, v in vis.items()}
     intercept, slope = fit_line([(int(n), ms) for n, ms in points])
-    embeds = pipe.embeddings(ids, feats[pipe.budgets[-1]])
-    _decode_ms_per_token(pipe, embeds, 4)  # warm-up
+    small = embeds[pipe.budgets[-1]]
+    _decode_ms_per_token(pipe, small, 4)  # warm-up
     decode = float(
-        np.median([_decode_ms_per_token(pipe, embeds, decode_tokens) for _ in range(max(1, runs // 2))])
+        np.median([_decode_ms_per_token(pipe, small, decode_tokens) for _ in range(max(1, runs // 2))])
     )
     return Profile(
         device=device_info(pipe.vision.name),

@@ -55,6 +55,7 @@ class Result:
     deadline_met: bool | None  # measured against latency_ms (None: no deadline)
     predicted_deadline_met: bool | None
     reason: str
+    candidates_ms: dict[int, float] = field(default_factory=dict)  # budget -> predicted objective time
     predicted_ms: dict[str, float] = field(default_factory=dict)
     measured_ms: dict[str, float] = field(default_factory=dict)
     vision_reused: bool = False
@@ -100,9 +101,11 @@ class Pipeline:
     @classmethod
     def load(
         cls, bundle: str | Path, backend: str = "auto", threads: int = 0,
-        profile_if_missing: bool = False, alpha: float = 0.3,
+        profile_if_missing: bool = False, alpha: float = 0.3, warmup: bool = False,
     ) -> Pipeline:  # fmt: skip
-        """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it."""
+        """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
+
+        warmup: run every budget once so the first request is not a cold start."""
         root = Path(bundle)
         m = verify_bundle(root)
         if m.llm is None:
@@ -120,7 +123,10 @@ class Pipeline:
         decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
         log.info("LLM provider: %s", decoder.provider)
         tok = load_tokenizer(root / m.tokenizer)
-        return cls(root, m, vision, decoder, tok, profile_if_missing, alpha)
+        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, alpha)
+        if warmup:
+            pipe.warmup()
+        return pipe
 
     def reload_profile(self) -> None:
         try:
@@ -163,14 +169,27 @@ class Pipeline:
         """Preprocess + one vision pass for every budget in `budgets`."""
         for t in budgets:
             self.cfg.check_budget(t)
+        pixels, pre_ms = self._timed_preprocess(image)
+        return self._vision_pass(pixels, budgets, pre_ms)
+
+    def _timed_preprocess(self, image: Any) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         pixels = self.preprocess(image)  # [1, 3, S, S]
-        t1 = time.perf_counter()
+        return pixels, (time.perf_counter() - t0) * 1e3
+
+    def _vision_pass(self, pixels: np.ndarray, budgets: Sequence[int], pre_ms: float) -> VisionPass:
+        t0 = time.perf_counter()
         feats = self.vision.encode(pixels, list(budgets))  # T -> [1, T, D]
-        t2 = time.perf_counter()
-        return VisionPass(
-            {t: f[0] for t, f in feats.items()}, (t1 - t0) * 1e3, (t2 - t1) * 1e3, self.vision.name
-        )
+        vis_ms = (time.perf_counter() - t0) * 1e3
+        return VisionPass({t: f[0] for t, f in feats.items()}, pre_ms, vis_ms, self.vision.name)
+
+    def warmup(self) -> None:
+        """One untimed pass through every budget and the decoder (first runs allocate)."""
+        pixels = np.zeros((1, 3, self.preprocessor.size, self.preprocessor.size), dtype=np.float32)
+        feats = self.vision.encode(pixels, list(self.budgets))
+        ids = self.prompt_ids("warm-up")
+        for _ in self.decoder.start(self.embeddings(ids, feats[self.budgets[0]][0]), SamplingParams(2)):
+            pass
 
     def embeddings(self, ids: Sequence[int], feats: np.ndarray) -> np.ndarray:
         """Prompt embeddings [1, S, D] with the T visual tokens at the expanded placeholders."""
@@ -183,11 +202,12 @@ class Pipeline:
 
     def choose(
         self, latency_ms: float | None, text_tokens: int, max_new_tokens: int,
-        tokens: int | None, objective: str, strict: bool,
+        tokens: int | None, objective: str, strict: bool, spent_ms: float | None = None,
     ) -> Choice:  # fmt: skip
         if tokens is not None:
             self.cfg.check_budget(tokens)
-            pred = self.policy.predict(tokens, text_tokens, max_new_tokens) if self.policy else None
+            pol = self.policy
+            pred = pol.predict(tokens, text_tokens, max_new_tokens, spent_ms) if pol else None
             met = None if latency_ms is None or pred is None else pred.time(objective) <= latency_ms
             return Choice(tokens, pred, met, "budget forced by the caller")
         if latency_ms is not None and self.policy is None:
@@ -198,7 +218,7 @@ class Pipeline:
             self.measure_profile()
         if self.policy is None:
             return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
-        return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict)
+        return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict, spent_ms)
 
     # ---- asking --------------------------------------------------------------------------------
     def ask(self, image: Any, prompt: str | Sequence[Turn], **kw: Any) -> Result:
@@ -215,12 +235,16 @@ class Pipeline:
         objective: str = "ttft", temperature: float = 0.0, top_p: float = 1.0,
         seed: int | None = None, stop: Sequence[str] = (), timeout_s: float | None = None,
     ) -> Answer:  # fmt: skip
-        """Choose the budget, encode, and stream the answer's text deltas (`.result` at the end)."""
+        """Preprocess, choose the budget with the time left, encode, and stream the answer's
+        text deltas (`.result` at the end)."""
         t_start = time.perf_counter()
         params = self._params(max_new_tokens, temperature, top_p, seed, stop)
         ids = self.prompt_ids(prompt)
-        choice = self.choose(latency_ms, len(ids) - 1, max_new_tokens, tokens, objective, strict)
-        vp = self.encode(image, [choice.budget])
+        if tokens is not None:
+            self.cfg.check_budget(tokens)
+        pixels, pre_ms = self._timed_preprocess(image)
+        choice = self.choose(latency_ms, len(ids) - 1, max_new_tokens, tokens, objective, strict, pre_ms)
+        vp = self._vision_pass(pixels, [choice.budget], pre_ms)
         ans = Answer(iter(()))
         ans._deltas = self._answer(ans, vp, ids, choice, params, latency_ms, objective, t_start, timeout_s)
         return ans
@@ -311,6 +335,7 @@ class Pipeline:
             llm_provider=self.decoder.provider, finish_reason=gen.finish_reason or "stop",
             prompt_tokens=len(ids) - 1 + t, latency_ms=latency_ms, objective=objective,
             deadline_met=met, predicted_deadline_met=choice.deadline_met, reason=choice.reason,
+            candidates_ms=dict(choice.candidates),
             predicted_ms={k: round(v, 3) for k, v in predicted.items()},
             measured_ms={k: round(v, 3) for k, v in measured.items()}, vision_reused=reused,
         )  # fmt: skip

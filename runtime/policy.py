@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from runtime.profile import STAGES, Profile
 
 OBJECTIVES = ("ttft", "total")
+RATIO_CLIP = (0.25, 4.0)  # bounds of one observation's measured / profiled ratio
 
 
 class DeadlineError(RuntimeError):
@@ -76,10 +77,15 @@ class Policy:
             "decode": p.decode_ms_per_token * max_new_tokens,
         }
 
-    def predict(self, budget: int, text_tokens: int, max_new_tokens: int) -> Prediction:
+    def predict(
+        self, budget: int, text_tokens: int, max_new_tokens: int, spent_ms: float | None = None
+    ) -> Prediction:
+        """Corrected ms per stage; `spent_ms`: preprocessing already done and timed (used as is)."""
         raw = self.raw(budget, text_tokens, max_new_tokens)
         with self._lock:
             stages = {s: raw[s] * self.correction[s] for s in STAGES}
+        if spent_ms is not None:
+            stages["preprocess"] = spent_ms
         return Prediction(budget, stages)
 
     def choose(
@@ -89,11 +95,15 @@ class Policy:
         max_new_tokens: int,
         objective: str = "ttft",
         strict: bool = False,
+        spent_ms: float | None = None,
     ) -> Choice:
-        """Largest budget predicted to fit; else the smallest (deadline_met=False) or DeadlineError."""
+        """Largest budget predicted to fit; else the smallest (deadline_met=False) or DeadlineError.
+
+        `spent_ms`: time already spent on this request (preprocessing), counted as measured.
+        """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        preds = {t: self.predict(t, text_tokens, max_new_tokens) for t in self.budgets}
+        preds = {t: self.predict(t, text_tokens, max_new_tokens, spent_ms) for t in self.budgets}
         times = {t: round(p.time(objective), 3) for t, p in preds.items()}
         if latency_ms is None:
             t = self.budgets[0]
@@ -118,7 +128,8 @@ class Policy:
             for stage in STAGES:
                 if stage not in measured or raw[stage] <= 1e-9:
                     continue
-                ratio = measured[stage] / raw[stage]
+                # clipped: one outlier (a page fault, a cold cache) must not swing the policy
+                ratio = min(max(measured[stage] / raw[stage], RATIO_CLIP[0]), RATIO_CLIP[1])
                 self.correction[stage] += self.alpha * (ratio - self.correction[stage])
 
     def corrections(self) -> dict[str, float]:
