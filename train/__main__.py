@@ -1,0 +1,109 @@
+"""python -m train: run one training stage (flags override a JSON --config file).
+
+    # tiny model on the built-in benchmark (CPU, minutes)
+    python -m train --stage stage2 --out runs/tiny --steps 300 --lr 1e-3
+    # real data, 2 processes (gloo on CPU / nccl on GPU)
+    torchrun --nproc_per_node 2 -m train --stage stage1 --data blip_laion_cc_sbu_558k.json \\
+        --image-folder images --init llava-base --out runs/s1
+    # continue an interrupted run exactly
+    python -m train ... --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from train.stages import STAGES, TrainConfig
+
+HELP = {
+    "stage": f"training stage: {', '.join(STAGES)}",
+    "out": "run directory (checkpoints, log.jsonl, final/)",
+    "preset": "model preset for a fresh model (ignored with --init)",
+    "pyramid": "visual-token cascade of a fresh model: fmvr, m3 or none",
+    "init": "checkpoint directory to start from (required for finetune)",
+    "tokenizer": "tokenizer.json (default: the --init checkpoint's, or the tiny in-process one)",
+    "data": "LLaVA-format JSON list or JSON Lines file (default: the built-in benchmark)",
+    "image_folder": "folder the data file's image paths are relative to",
+    "bench_n": "built-in benchmark training scenes",
+    "bench_seed": "built-in benchmark seed",
+    "strict_data": "fail on a missing/corrupt image instead of skipping it with a warning",
+    "max_length": "max tokens per sample, counted with the image at its largest budget",
+    "lr": "peak learning rate (0: the stage's default)",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "warmup_ratio": "linear warmup as a fraction of all steps",
+    "schedule": "cosine or constant after warmup",
+    "epochs": "epochs over the data (ignored when --steps > 0)",
+    "steps": "optimizer steps (overrides --epochs)",
+    "batch_size": "samples per process per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_grad_norm": "gradient clipping norm",
+    "budget_mode": "mean: loss averaged over every budget each step; random: one random budget per step",
+    "seed": "seed of the model init and the data order",
+    "lora": "train the LLM with LoRA adapters (peft) instead of fully",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha",
+    "bf16": "bf16 autocast (GPU only)",
+    "grad_checkpointing": "gradient checkpointing in the LLM (saves memory, costs compute)",
+    "cache_vision": "keep frozen-tower features in memory across epochs",
+    "log_every": "write log.jsonl every N steps",
+    "save_every": "checkpoint every N steps (0: at the end and on Ctrl-C only)",
+    "keep_last": "checkpoints to keep",
+    "stop_after": "stop and save after N steps of this run (simulates an interruption)",
+    "progress": "show the progress bar",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--skip-if-done", action="store_true", help="do nothing if --out/final exists with the same config")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            p.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default {f.default!r})")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from train.loop import Interrupted, train
+
+    args = parse_args(argv)
+    try:
+        cfg = TrainConfig.from_sources(args.config, vars(args))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    final = Path(cfg.out) / "final"
+    if args.skip_if_done and _same_run(final, cfg):
+        print(f"{final} is already trained with this config (delete it to retrain)")
+        return 0
+    try:
+        out = train(cfg, resume=args.resume)
+    except Interrupted as e:
+        print(str(e))
+        return 130
+    print(f"trained {cfg.stage}: {out}")
+    print(f"next: python -m train.eval --ckpt {out}")
+    return 0
+
+
+def _same_run(final: Path, cfg: TrainConfig) -> bool:
+    extra = final / "extra.json"
+    if not extra.is_file():
+        return False
+    saved = json.loads(extra.read_text()).get("train_config", {})
+    ignore = {"progress", "stop_after", "log_every"}
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Datasets (LLaVA JSON / JSON Lines, the built-in benchmark) and the collator.
+
+A dataset item is tokenised once with ONE `<image>` placeholder (`Example`); the collator
+expands it to T positions for every budget of the step. Images are loaded separately
+(`dataset.image(i)`) so that a trainer with a frozen tower can reuse cached features.
+
+Bad data is never used silently: a missing/corrupt image, a sample with no image, or a
+sample whose answers were all truncated away is counted per reason and skipped with a
+warning, or raises DataError with `strict=True` (`--strict-data`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmvr.config import FMVRConfig
+from fmvr.template import IMAGE_TOKEN, render
+from fmvr.tokenizer import IGNORE_INDEX, encode_segments, expand_with_labels
+
+
+class DataError(ValueError):
+    """A sample that cannot be trained on (with --strict-data), or an unreadable data file."""
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]  # one image placeholder
+    target: tuple[bool, ...]  # True on assistant tokens
+    image_key: str  # identifies the image (path or scene seed) for feature caching
+    index: int
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A LLaVA JSON list (.json) or JSON Lines file (.jsonl): one record per conversation."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} not found; pass --data <llava.json|.jsonl> or --bench")
+    text = p.read_text()
+    try:
+        if p.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p} is not valid JSON ({e}); LLaVA data is a JSON list or JSON Lines") from e
+    if not isinstance(records, list):
+        raise DataError(f"{p} must hold a JSON list of records with 'image' and 'conversations'")
+    return records
+
+
+def tokenize(tok, cfg: FMVRConfig, template: str, conversations: list[dict], max_length: int):
+    """ids + target mask (one placeholder), truncated so that the sequence expanded at the
+    largest budget fits max_length; never cuts the placeholder. None if no target is left."""
+    segments = render(template, conversations)
+    ids, target = encode_segments(tok, segments, cfg.bos_token_id)
+    n_img = sum(i == cfg.image_token_id for i in ids)
+    if n_img != 1:
+        raise DataError(f"a sample needs exactly one {IMAGE_TOKEN} placeholder, found {n_img}")
+    room = max_length - (max(cfg.budgets) - 1)  # unexpanded length allowed
+    if ids.index(cfg.image_token_id) >= room:
+        raise DataError(
+            f"max length {max_length} cannot hold the image's {max(cfg.budgets)} tokens and its prompt"
+        )
+    ids, target = ids[:room], target[:room]
+    if not any(target):
+        return None
+    return ids, target
+
+
+class _Base:
+    """Shared skip/strict bookkeeping."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
+
+    def _skip(self, reason: str, what: str) -> None:
+        if self.strict:
+            raise DataError(f"{what}: {reason} (drop --strict-data to skip such samples)")
+        self.skipped[reason] += 1
+        warnings.warn(f"skipping {what}: {reason}", stacklevel=3)
+
+
+class LlavaDataset(_Base):
+    """LLaVA-format records + an image folder, tokenised with `template`."""
+
+    def __init__(
+        self,
+        records: Sequence[dict],
+        image_folder: str | Path,
+        tok,
+        cfg: FMVRConfig,
+        template: str,
+        max_length: int = 2048,
+        strict: bool = False,
+    ) -> None:
+        from fmvr.preprocess import Preprocessor
+
+        super().__init__(strict)
+        self.records, self.folder, self.tok, self.cfg = list(records), Path(image_folder), tok, cfg
+        self.template, self.max_length = template, max_length
+        self.pre = Preprocessor.from_config(cfg)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def example(self, i: int) -> Example | None:
+        rec = self.records[i]
+        what = f"record {i} (id {rec.get('id', '?')})"
+        if not rec.get("image"):
+            self._skip("no image (text-only samples are not supported)", what)
+            return None
+        try:
+            out = tokenize(self.tok, self.cfg, self.template, rec["conversations"], self.max_length)
+        except (DataError, KeyError, ValueError) as e:
+            self._skip(f"bad conversation: {e}", what)
+            return None
+        if out is None:
+            self._skip("no answer tokens left after truncation to max length", what)
+            return None
+        return Example(tuple(out[0]), tuple(out[1]), str(self.folder / rec["image"]), i)
+
+    def image(self, i: int) -> np.ndarray | None:
+        """float32 [3, S, S], or None (counted) when the image is missing or corrupt."""
+        from fmvr.preprocess import ImageError
+
+        path = self.folder / self.records[i]["image"]
+        if not path.is_file():
+            self._skip("missing image", str(path))
+            return None
+        try:
+            return self.pre(str(path))[0]  # [3, S, S]
+        except ImageError as e:
+            self._skip(f"corrupt image ({e})", str(path))
+            return None
+
+
+class BenchDataset(_Base):
+    """The built-in benchmark generated on the fly: kind "qa" (stage 2, multi-turn) or
+    "caption" (stage 1, plain)."""
+
+    def __init__(
+        self,
+        split: str,
+        n: int,
+        tok,
+        cfg: FMVRConfig,
+        template: str,
+        kind: str = "qa",
+        seed: int = 0,
+        max_length: int = 2048,
+    ) -> None:
+        from fmvr.preprocess import Preprocessor
+        from train import bench
+
+        super().__init__(strict=True)
+        self.scenes = list(bench.scenes(split, n, seed))
+        self.records = [bench.llava_records(s, f"scene-{s.seed}", kind)[0] for s in self.scenes]
+        self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
+        self.pre = Preprocessor.from_config(cfg)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def example(self, i: int) -> Example | None:
+        out = tokenize(self.tok, self.cfg, self.template, self.records[i]["conversations"], self.max_length)
+        if out is None:
+            raise DataError(f"bench sample {i} does not fit max length {self.max_length}")
+        return Example(tuple(out[0]), tuple(out[1]), f"bench-{self.scenes[i].seed}", i)
+
+    def image(self, i: int) -> np.ndarray:
+        from train.bench import render_scene
+
+        return self.pre(render_scene(self.scenes[i]))[0]  # [3, S, S]
+
+
+@dataclass
+class Batch:
+    """A collated micro-batch: the image (pixels or cached tower features) and, per budget,
+    right-padded ids / attention mask / labels with exactly T placeholders per row."""
+
+    keys: list[str]
+    indices: list[int]
+    pixel_values: torch.Tensor | None  # [P, 3, S, S] for the rows named in pixel_keys (P <= B)
+    per_budget: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # T -> ([B,S_T] ids, mask, labels)
+    pixel_keys: list[str] | None = None  # None: pixel_values has every row, in order
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def num_targets(self) -> int:
+        """Target tokens that contribute to the loss (after the shift), same for every budget."""
+        labels = next(iter(self.per_budget.values()))[2]
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate(
+    examples: Sequence[Example],
+    pixels: Sequence[np.ndarray] | None,
+    cfg: FMVRConfig,
+    budgets: Sequence[int],
+    pixel_keys: list[str] | None = None,
+) -> Batch:
+    """Pad and expand: per budget T, ids [B, S_T] (pad id), mask [B, S_T], labels [B, S_T]."""
+    per_budget = {}
+    for t in budgets:
+        rows = [expand_with_labels(e.ids, e.target, cfg.image_token_id, t) for e in examples]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), cfg.pad_token_id, dtype=torch.long)  # [B, S_T]
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # [B, S_T]
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S_T]
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            labels[r, : len(row_labels)] = torch.tensor(row_labels)
+            mask[r, : len(row_ids)] = 1
+        per_budget[t] = (ids, mask, labels)
+    pix = torch.from_numpy(np.stack(pixels)) if pixels else None  # [P, 3, S, S]
+    return Batch([e.image_key for e in examples], [e.index for e in examples], pix, per_budget, pixel_keys)

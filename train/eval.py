@@ -1,0 +1,235 @@
+"""Evaluation: accuracy per budget and category on the built-in benchmark, and an answers
+file (JSON Lines, LLaVA model_vqa style) for any LLaVA-format question file. Greedy.
+
+    python -m train.eval --ckpt runs/tiny/final --bench-n 100
+    python -m train.eval --ckpt DIR --questions q.jsonl --image-folder imgs --answers-file a.jsonl --tokens 36
+
+Generation is batched: prompts left-padded with explicit position ids, the image encoded
+once for every budget, greedy decoding until every row has emitted </s>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmvr.template import prompt_text
+from fmvr.tokenizer import expand_image_tokens
+
+
+def prompt_ids(tok, cfg, question: str) -> list[int]:
+    """Inference prompt ids with one placeholder (question may carry '<image>\\n')."""
+    text = prompt_text(cfg.template, question)
+    return [cfg.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+
+
+@torch.no_grad()
+def generate_batch(
+    model, prompts: Sequence[list[int]], feats: torch.Tensor, tokens: int, max_new_tokens: int = 8
+) -> list[list[int]]:
+    """Greedy answers for prompts (one placeholder each) with visual tokens feats [B, T, D]."""
+    cfg = model.cfg
+    rows = [expand_image_tokens(p, cfg.image_token_id, tokens) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), cfg.pad_token_id, dtype=torch.long)  # [B, S] left-padded
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = 1
+    embeds = model.embed(ids, feats)  # [B, S, D]
+    lm = model.language_model
+    answers: list[list[int]] = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    past = None
+    step_embeds = embeds
+    for _ in range(max_new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # [B, S] positions ignoring left padding
+        pos = pos if past is None else pos[:, -1:]
+        out = lm(
+            inputs_embeds=step_embeds,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)  # [B]
+        for r in range(len(rows)):
+            if not done[r]:
+                if int(nxt[r]) == cfg.eos_token_id:
+                    done[r] = True
+                else:
+                    answers[r].append(int(nxt[r]))
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        step_embeds = lm.get_input_embeddings()(nxt[:, None])  # [B, 1, D]
+    return answers
+
+
+@torch.no_grad()
+def evaluate_bench(
+    model,
+    tok,
+    budgets: Sequence[int],
+    n: int = 100,
+    split: str = "test",
+    seed: int = 0,
+    batch_scenes: int = 8,
+    progress: bool = False,
+) -> dict:
+    """{"accuracy": {T: {category: acc, "all": acc}}, "n_questions": ..., "samples": [...]}."""
+    from fmvr.preprocess import Preprocessor
+    from train import bench
+
+    model.eval()
+    pre = Preprocessor.from_config(model.cfg)
+    scenes = list(bench.scenes(split, n, seed))
+    hits: dict[int, dict[str, list[bool]]] = {t: defaultdict(list) for t in budgets}
+    samples = []
+    for i in range(0, len(scenes), batch_scenes):
+        chunk = scenes[i : i + batch_scenes]
+        pix = torch.from_numpy(pre([bench.render_scene(s) for s in chunk]))  # [b, 3, S, S]
+        visual = model.encode_budgets(pix, tuple(budgets))  # {T: [b, T, D]}
+        qs = [(j, c, q, a) for j, s in enumerate(chunk) for c, q, a in s.questions]
+        prompts = [prompt_ids(tok, model.cfg, q) for _, _, q, _ in qs]
+        for t in budgets:
+            feats = visual[t][[j for j, *_ in qs]]  # [b*5, T, D]
+            for (j, c, q, a), ids in zip(qs, generate_batch(model, prompts, feats, t)):
+                text = tok.decode(ids).strip()
+                hits[t][c].append(bench.score(text, a))
+                samples.append(
+                    {
+                        "scene": chunk[j].seed,
+                        "budget": t,
+                        "category": c,
+                        "question": q,
+                        "answer": a,
+                        "output": text,
+                    }
+                )
+        if progress:
+            print(
+                f"  eval {min(i + batch_scenes, len(scenes))}/{len(scenes)} scenes",
+                file=sys.stderr,
+                flush=True,
+            )
+    acc = {}
+    for t in budgets:
+        acc[t] = {c: float(np.mean(hits[t][c])) for c in bench.CATEGORIES}
+        acc[t]["all"] = float(np.mean([h for c in bench.CATEGORIES for h in hits[t][c]]))
+    return {
+        "accuracy": acc,
+        "n_scenes": len(scenes),
+        "n_questions": len(scenes) * len(bench.CATEGORIES),
+        "split": split,
+        "samples": samples,
+    }
+
+
+def format_table(acc: dict) -> str:
+    from train.bench import CATEGORIES
+
+    cols = [*CATEGORIES, "all"]
+    lines = ["| tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for t, row in acc.items():
+        lines.append(f"| {t} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def answer_file(model, tok, questions: str, image_folder: str, out: str, tokens: int, model_id: str) -> int:
+    """LLaVA model_vqa-style answers for a question file (JSON Lines with "text"/"image", or LLaVA JSON)."""
+    from fmvr.preprocess import Preprocessor
+    from train.data import read_records
+
+    pre = Preprocessor.from_config(model.cfg)
+    records = read_records(questions)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    with open(tmp, "w") as f:
+        for k, rec in enumerate(records):
+            question = rec["text"] if "text" in rec else rec["conversations"][0]["value"]
+            pix = torch.from_numpy(pre(str(Path(image_folder) / rec["image"])))  # [1, 3, S, S]
+            feats = model.encode_image(pix, tokens)  # [1, T, D]
+            ids = generate_batch(
+                model, [prompt_ids(tok, model.cfg, question)], feats, tokens, max_new_tokens=64
+            )[0]
+            qid = rec.get("question_id", rec.get("id", k))
+            row = {
+                "question_id": qid,
+                "prompt": question,
+                "text": tok.decode(ids).strip(),
+                "answer_id": f"{qid}-{tokens}",
+                "model_id": model_id,
+                "metadata": {"tokens": tokens},
+            }
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    return len(records)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint directory (config.json + model.safetensors + tokenizer.json)",
+    )
+    p.add_argument(
+        "--budgets", default="", help="comma-separated budgets to score (default: all of the model's)"
+    )
+    p.add_argument(
+        "--bench-n", type=int, default=100, help="built-in benchmark scenes to score (5 questions each)"
+    )
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="benchmark split")
+    p.add_argument("--bench-seed", type=int, default=0, help="benchmark seed")
+    p.add_argument("--out", default="", help="write the accuracy JSON (and per-question samples) here")
+    p.add_argument(
+        "--questions", default="", help="a LLaVA-format question file: answer it instead of the benchmark"
+    )
+    p.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
+    p.add_argument("--answers-file", default="answers.jsonl", help="where to write the answers (JSON Lines)")
+    p.add_argument("--tokens", type=int, default=0, help="budget for --questions (default: the largest)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fmvr.checkpoint import load_checkpoint
+    from fmvr.tokenizer import load_tokenizer
+
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    model = load_checkpoint(args.ckpt).eval()
+    tok = load_tokenizer(args.ckpt)
+    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else model.cfg.budgets
+    for b in budgets:
+        model.cfg.check_budget(b)
+    if args.questions:
+        tokens = model.cfg.check_budget(args.tokens or max(model.cfg.budgets))
+        n = answer_file(
+            model, tok, args.questions, args.image_folder, args.answers_file, tokens, Path(args.ckpt).name
+        )
+        print(
+            f"wrote {n} answers at {tokens} tokens to {args.answers_file}; score them with your benchmark's scorer"
+        )
+        return 0
+    res = evaluate_bench(model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True)
+    print(format_table(res["accuracy"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps({k: v for k, v in res.items()}, indent=1))
+        print(f"wrote {args.out}")
+    print(f"next: python -m export --ckpt {args.ckpt}   (export the trained model)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

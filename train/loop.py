@@ -1,0 +1,439 @@
+"""The training loop: one process, or many with torchrun (DDP; gloo on CPU, nccl on GPU).
+
+Data order is a pure function of (seed, step): step s uses global batch
+perm_epoch[(s % steps_per_epoch) * G : ... + G] with G = batch_size * grad_accum * world,
+rank r / micro-batch m taking its own slice. So `--resume` (which restores the trainable
+weights, optimizer, scheduler and RNG) continues exactly where the run stopped.
+
+The loss of a step is normalised by the step's global number of target tokens (all-reduced),
+so N ranks x B samples gives the same gradient as 1 rank x N*B samples.
+
+Checkpoints: <out>/ckpt-<step>/ = model/ (fmvr.checkpoint format, LoRA merged) +
+trainer.safetensors (trainable tensors, LoRA adapters included) + trainer.pt (optimizer,
+scheduler, RNG, step; loaded with weights_only=True) + train_config.json; written to a
+temp dir and renamed, keeping the last N. The final model is <out>/final.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.data import Batch, Example, collate
+from train.loss import MatryoshkaStep, VisionCache, step_budgets
+from train.stages import TrainConfig
+
+
+class Interrupted(Exception):
+    pass
+
+
+# ---- setup -------------------------------------------------------------------------------
+
+
+def dist_setup() -> tuple[int, int, torch.device]:
+    """(rank, world, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_model_and_tokenizer(cfg: TrainConfig):
+    from fmvr.config import preset
+    from fmvr.model import build_model
+    from fmvr.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    if cfg.init:
+        from fmvr.checkpoint import load_checkpoint
+
+        model = load_checkpoint(cfg.init)
+        tok = load_tokenizer(cfg.tokenizer or cfg.init)
+    else:
+        mcfg = preset(cfg.preset, pyramid=cfg.pyramid)
+        model = build_model(mcfg, seed=cfg.seed)
+        if not cfg.tokenizer and cfg.preset != "tiny":
+            raise ValueError(f"preset {cfg.preset!r} needs --tokenizer (a tokenizer.json) or --init")
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tiny_tokenizer()
+    model.trainable(cfg.stage_def().parts)
+    if cfg.lora:
+        add_lora(model, cfg)
+    if cfg.grad_checkpointing:
+        model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model, tok
+
+
+def add_lora(model, cfg: TrainConfig) -> None:
+    """peft LoRA on every linear layer of the LLM; projector and pyramid stay fully trained."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0)
+    model.language_model = get_peft_model(model.language_model, lcfg)
+
+
+def make_dataset(cfg: TrainConfig, model, tok):
+    from train.data import BenchDataset, LlavaDataset, read_records
+
+    st = cfg.stage_def()
+    template = st.template
+    if cfg.data:
+        return LlavaDataset(
+            read_records(cfg.data),
+            cfg.image_folder,
+            tok,
+            model.cfg,
+            template,
+            cfg.max_length,
+            cfg.strict_data,
+        )
+    return BenchDataset(
+        "train", cfg.bench_n, tok, model.cfg, template, st.kind, cfg.bench_seed, cfg.max_length
+    )
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(cfg: TrainConfig, model, total_steps: int):
+    params = trainable_named(model)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    warm = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ---- data order --------------------------------------------------------------------------
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    spe = n // global_batch
+    if spe < 1:
+        raise ValueError(
+            f"{n} samples cannot fill one global batch of {global_batch}: lower --batch-size/--grad-accum"
+        )
+    return spe
+
+
+def step_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """The global batch of `step` (drop-last epochs, reshuffled per epoch from the seed)."""
+    spe = steps_per_epoch(n, global_batch)
+    epoch, pos = divmod(step, spe)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[pos * global_batch : (pos + 1) * global_batch].tolist()
+
+
+def rank_micro_batches(
+    indices: list[int], batch_size: int, accum: int, rank: int, world: int
+) -> list[list[int]]:
+    """Micro-batch m of rank r: the slice (m * world + r) of the global batch."""
+    return [
+        indices[(m * world + rank) * batch_size : (m * world + rank + 1) * batch_size] for m in range(accum)
+    ]
+
+
+def load_micro(ds, idx: list[int], model_cfg, budgets, cache: VisionCache | None) -> Batch | None:
+    """Tokenised examples + pixels of the images not cached yet; bad samples skipped (counted)."""
+    examples: list[Example] = []
+    pixels, pixel_keys = [], []
+    for i in idx:
+        ex = ds.example(i)
+        if ex is None:
+            continue
+        if cache is None or ex.image_key not in cache:
+            pix = ds.image(i)
+            if pix is None:
+                continue
+            pixels.append(pix)
+            pixel_keys.append(ex.image_key)
+        examples.append(ex)
+    if not examples:
+        return None
+    return collate(examples, pixels, model_cfg, budgets, pixel_keys if cache is not None else None)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | None = None) -> Path:
+    """Atomically write <out>/<name or ckpt-step>/ and keep the last cfg.keep_last."""
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)
+    final = out / (name or f"ckpt-{step:07d}")
+    tmp = out / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp / "model", tok, {"step": step, "stage": cfg.stage, "train_config": cfg.to_dict()})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in trainable_named(model).items()},
+        str(tmp / "trainer.safetensors"),
+    )
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save(
+        {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
+        tmp / "trainer.pt",
+    )
+    (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if name is None:
+        for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
+            shutil.rmtree(old)
+    return final
+
+
+def save_model(model, path: Path, tok, extra: dict) -> None:
+    """fmvr.checkpoint format; a LoRA model is saved merged (a plain FMVRLlava)."""
+    import copy
+
+    from fmvr.checkpoint import save_checkpoint
+
+    if hasattr(model.language_model, "merge_and_unload"):
+        model = copy.deepcopy(model)
+        model.language_model = model.language_model.merge_and_unload()
+    save_checkpoint(model, path, tokenizer=tok, extra=extra)
+
+
+def latest_checkpoint(out: str) -> Path | None:
+    ckpts = sorted(Path(out).glob("ckpt-*"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_state(path: Path, model, opt, sched) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainer.safetensors"))
+    params = trainable_named(model)
+    if set(weights) != set(params):
+        raise ValueError(f"{path} does not match this run's trainable parameters: resume with the same flags")
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+    state = torch.load(path / "trainer.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_py_state(state["rng"]["python"]))
+    return int(state["step"])
+
+
+def _py_state(s):
+    return tuple(tuple(x) if isinstance(x, list) else x for x in s)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or continue) a stage; returns <out>/final, or raises Interrupted after saving."""
+    rank, world, device = dist_setup()
+    torch.manual_seed(cfg.seed)
+    model, tok = build_model_and_tokenizer(cfg)
+    model.to(device).train()
+    model.vision_tower.eval()  # frozen: no dropout, fixed statistics
+    ds = make_dataset(cfg, model, tok)
+    gb = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch(len(ds), gb)))
+    opt, sched = make_optimizer(cfg, model, total)
+    start = 0
+    if resume and (ck := latest_checkpoint(cfg.out)) is not None:
+        start = load_state(ck, model, opt, sched)
+    cache = VisionCache() if cfg.cache_vision else None
+    runner = MatryoshkaStep(model, cache)
+    ddp = _wrap_ddp(runner, cfg, world, device)
+    stop = _install_sigint()
+    bar = _bar(cfg, rank, total, start)
+    log = Path(cfg.out) / "log.jsonl"
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for done_here, step in enumerate(range(start, total), start=1):
+        stats = train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device)
+        if rank == 0:
+            rate = done_here * gb / (time.time() - t0)
+            _log(log, bar, step, stats, sched, rate, cfg)
+        last = step + 1 == total
+        interrupted = stop["flag"] or (cfg.stop_after and done_here >= cfg.stop_after)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or interrupted or last:
+            _save_all(cfg, model, tok, opt, sched, step + 1, rank, world)
+        if interrupted and not last:
+            bar.close()
+            raise Interrupted(f"stopped after step {step + 1}; continue with --resume")
+    bar.close()
+    final = Path(cfg.out) / "final"
+    if rank == 0:
+        save_model_final(cfg, model, tok, final, total)
+    _barrier(world)
+    return final
+
+
+def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> dict:
+    budgets_all = runner.model.cfg.budgets
+    budgets = step_budgets(budgets_all, cfg.budget_mode, random.Random(cfg.seed * 7919 + step))
+    gb = cfg.batch_size * cfg.grad_accum * world
+    idx = step_indices(len(ds), gb, cfg.seed, step)
+    micro = [
+        load_micro(ds, m, runner.model.cfg, budgets, runner.cache)
+        for m in rank_micro_batches(idx, cfg.batch_size, cfg.grad_accum, rank, world)
+    ]
+    micro = [_to(b, device) for b in micro if b is not None]
+    n_targets = _all_sum(sum(b.num_targets() for b in micro), world)
+    if n_targets == 0:
+        raise RuntimeError(f"step {step}: no target tokens in the global batch (every sample skipped?)")
+    opt.zero_grad(set_to_none=True)
+    loss_sum, parts_sum = 0.0, dict.fromkeys(budgets, 0.0)
+    for k, b in enumerate(micro):
+        sync = k == len(micro) - 1
+        with _maybe_no_sync(ddp, sync), _autocast(cfg, device):
+            loss, parts = ddp(b, budgets, n_targets / world)  # DDP averages over ranks: /world undone here
+        loss.backward()
+        loss_sum += float(loss.detach()) / world
+        for t, v in parts.items():
+            parts_sum[t] += v / world
+    if not micro and world > 1:  # keep collective calls matched: contribute zero gradients
+        (sum(p.sum() * 0 for p in trainable_named(runner.model).values()) + 0).backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(list(trainable_named(runner.model).values()), cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    return {
+        "loss": _all_sum(loss_sum, world),
+        "budgets": {t: _all_sum(v, world) for t, v in parts_sum.items()},
+        "grad_norm": float(gnorm),
+    }
+
+
+def save_model_final(cfg, model, tok, final: Path, total: int) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    save_model(model, final, tok, {"step": total, "stage": cfg.stage, "train_config": cfg.to_dict()})
+
+
+# ---- small helpers -----------------------------------------------------------------------
+
+
+def _to(b: Batch, device) -> Batch:
+    if device.type == "cpu":
+        return b
+    pb = {t: tuple(x.to(device) for x in v) for t, v in b.per_budget.items()}
+    pix = None if b.pixel_values is None else b.pixel_values.to(device)
+    return Batch(b.keys, b.indices, pix, pb, b.pixel_keys)
+
+
+def _wrap_ddp(runner, cfg: TrainConfig, world: int, device):
+    if world == 1:
+        return runner
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    unused = cfg.budget_mode == "random"  # FMVR stages of unused budgets get no gradient
+    return DDP(
+        runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+    )
+
+
+def _maybe_no_sync(ddp, sync: bool):
+    import contextlib
+
+    return ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
+
+
+def _autocast(cfg: TrainConfig, device):
+    import contextlib
+
+    if cfg.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _all_sum(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _save_all(cfg, model, tok, opt, sched, step, rank, world) -> None:
+    if rank == 0:
+        save_state(cfg, model, tok, opt, sched, step)
+    _barrier(world)
+
+
+def _install_sigint() -> dict:
+    """Ctrl-C sets a flag; the loop saves after the current step and exits cleanly."""
+    state = {"flag": False}
+
+    def handler(signum, frame):
+        if state["flag"]:
+            raise KeyboardInterrupt
+        state["flag"] = True
+        print(
+            "\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)",
+            flush=True,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    return state
+
+
+def _bar(cfg: TrainConfig, rank: int, total: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=rank != 0 or not cfg.progress,
+        desc=cfg.stage,
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def _log(log: Path, bar, step: int, stats: dict, sched, rate: float, cfg: TrainConfig) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{stats['loss']:.3f}", samples_s=f"{rate:.1f}")
+    if step % cfg.log_every == 0:
+        row = {
+            "step": step + 1,
+            "loss": stats["loss"],
+            "per_budget": stats["budgets"],
+            "lr": sched.get_last_lr()[0],
+            "grad_norm": stats["grad_norm"],
+            "samples_per_s": rate,
+            "time": time.time(),
+        }
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,118 @@
+"""Training stages as data, and the training config (JSON file and/or flags).
+
+| stage    | trainable                         | template  | lr   | start from            |
+|----------|-----------------------------------|-----------|------|-----------------------|
+| stage1   | projector, pyramid                | plain     | 1e-3 | fresh (or --init)     |
+| stage2   | projector, pyramid, language_model| vicuna_v1 | 2e-5 | --init stage-1 output |
+| finetune | projector, pyramid, language_model| vicuna_v1 | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
+
+CLIP is always frozen. LoRA (`lora=true`) replaces full LLM training with peft adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parts: tuple[str, ...]  # top-level submodules of FMVRLlava that train
+    template: str
+    lr: float
+    kind: str  # built-in benchmark records: "caption" (stage 1) or "qa"
+    needs_init: bool = False
+
+
+STAGES: dict[str, Stage] = {
+    "stage1": Stage("stage1", ("projector", "pyramid"), "plain", 1e-3, "caption"),
+    "stage2": Stage("stage2", ("projector", "pyramid", "language_model"), "vicuna_v1", 2e-5, "qa"),
+    "finetune": Stage("finetune", ("projector", "pyramid", "language_model"), "vicuna_v1", 2e-5, "qa", True),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run; saved beside each checkpoint (train_config.json)."""
+
+    stage: str = "stage2"
+    out: str = "runs/train"
+    preset: str = "tiny"
+    pyramid: str = "fmvr"
+    init: str = ""  # checkpoint to start from (required for finetune)
+    tokenizer: str = ""  # tokenizer.json (default: the init checkpoint's, or the tiny one)
+    # data: a LLaVA JSON/JSONL file + image folder, or the built-in benchmark
+    data: str = ""
+    image_folder: str = "."
+    bench_n: int = 800  # built-in benchmark training scenes (when no --data)
+    bench_seed: int = 0
+    strict_data: bool = False
+    max_length: int = 2048
+    # optimisation
+    lr: float = 0.0  # 0: the stage's default
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | constant
+    epochs: float = 1.0
+    steps: int = 0  # overrides epochs when > 0
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    budget_mode: str = "mean"  # mean (every budget each step) | random (one per step)
+    seed: int = 0
+    # model tricks
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    cache_vision: bool = True  # reuse frozen-tower features across epochs (in memory)
+    # bookkeeping
+    log_every: int = 1
+    save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)
+    keep_last: int = 2
+    stop_after: int = 0  # stop (and save) after this many steps of this run: simulates an interruption
+    progress: bool = True
+
+    def stage_def(self) -> Stage:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {sorted(STAGES)}")
+        return STAGES[self.stage]
+
+    def check(self) -> TrainConfig:
+        st = self.stage_def()
+        if st.needs_init and not self.init:
+            raise ValueError(f"stage {self.stage} starts from an existing checkpoint: pass --init DIR")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: choose cosine or constant")
+        if self.budget_mode not in ("mean", "random"):
+            raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
+        if self.lora and "language_model" not in st.parts:
+            raise ValueError("--lora applies to stages that train the language model (stage2, finetune)")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-size and --grad-accum must be >= 1")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or self.stage_def().lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sources(cls, file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Defaults < JSON config file < explicit flags (None = not given)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        if file:
+            values = json.loads(Path(file).read_text())
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)} in {file}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        return cls(**values).check()
