@@ -63,7 +63,8 @@ def projector_flops(cfg: FMVRConfig) -> int:
     if cfg.projector == "crosslayer":
         k, h = len(cfg.vision.feature_layers), cfg.projector_hidden
         return 2 * n * (k * dv * dt + dt * dv + dv * h + h * dt)
-    return 2 * n * (dv * dt + dt * dt)
+    h = cfg.projector_hidden or dt
+    return 2 * n * (dv * h + h * dt)
 
 
 def fmvr_stage_ops(channels: int, side: int) -> dict[str, int]:
@@ -149,7 +150,8 @@ def param_counts(cfg: FMVRConfig) -> dict[str, int]:
         k, h = len(v.feature_layers), cfg.projector_hidden
         proj = k * dv * dt + dt + dt * dv + dv + dv * h + h + h * dt + dt
     else:
-        proj = dv * dt + dt + dt * dt + dt
+        h = cfg.projector_hidden or dt
+        proj = dv * h + h + h * dt + dt
     pyr = len(_stage_names(cfg)) * 8 * dt if cfg.pyramid == "fmvr" else 0
     qkv_bias = dt + 2 * kv if t.arch == "qwen2" else 0
     t_layer = 2 * dt * dt + 2 * dt * kv + qkv_bias + 3 * dt * t.intermediate_size + 2 * dt

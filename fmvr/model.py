@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -65,24 +63,14 @@ class Projector(nn.Module):
         if cfg.projector == "crosslayer":
             n = len(cfg.vision.feature_layers)
             self.crosslayer = nn.Sequential(nn.Linear(n * dv, dt), nn.GELU(), nn.Linear(dt, dv))
-            hidden = cfg.projector_hidden
-        else:
-            hidden = dt
+        # LLaVA-1.5's mlp2x_gelu is dt wide; the authors' release widens it (projector_hidden).
+        hidden = cfg.projector_hidden or dt
         self.mlp = nn.Sequential(nn.Linear(dv, hidden), nn.GELU(), nn.Linear(hidden, dt))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, N, Dv*layers] -> [B, N, D]
         if self.crosslayer is not None:
             feats = self.crosslayer(feats)  # [B, N, Dv]
         return self.mlp(feats)
-
-
-@dataclass
-class Batch:
-    """A tokenised batch with the image placeholders already expanded to T positions."""
-
-    input_ids: torch.Tensor  # [B, S]
-    attention_mask: torch.Tensor  # [B, S]
-    labels: torch.Tensor | None = None  # [B, S], IGNORE_INDEX where no loss
 
 
 class FMVRLlava(nn.Module):

@@ -124,8 +124,9 @@ class Pyramid(nn.Module):
         if grid.shape[-1] % 2:  # odd side: the final step to 1 token, no FMVR
             return grid.mean(dim=(2, 3), keepdim=True)  # [B, D, 1, 1]
         pooled = F.avg_pool2d(grid, kernel_size=2, stride=2)  # [B, D, h/2, w/2]
-        stage = self.stages[str(tokens)] if str(tokens) in self.stages else None
-        return pooled if stage is None else stage(pooled) + pooled
+        if str(tokens) not in self.stages:  # M3-style level (no FMVR stage for this budget)
+            return pooled
+        return self.stages[str(tokens)](pooled) + pooled
 
     def _m3(self, feats: torch.Tensor, tokens: int) -> torch.Tensor:
         """M3: pool the full grid directly to sqrt(T) x sqrt(T), no parameters."""

@@ -217,3 +217,17 @@ def test_flops_config_template_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "5"
+
+
+def test_wide_plain_projector_is_counted_at_its_width():
+    """The authors' wide mlp2x_gelu (projector_hidden) is counted and built at that width."""
+    from fmvr.config import preset
+    from fmvr.flops import param_counts, projector_flops
+    from fmvr.model import build_model
+
+    cfg = preset("tiny", projector_hidden=96)
+    model = build_model(cfg)
+    assert model.projector.mlp[0].out_features == 96
+    assert param_counts(cfg)["projector"] == sum(p.numel() for p in model.projector.parameters())
+    n, dv, dt = cfg.vision.num_patches, cfg.vision.hidden_size, cfg.text.hidden_size
+    assert projector_flops(cfg) == 2 * n * (dv * 96 + 96 * dt)
