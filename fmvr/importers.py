@@ -245,13 +245,12 @@ def authors_config(
     if "model.mm_projector_crosslayer.0.weight" in state:
         layers = base.vision.feature_layers if base.projector == "crosslayer" else AUTHORS_CROSSLAYER
         projector = {"projector": "crosslayer", "projector_hidden": hidden}
-    else:
-        if hidden != text.hidden_size:
-            raise ValueError(
-                f"{src}: a {hidden}-wide projector without the cross-layer fusion is not supported"
-            )
+    else:  # plain mlp2x_gelu, LLaVA-1.5 width or the authors' wide one
         layers = (int(raw.get("mm_vision_select_layer", -2)),)
-        projector = {"projector": "mlp2x_gelu", "projector_hidden": 0}
+        projector = {
+            "projector": "mlp2x_gelu",
+            "projector_hidden": 0 if hidden == text.hidden_size else hidden,
+        }
     report.notes.append(f"vision tower {raw.get('mm_vision_tower', '?')} taken from base {base.name!r}")
     vision = VisionConfig(**{**base.vision.__dict__, "feature_layers": tuple(layers)})
     name = Path(src).name
