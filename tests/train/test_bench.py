@@ -1,0 +1,82 @@
+"""The built-in benchmark: deterministic, splits apart, answers re-derived from the record and pixels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from train import bench
+
+
+def test_deterministic_for_a_seed():
+    a, b = bench.make_scene(123), bench.make_scene(123)
+    assert a == b
+    assert np.array_equal(np.asarray(bench.render_scene(a)), np.asarray(bench.render_scene(b)))
+    assert bench.make_scene(124) != a
+
+
+def test_splits_do_not_share_scenes():
+    seeds = {s: {sc.seed for sc in bench.scenes(s, 30)} for s in ("train", "val", "test")}
+    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
+
+
+def _cell_of(box):
+    x0, y0, x1, y1 = box
+    return ((y0 + y1) // 2 // bench.CELL, (x0 + x1) // 2 // bench.CELL)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_answers_match_the_record_and_the_pixels(seed):
+    scene = bench.make_scene(seed)
+    img = np.asarray(bench.render_scene(scene)).astype(int)  # [H, W, 3]
+    assert img.shape == (336, 336, 3)
+    for o in scene.objects:
+        assert _cell_of(o.box) == o.cell  # the record's cell is where the object was drawn
+        if o.shape != "ring":  # a ring has a hole at its centre
+            x0, y0, x1, y1 = o.box
+            assert tuple(img[(y0 + y1) // 2, (x0 + x1) // 2]) == bench.COLOURS[o.colour]
+    x0, y0, x1, y1 = scene.digit_box
+    card = img[y0:y1, x0:x1, 0]
+    assert card.min() < 128 and card.max() == 255  # ink on a white card
+    cats = {}
+    for cat, q, a in scene.questions:
+        cats[cat] = (q, a)
+    assert sorted(cats) == sorted(bench.CATEGORIES)
+    # re-derive every answer independently from the record
+    q, a = cats["colour"]
+    shape = q.split("the ")[1].rstrip("?")
+    assert a == [o.colour for o in scene.objects if o.shape == shape][0]
+    q, a = cats["count"]
+    colour = q.split("many ")[1].split(" ")[0]
+    assert bench.NUMBERS.index(a) == len([o for o in scene.objects if o.colour == colour])
+    q, a = cats["region"]
+    name = next(n for n in bench.REGIONS if n in q)
+    here = [o.shape for o in scene.objects if _cell_of(o.box) == bench.REGIONS[name]]
+    assert a == (here[0] if here else "none")
+    q, a = cats["exist"]
+    colour, shape = q.split("a ")[1].split(" in")[0].split(" ")
+    assert a == ("yes" if any((o.colour, o.shape) == (colour, shape) for o in scene.objects) else "no")
+    assert cats["digit"][1] == str(bench._digits()[1][scene.digit_index])
+
+
+def test_answer_balance_over_many_scenes():
+    answers = [a for s in bench.scenes("train", 200) for c, _, a in s.questions if c == "exist"]
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65  # POPE-like: about half absent
+
+
+def test_write_llava_format(tmp_path):
+    path = bench.write_llava(tmp_path, "val", 3, kind="questions")
+    records = json.loads(path.read_text())
+    assert len(records) == 15
+    for r in records:
+        assert (tmp_path / r["image"]).is_file()
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        assert r["conversations"][1]["value"] == r["answer"]
+    qa = json.loads(bench.write_llava(tmp_path, "val", 3, kind="qa").read_text())
+    assert len(qa) == 3 and len(qa[0]["conversations"]) == 10
+
+
+def test_score():
+    assert bench.score(" Red.", "red") and not bench.score("red circle", "red")

@@ -1,0 +1,109 @@
+"""LLaVA data: label masking, placeholder positions, truncation, bad images, collation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from fmvr.tokenizer import IGNORE_INDEX
+from train.data import DataError, LlavaDataset, collate, read_records, tokenize
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat colour is the circle?"},
+    {"from": "gpt", "value": "The circle is red."},
+    {"from": "human", "value": "How many squares are there?"},
+    {"from": "gpt", "value": "two"},
+]
+
+
+def test_labels_only_on_assistant_turns(tiny_cfg, tiny_tokenizer):
+    ids, target = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 2048)
+    assert ids[0] == tiny_cfg.bos_token_id and ids.count(tiny_cfg.image_token_id) == 1
+    b = collate([_ex(ids, target)], None, tiny_cfg, (36, 9))
+    for t in (36, 9):
+        row_ids, mask, labels = (x[0] for x in b.per_budget[t])
+        pos = (row_ids == tiny_cfg.image_token_id).nonzero().flatten().tolist()
+        start = ids.index(tiny_cfg.image_token_id)
+        assert pos == list(range(start, start + t))  # T contiguous placeholders where <image> was
+        assert (labels[pos] == IGNORE_INDEX).all()
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert tiny_tokenizer.decode(kept, skip_special_tokens=False) == " The circle is red.</s> two</s>"
+        assert int(mask.sum()) == len(ids) - 1 + t
+
+
+def test_plain_template_targets_the_caption(tiny_cfg, tiny_tokenizer):
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]
+    ids, target = tokenize(tiny_tokenizer, tiny_cfg, "plain", conv, 2048)
+    assert ids[1] == tiny_cfg.image_token_id
+    kept = [i for i, t in zip(ids, target) if t]
+    assert tiny_tokenizer.decode(kept) == "a red circle\n"
+
+
+def test_truncation_never_cuts_the_image(tiny_cfg, tiny_tokenizer):
+    full, _ = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 2048)
+    ids, target = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 576 + len(full) - 4)
+    assert len(ids) == len(full) - 3 and tiny_cfg.image_token_id in ids and any(target)
+    assert tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 575 + 42) is None  # first answer starts at 42: all cut away
+    with pytest.raises(DataError, match="cannot hold the image"):
+        tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 300)
+
+
+def _ex(ids, target):
+    from train.data import Example
+
+    return Example(tuple(ids), tuple(target), "k", 0)
+
+
+def _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict):
+    from train.bench import make_scene, render_scene
+
+    render_scene(make_scene(0)).save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    recs = [{"id": n, "image": f"{n}.png", "conversations": CONV} for n in ("good", "corrupt", "missing")]
+    recs.append({"id": "text-only", "conversations": CONV})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    records = read_records(tmp_path / "d.jsonl")
+    return LlavaDataset(records, tmp_path, tiny_tokenizer, tiny_cfg, "vicuna_v1", strict=strict)
+
+
+def test_bad_images_are_counted_and_skipped(tmp_path, tiny_cfg, tiny_tokenizer):
+    ds = _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [(ds.example(i), ds.image(i) if ds.example(i) else None) for i in range(len(ds))]
+    assert got[0][1].shape == (3, 336, 336)
+    assert got[1][1] is None and got[2][1] is None and got[3][0] is None
+    assert ds.skipped["missing image"] == 1
+    assert sum(v for k, v in ds.skipped.items() if k.startswith("corrupt image")) == 1
+    assert any("no image" in k for k in ds.skipped)
+    assert len(caught) >= 3
+
+
+def test_bad_images_fatal_when_strict(tmp_path, tiny_cfg, tiny_tokenizer):
+    ds = _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict=True)
+    assert ds.image(0) is not None
+    with pytest.raises(DataError, match="corrupt image"):
+        ds.image(1)
+    with pytest.raises(DataError, match="missing image"):
+        ds.image(2)
+
+
+def test_collate_pads_right_with_masks(tiny_cfg, tiny_tokenizer):
+    a = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 2048)
+    b = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV[:2], 2048)
+    batch = collate([_ex(*a), _ex(*b)], None, tiny_cfg, (1,))
+    ids, mask, labels = batch.per_budget[1]
+    assert ids.shape == (2, len(a[0])) and mask[0].all()
+    short = len(b[0])
+    assert not mask[1, short:].any() and (ids[1, short:] == tiny_cfg.pad_token_id).all()
+    assert (labels[1, short:] == IGNORE_INDEX).all()
+
+
+def test_bad_data_file(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_records(tmp_path / "x.json")
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "nope.json")
