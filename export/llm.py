@@ -16,6 +16,7 @@ The quality record (llm_check) compares with PyTorch fp32 and fails the export b
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ from runtime.bundle import FileEntry, LLMSection, file_entry
 QUANTS = ("int4", "int8", "fp16", "fp32")
 TARGETS = ("cpu", "cuda")
 EXPORTERS = ("auto", "genai", "dynamo")
+EXPORTER_NAMES = {"genai": "onnxruntime-genai", "dynamo": "torch-dynamo"}  # as recorded in the manifest
 GENAI_ARCHS = ("llama", "mistral", "qwen2")
 METHODS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int4": "int4-matmulnbits"}
 DECODER = "llm/decoder.onnx"
@@ -125,6 +127,14 @@ def save_model(model: Any, path: Path) -> None:
 
 def quantize(src: Path, dst: Path, quant: str, block_size: int, target: str) -> None:
     """int4: MatMulNBits (symmetric, block_size); int8: quantize_dynamic on MatMul weights."""
+    logging.disable(logging.WARNING)  # the quantizers log every node at INFO and advise at WARNING
+    try:
+        _quantize(src, dst, quant, block_size, target)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize(src: Path, dst: Path, quant: str, block_size: int, target: str) -> None:
     if quant == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -195,7 +205,7 @@ def write_llm(
     section = LLMSection(
         decoder=DECODER, embed_tokens=EMBED, num_layers=cfg.text.num_layers, num_kv_heads=cfg.text.num_kv_heads,
         head_dim=cfg.text.head_dim, hidden_size=cfg.text.hidden_size, vocab_size=cfg.text.vocab_size,
-        inputs=ins, outputs=outs, external_data=[DECODER + ".data"], exporter=exporter,
+        inputs=ins, outputs=outs, external_data=[DECODER + ".data"], exporter=EXPORTER_NAMES[exporter],
         has_position_ids="position_ids" in ins, kv_dtype=kv_dtype, quantization=quant_rec,
     )  # fmt: skip
     entries = [

@@ -173,6 +173,9 @@ def require_tensorrt(importer: Callable[[str], ModuleType] = importlib.import_mo
         trt = importer("tensorrt")
     except ImportError as e:
         raise ExportError(f"{INSTALL_HELP} ({e})") from None
+    if not hasattr(trt, "Builder"):  # tensorrt-stubs leaves a bare `tensorrt/` folder of .pyi files
+        where = ", ".join(map(str, getattr(trt, "__path__", []))) or str(getattr(trt, "__file__", "?"))
+        raise ExportError(f"{INSTALL_HELP} (the `tensorrt` importable here, {where}, holds only type stubs)")
     if int(str(trt.__version__).split(".")[0]) < 10:
         raise ExportError(f"TensorRT {trt.__version__} found; this exporter needs TensorRT 10 or newer")
     return trt

@@ -1,0 +1,69 @@
+"""Session fixtures for the export tests: exports are slow, so each is made once and shared.
+
+Fixtures never mutate a shared bundle; tests that corrupt one copy it first (`bundle_copy`).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def src():
+    """The untrained tiny model (seed 0) + its tokenizer, as an export Source."""
+    from export.common import tiny_source
+
+    return tiny_source(seed=0)
+
+
+@pytest.fixture(scope="session")
+def pixels(src, real_images):
+    """Two real photos through fmvr.preprocess: float32 [2, 3, 336, 336]."""
+    from export.common import pixels_for
+
+    return pixels_for(src.model.cfg, real_images)
+
+
+@pytest.fixture(scope="session")
+def shared_bundle(src, tmp_path_factory):
+    """All five budgets in one shared graph + an fp32 decoder (genai builder): (path, manifest)."""
+    from export.build import build_bundle
+
+    out = tmp_path_factory.mktemp("export") / "shared"
+    return build_bundle(src, out, budgets=src.model.cfg.budgets, layout="shared", llm="fp32")
+
+
+@pytest.fixture(scope="session")
+def per_budget_bundle(src, tmp_path_factory):
+    """Budgets 36 and 1, one graph each, then an int8 decoder added by `python -m export.llm`."""
+    from export.build import build_bundle
+    from export.llm import main as llm_main
+    from runtime.bundle import verify_bundle
+
+    out = tmp_path_factory.mktemp("export") / "per-budget"
+    build_bundle(src, out, budgets=(36, 1), layout="per-budget", llm=None)
+    assert llm_main(["--demo-tiny", "--quant", "int8", "--out", str(out)]) == 0
+    return out, verify_bundle(out)
+
+
+@pytest.fixture(scope="session")
+def dynamo_decoders(src, tmp_path_factory):
+    """Our own dynamo export, fp32 and int4: {quant: (bundle-like dir, LLMSection)}."""
+    from export.llm import write_llm
+
+    out = {}
+    for quant in ("fp32", "int4"):
+        root = tmp_path_factory.mktemp(f"dynamo-{quant}")
+        section, _ = write_llm(src.model, src.tokenizer, root, quant, "cpu", "dynamo", 32)
+        out[quant] = (root, section)
+    return out
+
+
+@pytest.fixture
+def bundle_copy(shared_bundle, tmp_path):
+    """A private copy of the shared bundle, free to corrupt."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(shared_bundle[0], dst)
+    return dst

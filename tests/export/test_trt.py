@@ -1,0 +1,327 @@
+"""TensorRT code without TensorRT: pure logic, a fake `tensorrt` module, the op list, mypy.
+
+The real engine build is a `gpu` test (skipped here with the reason).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import export.trt as et
+from export.common import ExportError
+
+# ---- pure logic -------------------------------------------------------------------------------------
+
+
+def opts(**kw):
+    return et.BuildOptions(tokens=(36,), precision=kw.pop("precision", "fp16"), **kw)
+
+
+def test_profile_shapes_and_flags():
+    shapes = et.profile_shapes(opts(min_batch=1, opt_batch=2, max_batch=8), 336)
+    assert shapes == {"min": (1, 3, 336, 336), "opt": (2, 3, 336, 336), "max": (8, 3, 336, 336)}
+    for bad in ({"min_batch": 0}, {"opt_batch": 5, "max_batch": 4}, {"min_batch": 3, "opt_batch": 2}):
+        with pytest.raises(ExportError, match="--min-batch <= --opt-batch <= --max-batch"):
+            et.profile_shapes(opts(**bad), 336)
+    assert [et.precision_of(False, False), et.precision_of(True, False), et.precision_of(True, True)] == [
+        "fp32", "fp16", "int8"]  # fmt: skip
+    assert et.builder_flags("fp32") == [] and et.builder_flags("int8") == ["INT8", "FP16"]
+    assert et.engine_paths(36, "fp16") == ("vision/t36.fp16.engine", "vision/t36.fp16.engine.json")
+
+
+def test_calibration_files_and_batches(tmp_path):
+    with pytest.raises(ExportError, match="--calib-images DIR"):
+        et.calibration_files(None)
+    with pytest.raises(ExportError, match="not a directory"):
+        et.calibration_files(str(tmp_path / "nope"))
+    with pytest.raises(ExportError, match="no images"):
+        et.calibration_files(str(tmp_path))
+    for i in range(10):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("skip me")
+    files = et.calibration_files(str(tmp_path))
+    assert len(files) == 10
+    seen = []
+
+    def pre(paths):
+        seen.append([p.name for p in paths])
+        return np.zeros((len(paths), 3, 8, 8), np.float64)
+
+    batches = list(et.calibration_batches(files, 4, pre))
+    assert [b.shape for b in batches] == [(4, 3, 8, 8)] * 2 and batches[0].dtype == np.float32
+    assert seen[1] == ["04.jpg", "05.jpg", "06.jpg", "07.jpg"]  # in order; the last 2 dropped
+    with pytest.raises(ExportError, match="at least 16 images"):
+        list(et.calibration_batches(files, 16, pre))
+
+
+def test_parser_errors_and_build_failure_mapping():
+    class Err:
+        def __init__(self, i):
+            self.i = i
+
+        def node(self):
+            return self.i
+
+        def node_name(self):
+            return f"/pyramid/n{self.i}"
+
+        def node_operator(self):
+            return "MaxPool"
+
+        def desc(self):
+            return "dilations unsupported"
+
+    parser = types.SimpleNamespace(num_errors=2, get_error=Err)
+    assert et.parser_errors(parser) == [
+        "node #0 '/pyramid/n0' (MaxPool): dilations unsupported",
+        "node #1 '/pyramid/n1' (MaxPool): dilations unsupported",
+    ]
+    oom = et.build_failure(["Requested amount of GPU memory could not be allocated: out of memory"], opts())
+    assert "--max-batch (now 4)" in str(oom) and "--workspace-gb (now 2.0)" in str(oom)
+    other = et.build_failure(["Myelin failed"], opts())
+    assert "failed to build" in str(other) and "Myelin failed" in str(other)
+
+
+def test_sidecar_fields():
+    s = et.sidecar(opts(opt_batch=2), "10.3.0", ("Orin", "8.7"), "e" * 64, "vision/all.onnx", "o" * 64)
+    assert s["trt_version"] == "10.3.0" and s["gpu_name"] == "Orin" and s["compute_capability"] == "8.7"
+    assert s["precision"] == "fp16" and s["profile"] == {"min_batch": 1, "opt_batch": 2, "max_batch": 4}
+    assert s["engine_sha256"] == "e" * 64 and s["onnx_sha256"] == "o" * 64
+    json.dumps(s)
+
+
+def test_require_tensorrt_errors():
+    def missing(name):
+        raise ImportError("No module named 'tensorrt'")
+
+    with pytest.raises(ExportError, match="JetPack.*pypi.nvidia.com"):
+        et.require_tensorrt(missing)
+    stubs_only = types.ModuleType("tensorrt")
+    stubs_only.__path__ = ["/site-packages/tensorrt"]
+    with pytest.raises(ExportError, match="holds only type stubs"):
+        et.require_tensorrt(lambda name: stubs_only)
+    old = types.SimpleNamespace(Builder=object, __version__="8.6.1")
+    with pytest.raises(ExportError, match="TensorRT 8.6.1 found.*10"):
+        et.require_tensorrt(lambda name: old)
+
+
+def test_cli_fails_helpfully_without_tensorrt(capsys):
+    if hasattr(et.importlib.import_module("tensorrt") if _importable() else None, "Builder"):
+        pytest.skip("TensorRT is installed here: the gpu tests cover the real path")
+    assert et.main(["--tokens", "36", "--bundle", "nowhere"]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().out
+
+
+def _importable() -> bool:
+    try:
+        et.importlib.import_module("tensorrt")
+    except ImportError:
+        return False
+    return True
+
+
+# ---- a fake tensorrt module drives build_engine ------------------------------------------------------
+
+
+class Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+
+
+def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.13.0"
+    calls = trt.calls = {"flags": [], "cleared": [], "profile": None, "pool": None, "calib": None}
+
+    class ILogger:
+        Severity = Severity
+
+        def __init__(self):
+            pass
+
+    class Config:
+        int8_calibrator = None
+
+        def set_memory_pool_limit(self, pool, size):
+            calls["pool"] = (pool, size)
+
+        def set_flag(self, flag):
+            calls["flags"].append(flag)
+
+        def clear_flag(self, flag):
+            calls["cleared"].append(flag)
+
+        def add_optimization_profile(self, p):
+            calls["profile"] = p.shapes
+
+        def set_calibration_profile(self, p):
+            calls["calib"] = p
+
+        def create_timing_cache(self, data):
+            calls["cache_in"] = data
+            return types.SimpleNamespace(serialize=lambda: b"CACHE+" + data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            return True
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            return "network"
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            for msg in log or []:
+                self.logger.log(Severity.ERROR, msg)
+            return build
+
+    class Parser:
+        num_errors = 0 if parse_ok else 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return parse_ok
+
+        def get_error(self, i):
+            return types.SimpleNamespace(node=lambda: 7, node_name=lambda: "/x", node_operator=lambda: "Foo",
+                                         desc=lambda: "no importer")  # fmt: skip
+
+    trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, Parser
+    trt.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (), {"__init__": lambda self: None})
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
+    trt.Dims = tuple
+    return trt
+
+
+def test_build_engine_with_fake_tensorrt(monkeypatch, tmp_path):
+    trt = fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    o = opts(precision="fp32", max_batch=2, workspace_gb=0.5, timing_cache=str(cache))
+    assert et.build_engine(tmp_path / "g.onnx", "pixel_values", o, 336, None) == b"ENGINE"
+    assert trt.calls["pool"] == ("WORKSPACE", 1 << 29) and trt.calls["flags"] == []
+    assert trt.calls["cleared"] == ["TF32"]  # fp32 means fp32, not TF32
+    assert trt.calls["profile"] == ("pixel_values", (1, 3, 336, 336), (1, 3, 336, 336), (2, 3, 336, 336))
+    assert trt.calls["cache_in"] == b"old" and cache.read_bytes() == b"CACHE+old"
+
+
+def test_build_engine_failures_with_fake_tensorrt(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(parse_ok=False))
+    with pytest.raises(ExportError, match=r"could not parse g.onnx:\n  node #7 '/x' \(Foo\): no importer"):
+        et.build_engine(tmp_path / "g.onnx", "pixel_values", opts(), 336, None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(build=None, log=["cudaErrorMemoryAllocation"]))
+    with pytest.raises(ExportError, match="out of GPU memory.*--max-batch"):
+        et.build_engine(tmp_path / "g.onnx", "pixel_values", opts(), 336, None)
+
+
+def test_int8_flags_and_calibrator_with_fake_tensorrt(monkeypatch, tmp_path):
+    trt = fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    calib = et.make_calibrator(iter(()), 4, tmp_path / "t36.int8.calib")
+    assert calib.get_batch_size() == 4 and calib.get_batch(["pixel_values"]) == []  # exhausted: done
+    assert calib.read_calibration_cache() is None
+    calib.write_calibration_cache(memoryview(b"scales"))
+    assert calib.read_calibration_cache() == b"scales"
+    et.build_engine(tmp_path / "g.onnx", "pixel_values", opts(precision="int8"), 336, calib)
+    assert trt.calls["flags"] == ["INT8", "FP16"] and trt.calls["calib"] is not None
+
+
+# ---- our graphs against TensorRT's operator list ------------------------------------------------------
+
+
+def test_op_list_data_is_sourced():
+    data = et.supported_ops()
+    assert "onnx-tensorrt" in data["source"] and data["trt_version"].startswith("10")
+    assert not set(data["supported"]) & set(data["unsupported"])
+
+
+def test_every_op_of_our_vision_graphs_is_supported_by_tensorrt(shared_bundle, per_budget_bundle, tmp_path):
+    root, m = shared_bundle
+    graphs = [root / "vision/all.onnx", *(per_budget_bundle[0] / f"vision/t{t}.onnx" for t in (36, 1))]
+    graphs.append(et.single_budget_graph(root, m, 9, tmp_path)[0])
+    for path in graphs:
+        assert et.unsupported_ops(path) == [], path.name
+        g = onnx.load(str(path)).graph
+        constants = {i.name for i in g.initializer} | {
+            o for n in g.node if n.op_type == "Constant" for o in n.output
+        }
+        for n in g.node:  # TensorRT: ReduceMean/ReduceSum axes must be build-time constants
+            if n.op_type in ("ReduceMean", "ReduceSum") and len(n.input) > 1:
+                assert n.input[1] in constants, n.name
+            if n.op_type in ("MaxPool", "AveragePool"):
+                attrs = {a.name: list(a.ints) for a in n.attribute}
+                assert len(attrs["kernel_shape"]) == 2 and set(attrs.get("dilations", [1])) == {1}
+
+
+def test_unsupported_ops_flags_custom_domains(shared_bundle):
+    assert any(
+        op.startswith("com.microsoft::") for op in et.unsupported_ops(shared_bundle[0] / "llm/decoder.onnx")
+    )
+
+
+def test_single_budget_graph_from_shared_layout(shared_bundle, pixels, tmp_path):
+    import onnxruntime as ort
+
+    root, m = shared_bundle
+    path, rel = et.single_budget_graph(root, m, 36, tmp_path)
+    assert rel == "vision/all.onnx"
+    one = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in one.get_outputs()] == ["tokens_36"]
+    alone = one.run(None, {"pixel_values": pixels})[0]
+    full = ort.InferenceSession(str(root / "vision/all.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(alone, full.run(["tokens_36"], {"pixel_values": pixels})[0])
+
+
+# ---- types -----------------------------------------------------------------------------------------------
+
+
+def test_trt_code_typechecks_against_tensorrt_stubs():
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "export.typecheck"], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Success: no issues found in 2 source files" in res.stdout
+
+
+# ---- the real thing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_real_engine_matches_onnxruntime(shared_bundle, tmp_path):
+    """Needs TensorRT 10 and a CUDA GPU: fp16 engine for 36 tokens, sidecar, manifest, parity."""
+    from runtime.bundle import verify_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(shared_bundle[0], bundle)
+    assert et.main(["--bundle", str(bundle), "--tokens", "36", "--fp16", "--max-batch", "2"]) == 0
+    m = verify_bundle(bundle)
+    entry = m.vision.engines["36"]
+    side = json.loads((bundle / entry.sidecar).read_text())
+    assert side["parity"]["cosine"] >= 0.999 and side["latency_ms"]["median"] > 0
+    assert (bundle / entry.file).read_bytes()[:4] != b"{"  # plain engine bytes, no JSON header
