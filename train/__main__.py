@@ -59,10 +59,14 @@ HELP = {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--skip-if-done", action="store_true", help="do nothing if --out/final exists with the same config")
+    p.add_argument(
+        "--skip-if-done", action="store_true", help="do nothing if --out/final exists with the same config"
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -102,7 +106,9 @@ def _same_run(final: Path, cfg: TrainConfig) -> bool:
         return False
     saved = json.loads(extra.read_text()).get("train_config", {})
     ignore = {"progress", "stop_after", "log_every"}
-    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    return {k: v for k, v in saved.items() if k not in ignore} == {
+        k: v for k, v in cfg.to_dict().items() if k not in ignore
+    }
 
 
 if __name__ == "__main__":

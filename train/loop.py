@@ -256,6 +256,11 @@ def _py_state(s):
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) a stage; returns <out>/final, or raises Interrupted after saving."""
+    return train_model(cfg, resume)[1]
+
+
+def train_model(cfg: TrainConfig, resume: bool = False):
+    """As `train`, returning (the trained model, <out>/final)."""
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)
@@ -293,7 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if rank == 0:
         save_model_final(cfg, model, tok, final, total)
     _barrier(world)
-    return final
+    return model, final
 
 
 def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> dict:

@@ -19,7 +19,11 @@ def test_deterministic_for_a_seed():
 
 def test_splits_do_not_share_scenes():
     seeds = {s: {sc.seed for sc in bench.scenes(s, 30)} for s in ("train", "val", "test")}
-    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
+    assert (
+        not seeds["train"] & seeds["val"]
+        and not seeds["train"] & seeds["test"]
+        and not seeds["val"] & seeds["test"]
+    )
 
 
 def _cell_of(box):

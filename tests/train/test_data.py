@@ -45,7 +45,9 @@ def test_truncation_never_cuts_the_image(tiny_cfg, tiny_tokenizer):
     full, _ = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 2048)
     ids, target = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 576 + len(full) - 4)
     assert len(ids) == len(full) - 3 and tiny_cfg.image_token_id in ids and any(target)
-    assert tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 575 + 42) is None  # first answer starts at 42: all cut away
+    assert (
+        tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 575 + 42) is None
+    )  # first answer starts at 42: all cut away
     with pytest.raises(DataError, match="cannot hold the image"):
         tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 300)
 

@@ -14,8 +14,16 @@ from train.stages import TrainConfig
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(out=str(tmp_path / name), bench_n=8, batch_size=2, steps=4, lr=3e-3, warmup_ratio=0.0,
-                progress=False, seed=0)
+    base = dict(
+        out=str(tmp_path / name),
+        bench_n=8,
+        batch_size=2,
+        steps=4,
+        lr=3e-3,
+        warmup_ratio=0.0,
+        progress=False,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base).check()
 
@@ -59,7 +67,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4]
 
 
@@ -75,7 +85,17 @@ def test_data_order_is_a_function_of_seed_and_step():
 def test_cli_config_file_flags_and_skip_if_done(tmp_path, capsys):
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"bench_n": 4, "batch_size": 2, "steps": 1, "lr": 1e-3, "progress": False}))
-    args = ["--config", str(conf), "--out", str(tmp_path / "cli"), "--budget-mode", "random", "--lora", "--lora-r", "4"]
+    args = [
+        "--config",
+        str(conf),
+        "--out",
+        str(tmp_path / "cli"),
+        "--budget-mode",
+        "random",
+        "--lora",
+        "--lora-r",
+        "4",
+    ]
     assert main(args) == 0
     extra = json.loads((tmp_path / "cli" / "final" / "extra.json").read_text())
     assert extra["train_config"]["lora"] and extra["train_config"]["budget_mode"] == "random"
