@@ -90,14 +90,16 @@ def export_dynamo(lm: Any, cfg: Any, path: Path, fp16: bool) -> None:
         )  # fmt: skip
 
 
-def export_genai(lm: Any, tokenizer: Any, path: Path, fp16: bool, target: str, work: Path) -> None:
+def export_genai(
+    lm: Any, tokenizer: Any, path: Path, precision: str, target: str, work: Path, block_size: int
+) -> None:
     """onnxruntime-genai's model builder, offline, from a local HF directory, exclude_embeds=true."""
     hf, out = work / "hf", work / "genai"
     lm.save_pretrained(hf)
     tokenizer.save(str(hf / "tokenizer.json"))
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf), "-o", str(out),
-           "-p", "fp16" if fp16 else "fp32", "-e", target, "-c", str(work / "cache"),
-           "--extra_options", "exclude_embeds=true"]  # fmt: skip
+           "-p", precision, "-e", target, "-c", str(work / "cache"),
+           "--extra_options", "exclude_embeds=true", f"int4_block_size={block_size}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0 or not (out / "model.onnx").is_file():
@@ -127,11 +129,15 @@ def save_model(model: Any, path: Path) -> None:
 
 def quantize(src: Path, dst: Path, quant: str, block_size: int, target: str) -> None:
     """int4: MatMulNBits (symmetric, block_size); int8: quantize_dynamic on MatMul weights."""
-    logging.disable(logging.WARNING)  # the quantizers log every node at INFO and advise at WARNING
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)  # the quantizers call logging.basicConfig(INFO)
+    logging.disable(logging.WARNING)  # ...then log every node at INFO and advise at WARNING
     try:
         _quantize(src, dst, quant, block_size, target)
     finally:
         logging.disable(logging.NOTSET)
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _quantize(src: Path, dst: Path, quant: str, block_size: int, target: str) -> None:
@@ -168,6 +174,36 @@ def check_io(path: Path, layers: int) -> tuple[list[str], list[str], str]:
     return ins, outs, kv_dtype
 
 
+def make_decoder(
+    lm: Any, cfg: Any, tokenizer: Any, final: Path, quant: str, target: str, exporter: str, block_size: int
+) -> None:
+    """The decoder at `final` (+ .data): exported in float, then quantized by us, except int4 for
+    CUDA through the genai builder, which quantizes itself (fp16 activations, MatMulNBits)."""
+    work = final.parent.parent / "llm.work"
+    work.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    base = work / "base.onnx"
+    builder_int4 = exporter == "genai" and quant == "int4" and target == "cuda"
+    if exporter == "genai":
+        precision = "int4" if builder_int4 else "fp16" if quant == "fp16" else "fp32"
+        export_genai(lm, tokenizer, base, precision, target, work, block_size)
+    else:
+        export_dynamo(lm, cfg, base, quant == "fp16")
+    if quant in ("int8", "int4") and not builder_int4:
+        quantize(base, final, quant, block_size, target)
+    else:
+        save_model(load_model(base), final)
+    shutil.rmtree(work)
+
+
+def embeds_dtype(path: Path) -> str:
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inp = next(i for i in g.input if i.name == "inputs_embeds")
+    return "float16" if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
+
+
 def write_llm(
     model: Any, tokenizer: Any, root: Path, quant: str, target: str, exporter: str, block_size: int
 ) -> tuple[LLMSection, list[FileEntry]]:
@@ -176,29 +212,17 @@ def write_llm(
 
     cfg, lm = model.cfg, model.language_model
     exporter = check_combo(quant, target, exporter, cfg.text.arch)
-    fp16 = quant == "fp16"
-    work = root / "llm.work"
-    work.mkdir(parents=True)
-    base = work / "base.onnx"
-    if exporter == "genai":
-        export_genai(lm, tokenizer, base, fp16, target, work)
-    else:
-        export_dynamo(lm, cfg, base, fp16)
     final = root / DECODER
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if quant in ("int8", "int4"):
-        quantize(base, final, quant, block_size, target)
-    else:
-        save_model(load_model(base), final)
-    shutil.rmtree(work)
+    make_decoder(lm, cfg, tokenizer, final, quant, target, exporter, block_size)
+    ins, outs, kv_dtype = check_io(final, cfg.text.num_layers)
     table = lm.get_input_embeddings().weight.detach().float().numpy()  # [vocab, hidden]
-    np.save(root / EMBED, table.astype(np.float16) if fp16 else table)
-    record = quality(final, table, model, tokenizer, quant)
+    table = table.astype(np.float16) if embeds_dtype(final) == "float16" else table  # = inputs_embeds dtype
+    np.save(root / EMBED, table)
+    record = quality(final, table, model, tokenizer, quant, target)
     if record.get("status") == "measured" and not record["ok"]:
         raise ExportError(f"{quant} decoder below its quality floor: top-1 {record['top1']:.3f} "
                           f"(floor {record['floor']}), greedy equal {record['greedy_equal']}; "
                           "try --quant int8, a smaller --block-size, or --exporter dynamo")  # fmt: skip
-    ins, outs, kv_dtype = check_io(final, cfg.text.num_layers)
     prec = quant if quant in ("fp16", "fp32") else f"{quant} weights"
     quant_rec = {"method": METHODS[quant], "block_size": block_size if quant == "int4" else None,
                  "target": target, "agreement": record}  # fmt: skip
@@ -215,7 +239,7 @@ def write_llm(
             root,
             EMBED,
             "embed",
-            precision="fp16" if fp16 else "fp32",
+            precision="fp16" if table.dtype == np.float16 else "fp32",
             shapes={"embed_tokens": list(table.shape)},
         ),
     ]

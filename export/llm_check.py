@@ -113,14 +113,17 @@ def agreement(dec: OrtDecoder, table: np.ndarray, lm: Any, prompts: list[list[in
     return {"top1": same / total, "max_abs_logit_err": err, "positions": total, "prompts": len(prompts)}
 
 
-def quality(path: Path, table: np.ndarray, model: Any, tokenizer: Any, quant: str) -> dict[str, Any]:
-    """The manifest's quantization.agreement record; provider CUDA for fp16 (CPU cannot run it)."""
+def quality(
+    path: Path, table: np.ndarray, model: Any, tokenizer: Any, quant: str, target: str
+) -> dict[str, Any]:
+    """The manifest's quantization.agreement record, measured on the target's provider when present."""
     import onnxruntime as ort
 
     cfg, lm = model.cfg, model.language_model
-    provider = "CUDAExecutionProvider" if quant == "fp16" else "CPUExecutionProvider"
+    provider = "CUDAExecutionProvider" if target == "cuda" else "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
-        return {"status": "not-run", "reason": f"{quant} decoder needs {provider} (onnxruntime-gpu) to run"}
+        return {"status": "not-run", "reason": f"a --target {target} decoder is checked with {provider} "
+                "(onnxruntime-gpu); rerun the export where it is available"}  # fmt: skip
     dec = OrtDecoder(path, cfg.text.num_layers, cfg.text.num_kv_heads, cfg.text.head_dim, provider)
     prompts = prompt_ids(tokenizer, cfg.template, cfg.bos_token_id)
     rec: dict[str, Any] = {"status": "measured", "provider": provider, "reference": "pytorch fp32",

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}")
         return 2
     print_summary(out, manifest)
-    t = budgets[len(budgets) // 2]
+    t = 36 if 36 in budgets else budgets[0]
     print(
         f"next: python -m export.trt --bundle {out} --tokens {t} --fp16   (on the GPU/Jetson that will run it)"
     )

@@ -9,14 +9,14 @@ Layout of a bundle directory (all paths in the manifest are relative to it, POSI
     vision/t36.onnx ...                   layout "per-budget": one graph per budget
     vision/t36.fp16.engine + .engine.json TensorRT engine (plain bytes) + its sidecar
     llm/decoder.onnx (+ decoder.onnx.data) decoder over inputs_embeds + KV cache
-    llm/embed_tokens.npy                  token-embedding table [vocab, hidden] (float32/16)
+    llm/embed_tokens.npy                  token-embedding table [vocab, hidden], dtype = inputs_embeds
     tokenizer/tokenizer.json
 
 manifest.json (schema_version 1), keys:
 
 - schema_version: int, == SCHEMA_VERSION or the runtime refuses the bundle.
 - created: ISO-8601 UTC time of the export.
-- model: {name, config: FMVRConfig.to_dict(), config_hash: FMVRConfig.hash()}.
+- model: {name, config: FMVRConfig.to_dict(), config_hash: FMVRConfig.hash(), source: label}.
 - budgets: [576, 144, 36, 9, 1] (the budgets this bundle serves, largest first).
 - preprocessing: fmvr.preprocess.Preprocessor.to_dict() (size, mean, std; pad colour = mean).
 - template: chat template name ("vicuna_v1" | "plain"), rendered by fmvr.template.
@@ -30,7 +30,10 @@ manifest.json (schema_version 1), keys:
     Every ONNX graph: input pixel_values [batch, 3, S, S] -> output tokens_<T> [batch, T, D].
 - llm (LLMSection, or null for a vision-only bundle):
     decoder: "llm/decoder.onnx"; external_data: ["llm/decoder.onnx.data"] or [];
-    embed_tokens: "llm/embed_tokens.npy"; exporter: "torch-dynamo" | "onnxruntime-genai";
+    embed_tokens: "llm/embed_tokens.npy" (its dtype is the decoder's inputs_embeds dtype);
+    exporter: "torch-dynamo" (standard ops) | "onnxruntime-genai" (GroupQueryAttention etc.,
+    com.microsoft contrib ops: onnxruntime only); positions are derived inside the graph from
+    attention_mask (cumsum - 1), so no position_ids input (has_position_ids False);
     num_layers, num_kv_heads, head_dim, hidden_size, vocab_size;
     inputs: ["inputs_embeds", "attention_mask", ("position_ids",) "past_key_values.0.key", ...];
     outputs: ["logits", "present.0.key", "present.0.value", ...];
@@ -38,8 +41,10 @@ manifest.json (schema_version 1), keys:
     ("past_key_values.{i}.key", ..., "present.{i}.value"); KV tensors are
     [batch, num_kv_heads, seq, head_dim] in kv_dtype; has_position_ids: bool;
     quantization: {method: "fp32"|"fp16"|"int8-dynamic"|"int4-matmulnbits", block_size,
-    target: "cpu"|"cuda", agreement: {top1, max_abs_logit_err, floor, prompts, tokens,
-    greedy_equal (fp32 only)}}.
+    target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run", reason,
+    provider, top1, max_abs_logit_err, positions, prompts, floor, greedy_tokens (20),
+    greedy_match, greedy_equal, ok}} (agreement is vs PyTorch fp32 logits on a fixed
+    text prompt set; "not-run" when the target's provider is absent, e.g. CUDA).
 - tokenizer: "tokenizer/tokenizer.json".
 - files: [FileEntry{path, sha256, bytes, role, precision, budgets, shapes {name: [dims]},
   parity {str(T): {max_abs, cosine, tolerance, images, reference} | ...}}]. Every file the

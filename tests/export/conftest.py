@@ -28,11 +28,14 @@ def pixels(src, real_images):
 
 @pytest.fixture(scope="session")
 def shared_bundle(src, tmp_path_factory):
-    """All five budgets in one shared graph + an fp32 decoder (genai builder): (path, manifest)."""
-    from export.build import build_bundle
+    """`python -m export --demo-tiny --llm fp32`: all five budgets in one shared graph + an fp32
+    decoder (genai builder). Returns (path, manifest)."""
+    from export.__main__ import main
+    from runtime.bundle import verify_bundle
 
     out = tmp_path_factory.mktemp("export") / "shared"
-    return build_bundle(src, out, budgets=src.model.cfg.budgets, layout="shared", llm="fp32")
+    assert main(["--demo-tiny", "--out", str(out), "--llm", "fp32"]) == 0
+    return out, verify_bundle(out)
 
 
 @pytest.fixture(scope="session")

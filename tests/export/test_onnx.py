@@ -109,3 +109,15 @@ def test_parity_failure_exits_nonzero_and_leaves_no_bundle(src, per_budget_bundl
     with pytest.raises(ExportError, match=r"vision/t36.onnx T=36: max_abs"):
         build_bundle(src, tmp_path / "b", budgets=(36,), layout="per-budget", llm=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_graph_close_to_pytorch(src, pixels, tmp_path):
+    """--fp16: float16 graph (input too), cosine vs PyTorch fp32 recorded and within tolerance."""
+    from export.onnx import FP16_MIN_COSINE, write_vision
+
+    section, files = write_vision(src.model, tmp_path, (9,), "shared", True, 18, pixels, ["a", "b"])
+    assert section.input_dtype == "float16" and files[0].path == "vision/all.fp16.onnx"
+    rec = files[0].parity["9"]
+    assert rec["ok"] and rec["cosine"] >= FP16_MIN_COSINE and rec["max_abs"] > 0
+    got = run(tmp_path / "vision/all.fp16.onnx", pixels.astype(np.float16))["tokens_9"]
+    assert got.dtype == np.float16 and got.shape == (2, 9, 128)
