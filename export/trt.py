@@ -421,9 +421,13 @@ def prepare_bundle(args: argparse.Namespace) -> Path:
         from export.build import build_bundle
         from export.common import load_source, parse_tokens
 
+        target = Path(args.bundle or "bundle")
+        if target.exists():
+            raise ExportError(f"{target} already exists: drop --checkpoint/--demo-tiny to build engines for that "
+                              "bundle, or name a new --bundle path to export into")  # fmt: skip
         src = load_source(args)
         budgets = parse_tokens(args.tokens, tuple(src.model.cfg.budgets))
-        out, _ = build_bundle(src, args.bundle or "bundle", budgets=budgets, layout="per-budget", llm=None)
+        out, _ = build_bundle(src, target, budgets=budgets, layout="per-budget", llm=None)
         return out
     return Path(args.bundle or "bundle")
 

@@ -154,3 +154,25 @@ def test_build_tiny_bundle_helper(shared_bundle, tmp_path):
     out = build_tiny_bundle(tmp_path / "tiny", tokens="36", llm="none")
     m = verify_bundle(out)
     assert m.budgets == [36] and m.llm is None and m.vision.output_for(36).file == "vision/all.onnx"
+
+
+def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, capsys):
+    """--checkpoint: the saved model and its tokenizer go into the bundle, parity against it."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx import main
+    from fmvr.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(src.model, tmp_path / "ckpt", tokenizer=src.tokenizer)
+    assert main(["--checkpoint", str(ckpt), "--tokens", "9", "--out", str(tmp_path / "b")]) == 0
+    m = verify_bundle(tmp_path / "b")
+    assert m.build["checkpoint"] == f"--checkpoint {ckpt}" and m.model["source"] == str(ckpt)
+    sess = ort.InferenceSession(str(tmp_path / "b/vision/all.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = src.model.encode_image(torch.from_numpy(pixels), 9).numpy()
+    assert np.abs(sess.run(None, {"pixel_values": pixels})[0] - ref).max() <= 1e-4
+    (ckpt / "tokenizer.json").unlink()
+    assert main(["--checkpoint", str(ckpt), "--tokens", "9", "--out", str(tmp_path / "c")]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().out
