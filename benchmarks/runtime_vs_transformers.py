@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--new-tokens", type=int, default=32, help="answer tokens decoded by both sides")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for both onnxruntime and torch")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for both onnxruntime and torch (1: on a shared/loaded machine torch's OpenMP spin-waits collapse with 2)",
+    )
     ap.add_argument(
         "--quant", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"], help="precisions"
     )

@@ -177,9 +177,8 @@ def run_bench(
     pipe: Any, out: Path, runs: int = 5, requests: int = 40, concurrency: int = 2
 ) -> dict[str, Any]:
     image = synthetic_image()
-    if pipe.policy is None:
-        print(f"{pipe.profile_note}: measuring the profile first")
-        pipe.measure_profile()
+    print("measuring a fresh profile (this run's threads and load; not saved)")
+    pipe.measure_profile(save=False)
     rows = ttft_per_budget(pipe, image, runs)
     rep = {
         "device": {**pipe.device, "key": pipe.policy.profile.key},

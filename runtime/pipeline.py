@@ -10,6 +10,7 @@ small, large = pipe.escalate(image, "Count the cars.", budgets=(9, 144))  # one 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,7 @@ class Pipeline:
         self.device = device_info(vision.name)
         self.policy: Policy | None = None
         self.profile_note = ""
+        self._profile_lock = threading.Lock()
         self.reload_profile()
 
     # ---- loading -----------------------------------------------------------------------------
@@ -214,8 +216,10 @@ class Pipeline:
             if not self.profile_if_missing:
                 raise ProfileError(f"a latency budget needs this device's profile: {self.profile_note}; "
                                    "or pass tokens=<budget> to force one")  # fmt: skip
-            log.warning("no profile for this device: measuring one now (first use)")
-            self.measure_profile()
+            with self._profile_lock:  # concurrent first requests measure once
+                if self.policy is None:
+                    log.warning("no profile for this device: measuring one now (first use)")
+                    self.measure_profile()
         if self.policy is None:
             return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
         return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict, spent_ms)

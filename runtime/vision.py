@@ -54,11 +54,11 @@ class OrtVision:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        providers = (
-            [self.provider]
-            if self.provider == "CPUExecutionProvider"
-            else [self.provider, "CPUExecutionProvider"]
-        )
+        providers = [self.provider, "CPUExecutionProvider"]  # CPU only for ops a GPU provider lacks
+        if self.provider == "TensorrtExecutionProvider":
+            providers.insert(1, "CUDAExecutionProvider")
+        if self.provider == "CPUExecutionProvider":
+            providers = [self.provider]
         self.sessions = {
             f: ort.InferenceSession(str(bundle_dir / f), sess_options=opts, providers=providers)
             for f in sorted({o.file for o in self.outputs.values()})
