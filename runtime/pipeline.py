@@ -225,9 +225,20 @@ class Pipeline:
         return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict, spent_ms)
 
     # ---- asking --------------------------------------------------------------------------------
-    def ask(self, image: Any, prompt: str | Sequence[Turn], **kw: Any) -> Result:
-        """Answer in one go; see `stream` for the arguments."""
-        ans = self.stream(image, prompt, **kw)
+    def ask(
+        self, image: Any, prompt: str | Sequence[Turn], latency_ms: float | None = None,
+        max_new_tokens: int = 64, tokens: int | None = None, strict: bool = False,
+        objective: str = "ttft", **kw: Any,
+    ) -> Result:  # fmt: skip
+        """Answer in one go at the largest budget whose predicted time fits `latency_ms`.
+
+        image: path, bytes or PIL image; prompt: a question or LLaVA turns
+        [{"from": "human"|"gpt", "value": ...}]; tokens: force a budget; strict: raise
+        DeadlineError when no budget fits (else the smallest, deadline_met=False);
+        objective: "ttft" (time to first token) or "total" (whole answer). Also temperature,
+        top_p, seed, stop (strings), timeout_s: see `stream`.
+        """
+        ans = self.stream(image, prompt, latency_ms, max_new_tokens, tokens, strict, objective, **kw)
         for _ in ans:
             pass
         assert ans.result is not None

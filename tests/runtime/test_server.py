@@ -217,3 +217,63 @@ def test_per_request_timeout_gets_504(pipe, image_bytes):
         status, data = raw(srv, "POST", "/v1/chat/completions", body)
         assert status == 504 and "timed out" in json.loads(data)["error"]["message"]
         assert raw(srv, "GET", "/health")[0] == 200
+
+
+def test_multi_turn_conversation_matches_the_pipeline(server, client, pipe, image_bytes):
+    turns = [{"from": "human", "value": f"<image>\n{PROMPT}"}, {"from": "gpt", "value": "A photo."},
+             {"from": "human", "value": "What colour is it?"}]  # fmt: skip
+    want = pipe.ask(image_bytes[0], turns, tokens=9, max_new_tokens=6)
+    msgs = [*messages(image_bytes[0]), {"role": "assistant", "content": "A photo."},
+            {"role": "user", "content": "What colour is it?"}]  # fmt: skip
+    r = client.chat.completions.create(model=server.model, messages=msgs, max_tokens=6,
+                                       extra_body={"visual_tokens": 9})  # fmt: skip
+    assert r.choices[0].message.content == want.answer
+
+
+def test_latency_budget_picks_the_budget_and_reports_it(server, client, pipe, image_bytes, synthetic_profile):
+    synthetic_profile.vision_ms = {
+        t: {k: v * 1000 for k, v in d.items()} for t, d in synthetic_profile.vision_ms.items()
+    }
+    pipe.use_profile(synthetic_profile)  # seconds: real timings cannot move the choice
+    try:
+        text = len(pipe.prompt_ids(PROMPT)) - 1
+        ttft = {t: pipe.policy.predict(t, text, 4, spent_ms=0.0).ttft_ms for t in pipe.budgets}
+        r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
+                                           extra_body={"latency_budget_ms": (ttft[9] + ttft[36]) / 2})  # fmt: skip
+        u = r.usage.model_dump()
+        assert u["visual_tokens"] == 9 and u["deadline_met"] is True
+        assert u["timings_ms"]["predicted"]["ttft"] > u["timings_ms"]["measured"]["ttft"]
+        with pytest.raises(openai.UnprocessableEntityError, match="no budget fits"):
+            client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
+                                           extra_body={"latency_budget_ms": 1, "strict": True})  # fmt: skip
+    finally:
+        pipe.reload_profile()
+
+
+def test_remote_images_when_enabled(pipe, image_bytes):
+    import http.server
+
+    class One(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image_bytes[1])))
+            self.end_headers()
+            self.wfile.write(image_bytes[1])
+
+        def log_message(self, *a):
+            pass
+
+    files = http.server.HTTPServer(("127.0.0.1", 0), One)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        with running(pipe, allow_remote_images=True) as srv:
+            url = f"http://127.0.0.1:{files.server_address[1]}/photo.jpg"
+            msgs = [{"role": "user", "content": [{"type": "text", "text": PROMPT},
+                                                 {"type": "image_url", "image_url": {"url": url}}]}]  # fmt: skip
+            body = json.dumps({"messages": msgs, "max_tokens": 4, "visual_tokens": 36}).encode()
+            status, data = raw(srv, "POST", "/v1/chat/completions", body)
+            want = pipe.ask(image_bytes[1], PROMPT, tokens=36, max_new_tokens=4).answer
+            assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == want
+    finally:
+        files.shutdown()
+        files.server_close()
