@@ -31,7 +31,15 @@ if TYPE_CHECKING:
     import tensorrt as trt_types
 
 from export.common import USER_ERRORS, ExportError, add_source_args
-from runtime.bundle import EngineEntry, Manifest, file_entry, sha256_file, verify_bundle, write_json_atomic
+from runtime.bundle import (
+    EngineEntry,
+    Manifest,
+    file_entry,
+    sha256_file,
+    verify_bundle,
+    write_json_atomic,
+    write_manifest,
+)
 
 INSTALL_HELP = (
     "TensorRT is not installed in this Python environment. On Jetson it ships with JetPack "
@@ -402,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[trt] building t{t} ({opts.precision}) on {gpu[0]} (sm {gpu[1]}), TensorRT {trt.__version__} ..."
             )
             build_one(trt, gpu, bundle, m, t, opts)
-        from runtime.bundle import write_manifest
-
-        write_manifest(bundle, m)
+            write_manifest(bundle, m)  # after each engine: a later failure keeps the earlier ones
         m = verify_bundle(bundle)
     except USER_ERRORS as e:
         print(f"error: {e}")

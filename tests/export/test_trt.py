@@ -325,3 +325,50 @@ def test_real_engine_matches_onnxruntime(shared_bundle, tmp_path):
     side = json.loads((bundle / entry.sidecar).read_text())
     assert side["parity"]["cosine"] >= 0.999 and side["latency_ms"]["median"] > 0
     assert (bundle / entry.file).read_bytes()[:4] != b"{"  # plain engine bytes, no JSON header
+
+
+def test_cli_builds_engines_into_the_bundle_with_fake_tensorrt(monkeypatch, bundle_copy, tmp_path, capsys):
+    """The whole command with TensorRT and the GPU faked: engine + sidecar written, listed, verified."""
+    import export.trt_run as tr
+    from runtime.bundle import verify_bundle
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt())
+    monkeypatch.setattr(et, "require_gpu", lambda: ("Fake Orin", "8.7"))
+    parity = {"parity": {"cosine": 0.99995, "max_abs": 1e-3}, "latency_ms": {"median": 1.0}}
+    monkeypatch.setattr(tr, "engine_parity", lambda *a: parity)
+    cache = tmp_path / "timing.cache"
+    args = [
+        "--bundle",
+        str(bundle_copy),
+        "--tokens",
+        "36,9",
+        "--fp16",
+        "--max-batch",
+        "2",
+        "--timing-cache",
+        str(cache),
+    ]
+    assert et.main(args) == 0, capsys.readouterr().out
+    m = verify_bundle(bundle_copy)
+    assert sorted(m.vision.engines) == ["36", "9"]
+    assert cache.read_bytes() == b"CACHE+CACHE+"  # the second build started from the first one's cache
+    e = m.vision.engines["9"]
+    assert (e.file, e.precision, e.compute_capability, e.trt_version) == (
+        "vision/t9.fp16.engine",
+        "fp16",
+        "8.7",
+        "10.13.0",
+    )
+    assert (bundle_copy / e.file).read_bytes() == b"ENGINE"  # plain engine bytes, nothing prepended
+    side = json.loads((bundle_copy / e.sidecar).read_text())
+    assert side["onnx"] == "vision/all.onnx" and side["onnx_sha256"] == m.file("vision/all.onnx").sha256
+    assert (
+        side["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 2}
+        and side["parity"]["cosine"] > 0.999
+    )
+    assert m.file(e.file).role == "vision-engine" and m.file(e.sidecar).role == "engine-sidecar"
+    # an engine past tolerance: non-zero exit, and the manifest does not list it
+    parity["parity"]["cosine"] = 0.9
+    assert et.main(["--bundle", str(bundle_copy), "--tokens", "1", "--fp16"]) == 2
+    assert "differs from onnxruntime" in capsys.readouterr().out
+    assert "1" not in verify_bundle(bundle_copy).vision.engines
