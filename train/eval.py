@@ -194,6 +194,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-seed", type=int, default=0, help="benchmark seed")
     p.add_argument("--out", default="", help="write the accuracy JSON (and per-question samples) here")
     p.add_argument(
+        "--reuse", action="store_true", help="print the saved --out result if it is newer than the checkpoint"
+    )
+    p.add_argument(
         "--questions", default="", help="a LLaVA-format question file: answer it instead of the benchmark"
     )
     p.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
@@ -207,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fmvr.tokenizer import load_tokenizer
 
     args = parse_args(argv)
+    if args.reuse and args.out and _fresh(Path(args.out), Path(args.ckpt)):
+        print(
+            format_table({int(t): v for t, v in json.loads(Path(args.out).read_text())["accuracy"].items()})
+        )
+        print(f"(saved result {args.out}; drop --reuse to score again)")
+        return 0
     torch.manual_seed(0)
     model = load_checkpoint(args.ckpt).eval()
     tok = load_tokenizer(args.ckpt)
@@ -225,10 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = evaluate_bench(model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True)
     print(format_table(res["accuracy"]))
     if args.out:
-        Path(args.out).write_text(json.dumps({k: v for k, v in res.items()}, indent=1))
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, args.out)
         print(f"wrote {args.out}")
     print(f"next: python -m export --ckpt {args.ckpt}   (export the trained model)")
     return 0
+
+
+def _fresh(result: Path, ckpt: Path) -> bool:
+    weights = ckpt / "model.safetensors"
+    return result.is_file() and weights.is_file() and result.stat().st_mtime > weights.stat().st_mtime
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""Evidence: train the tiny preset with the fmvr, m3 and none cascades (same data, steps,
+seeds) on the built-in benchmark and score accuracy per budget and category on its test split.
+
+    python benchmarks/train_evidence.py            # the committed run (see --help for sizes)
+
+Each run's result is kept under --runs (a rerun skips finished runs); the summary goes to
+benchmarks/results/train_evidence.{json,md,png}. Sized for ~30 min on one CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.bench import CATEGORIES  # noqa: E402
+from train.eval import evaluate_bench  # noqa: E402
+from train.loop import train_model  # noqa: E402
+from train.stages import TrainConfig  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=8, help="samples (5-question conversations) per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine, 3%% warmup)")
+    p.add_argument("--budget-mode", default="random", choices=("mean", "random"), help="Matryoshka loss mode")
+    p.add_argument("--bench-n", type=int, default=3000, help="training scenes")
+    p.add_argument("--eval-n", type=int, default=60, help="test scenes (5 questions each)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--runs", default="runs/evidence", help="where each run's checkpoint and result go")
+    p.add_argument("--out", default="benchmarks/results", help="summary folder")
+    return p.parse_args(argv)
+
+
+def run_one(args, pyramid: str, seed: int) -> dict:
+    out = Path(args.runs) / f"{pyramid}-s{seed}"
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = TrainConfig(
+        stage="stage2",
+        out=str(out),
+        pyramid=pyramid,
+        seed=seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        budget_mode=args.budget_mode,
+        bench_n=args.bench_n,
+        progress=False,
+        log_every=10,
+    ).check()
+    t0 = time.time()
+    model, _ = train_model(cfg)
+    train_s = time.time() - t0
+    from fmvr.tokenizer import build_tiny_tokenizer
+
+    res = evaluate_bench(model, build_tiny_tokenizer(), model.cfg.budgets, n=args.eval_n, split="test")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    row = {
+        "pyramid": pyramid,
+        "seed": seed,
+        "train_s": train_s,
+        "eval_s": time.time() - t0 - train_s,
+        "accuracy": {str(t): v for t, v in res["accuracy"].items()},
+        "final_loss": log[-1]["loss"],
+        "config": cfg.to_dict(),
+    }
+    done.write_text(json.dumps(row, indent=1) + "\n")
+    print(
+        f"{pyramid} seed {seed}: train {train_s:.0f}s, accuracy "
+        + ", ".join(f"{t}:{100 * v['all']:.1f}" for t, v in res["accuracy"].items()),
+        flush=True,
+    )
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{pyramid: {budget: {category: [mean, std, n]}}} over seeds."""
+    out: dict = {}
+    for r in rows:
+        for t, accs in r["accuracy"].items():
+            for c, v in accs.items():
+                out.setdefault(r["pyramid"], {}).setdefault(t, {}).setdefault(c, []).append(v)
+    return {
+        p: {
+            t: {c: [float(np.mean(v)), float(np.std(v)), len(v)] for c, v in cs.items()}
+            for t, cs in ts.items()
+        }
+        for p, ts in out.items()
+    }
+
+
+def markdown(summary: dict, args, rows: list[dict]) -> str:
+    cols = [*CATEGORIES, "all"]
+    lines = [
+        "# Evidence: FMVR vs M3 vs none on the built-in benchmark (tiny preset, CPU)",
+        "",
+        f"Command: `python benchmarks/train_evidence.py --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
+        f"--budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds}`",
+        "",
+        f"Accuracy (%) on {args.eval_n} test scenes x 5 questions, mean +- std over seeds {args.seeds}; stage 2 from scratch "
+        f"(frozen random tiny CLIP tower; projector, pyramid and LLM trained), {args.steps} steps of {args.batch_size}.",
+        "",
+        "| cascade | tokens | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for p, ts in summary.items():
+        for t in sorted(ts, key=int, reverse=True):
+            lines.append(
+                f"| {p} | {t} | "
+                + " | ".join(f"{100 * ts[t][c][0]:.1f} +- {100 * ts[t][c][1]:.1f}" for c in cols)
+                + " |"
+            )
+    mins = sum(r["train_s"] + r["eval_s"] for r in rows) / 60
+    lines += ["", f"{len(rows)} runs, {mins:.0f} min of training + evaluation in total."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, cat in zip(axes, ("all", "digit")):
+        for p, ts in summary.items():
+            budgets = sorted(ts, key=int)
+            x = [int(t) for t in budgets]
+            y = [100 * ts[t][cat][0] for t in budgets]
+            e = [100 * ts[t][cat][1] for t in budgets]
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=p)
+        ax.set_xscale("log")
+        ax.set_xticks([1, 9, 36, 144, 576], ["1", "9", "36", "144", "576"])
+        ax.set_xlabel("visual tokens")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"built-in benchmark: {cat}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [run_one(args, p, int(s)) for p in args.pyramids.split(",") for s in args.seeds.split(",")]
+    summary = summarise(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_evidence.json").write_text(
+        json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1) + "\n"
+    )
+    (out / "train_evidence.md").write_text(markdown(summary, args, rows))
+    plot(summary, out / "train_evidence.png")
+    print(markdown(summary, args, rows))
+    print(f"wrote {out}/train_evidence.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
