@@ -3,7 +3,7 @@ and what the shared layout saves (bytes on disk, resident memory to hold all fiv
 
     .venv/bin/python benchmarks/export_bench.py [--runs 30] [--threads 1]
 
-Writes benchmarks/results/export_bench.{json,md,png}. CPU only: the GPU parts of the issue
+Writes benchmarks/results/export_bench_<scale>.{json,md,png} (--scale tiny | small). CPU only: the GPU parts of the issue
 (onnxruntime CUDA fp16 latency, TensorRT build time and latency) need an NVIDIA GPU and
 are not measured here; `python -m export.trt` records them in each engine's sidecar.
 """
@@ -27,17 +27,29 @@ OUT = ROOT / "benchmarks" / "results"
 PYRAMIDS = ("fmvr", "m3", "none")
 
 
-def export_variants(work: Path) -> dict[str, dict[int, Path]]:
+def bench_config(scale: str, pyramid: str):
+    """tiny: the tiny preset. small: 4x wider, 2x deeper tower (the pyramid's share shrinks ~8x)."""
+    from fmvr.config import TextConfig, VisionConfig, preset
+
+    cfg = preset("tiny", pyramid=pyramid)
+    if scale == "small":
+        vision = VisionConfig(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=1024)
+        text = TextConfig(hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=4, intermediate_size=1024,
+                          vocab_size=cfg.text.vocab_size, max_position_embeddings=1024)  # fmt: skip
+        cfg = cfg.replace(name="small", vision=vision, text=text)
+    return cfg
+
+
+def export_variants(work: Path, scale: str) -> dict[str, dict[int, Path]]:
     """Per pyramid, one single-output graph per budget (pruned from one shared export)."""
     import onnx.utils
 
     from export.onnx import export_graph
-    from fmvr.config import preset
     from fmvr.model import build_model
 
     graphs: dict[str, dict[int, Path]] = {}
     for kind in PYRAMIDS:
-        model = build_model(preset("tiny", pyramid=kind), seed=0)
+        model = build_model(bench_config(scale, kind), seed=0)
         budgets = tuple(model.cfg.budgets)
         shared = work / f"{kind}-all.onnx"
         export_graph(model, budgets, shared, fp16=False, opset=18)
@@ -66,7 +78,9 @@ def latencies(
     from export.common import parity_images, pixels_for
     from fmvr.config import preset
 
-    x = pixels_for(preset("tiny"), parity_images()[0][:1])  # [1, 3, 336, 336], a real photo
+    x = pixels_for(
+        preset("tiny"), parity_images()[0][:1]
+    )  # [1, 3, 336, 336], a real photo (same at any width)
     sessions = {(k, t): session(p, threads) for k, d in graphs.items() for t, p in d.items() if t}
     for s in sessions.values():
         s.run(None, {"pixel_values": x})  # warm-up
@@ -129,20 +143,23 @@ def llava_7b_weights() -> dict[str, float]:
 
 
 def flop_share() -> dict[str, float]:
-    """Pyramid FLOPs at budget 1 (all stages run) over tower + projector FLOPs, tiny vs 7B widths."""
+    """Pyramid FLOPs at budget 1 (all stages run) over tower + projector FLOPs: tiny, small, 7B widths."""
     from fmvr.config import preset
     from fmvr.flops import projector_flops, pyramid_flops, vision_flops
 
     out = {}
-    for name in ("tiny", "llava-1.5-7b"):
-        cfg = preset(name)
+    for name, cfg in (
+        ("tiny", preset("tiny")),
+        ("small", bench_config("small", "fmvr")),
+        ("llava-1.5-7b", preset("llava-1.5-7b")),
+    ):
         out[name] = pyramid_flops(cfg, 1) / (vision_flops(cfg) + projector_flops(cfg))
     return out
 
 
 def markdown(res: dict) -> str:
     lines = [
-        "# Export benchmark (tiny preset, ONNX Runtime CPU)",
+        f"# Export benchmark ({res['scale']} config, ONNX Runtime CPU)",
         "",
         f"{res['machine']}; batch 1, one real photo, {res['runs']} runs interleaved, {res['threads']} thread(s).",
         "",
@@ -167,9 +184,9 @@ def markdown(res: dict) -> str:
         f"At llava-1.5-7b widths (analytic, fp16 weights): one graph {res['llava_7b']['one_graph_gb_fp16']:.2f} GB, "
         f"five per-budget graphs {res['llava_7b']['five_graphs_gb_fp16']:.2f} GB.",
         "",
-        f"FMVR pyramid FLOPs / (tower + projector) FLOPs: tiny {res['flop_share']['tiny']:.1e}, "
-        f"llava-1.5-7b {res['flop_share']['llava-1.5-7b']:.1e}. The tiny tower is so small that the "
-        "pyramid's memory-bound elementwise ops show; at 7B widths its share is negligible.",
+        "FMVR pyramid FLOPs / (tower + projector) FLOPs: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in res["flop_share"].items())
+        + ". In small towers the pyramid's memory-bound elementwise ops show; at 7B widths its share is negligible.",
         "",
         "Not measured here (no NVIDIA GPU on this machine): onnxruntime CUDA fp16 latency per budget, "
         "TensorRT build time and engine latency.",
@@ -192,7 +209,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(np.arange(5) + 0.19, [str(t) for t in budgets])
     ax.set_xlabel("visual tokens")
     ax.set_ylabel("ONNX Runtime CPU ms (median)")
-    ax.set_title("Vision graph latency, tiny preset, batch 1")
+    ax.set_title(f"Vision graph latency, {res['scale']} config, batch 1")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -202,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=30, help="timed runs per graph (default 30)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--scale", default="tiny", choices=("tiny", "small"), help="model widths (default tiny)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_variants(Path(tmp))
+        graphs = export_variants(Path(tmp), args.scale)
         lat = latencies(graphs, args.runs, args.threads)
         layout = layout_costs(graphs)
     res = {
+        "scale": args.scale,
         "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), no GPU",
         "runs": args.runs,
         "threads": args.threads,
@@ -219,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         "not_measured": "GPU: onnxruntime CUDA fp16 latency, TensorRT build time/latency (no NVIDIA GPU here)",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "export_bench.json").write_text(json.dumps(res, indent=2) + "\n")
-    (OUT / "export_bench.md").write_text(markdown(res))
-    plot(res, OUT / "export_bench.png")
+    stem = OUT / f"export_bench_{args.scale}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
     print(markdown(res))
-    print(f"wrote {OUT / 'export_bench.json'}, .md, .png")
+    print(f"wrote {stem}.json, .md, .png")
     return 0
 
 
