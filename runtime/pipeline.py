@@ -154,6 +154,15 @@ class Pipeline:
         return prof
 
     # ---- pieces ------------------------------------------------------------------------------
+    def check_budget(self, tokens: int) -> int:
+        """`tokens` if this bundle serves it, else a ValueError listing the budgets it does."""
+        if tokens not in self.budgets:
+            raise ValueError(
+                f"{tokens} visual tokens is not a budget of this bundle; "
+                f"valid budgets: {', '.join(map(str, self.budgets))}"
+            )
+        return tokens
+
     def prompt_ids(self, prompt: str | Sequence[Turn]) -> list[int]:
         """Token ids of the rendered prompt with ONE image placeholder (not yet expanded)."""
         turns = [user_turn(prompt)] if isinstance(prompt, str) else list(prompt)
@@ -170,7 +179,7 @@ class Pipeline:
     def encode(self, image: Any, budgets: Sequence[int]) -> VisionPass:
         """Preprocess + one vision pass for every budget in `budgets`."""
         for t in budgets:
-            self.cfg.check_budget(t)
+            self.check_budget(t)
         pixels, pre_ms = self._timed_preprocess(image)
         return self._vision_pass(pixels, budgets, pre_ms)
 
@@ -207,7 +216,7 @@ class Pipeline:
         tokens: int | None, objective: str, strict: bool, spent_ms: float | None = None,
     ) -> Choice:  # fmt: skip
         if tokens is not None:
-            self.cfg.check_budget(tokens)
+            self.check_budget(tokens)
             pol = self.policy
             pred = pol.predict(tokens, text_tokens, max_new_tokens, spent_ms) if pol else None
             met = None if latency_ms is None or pred is None else pred.time(objective) <= latency_ms
@@ -256,7 +265,7 @@ class Pipeline:
         params = self._params(max_new_tokens, temperature, top_p, seed, stop)
         ids = self.prompt_ids(prompt)
         if tokens is not None:
-            self.cfg.check_budget(tokens)
+            self.check_budget(tokens)
         pixels, pre_ms = self._timed_preprocess(image)
         choice = self.choose(latency_ms, len(ids) - 1, max_new_tokens, tokens, objective, strict, pre_ms)
         vp = self._vision_pass(pixels, [choice.budget], pre_ms)
