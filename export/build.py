@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import tempfile
@@ -31,14 +32,18 @@ from runtime.bundle import (
 TOKENIZER = "tokenizer/tokenizer.json"
 
 
-def rebuild_command(
-    src: Source, out: str | Path, budgets: tuple[int, ...], layout: str, llm: str | None
-) -> str:
+def rebuild_command(src: Source, out: str | Path, budgets: tuple[int, ...], layout: str, **flags: Any) -> str:
+    """The `python -m export` command line that makes this bundle again (--force included)."""
     tokens = ",".join(map(str, budgets))
     cmd = (
         f"python -m export {src.checkpoint} --out {shlex.quote(str(out))} --tokens {tokens} --layout {layout}"
     )
-    return cmd + (f" --llm {llm}" if llm else " --llm none") + " --force"
+    for name, value in flags.items():
+        if value is True:
+            cmd += f" --{name.replace('_', '-')}"
+        elif value is not False:
+            cmd += f" --{name.replace('_', '-')} {value}"
+    return cmd + " --force"
 
 
 def base_manifest(src: Source, budgets: tuple[int, ...], command: str) -> dict[str, Any]:
@@ -107,7 +112,10 @@ def build_bundle(
         (tmp / TOKENIZER).parent.mkdir(parents=True, exist_ok=True)
         src.tokenizer.save(str(tmp / TOKENIZER))
         files.append(file_entry(tmp, TOKENIZER, "tokenizer"))
-        fields = base_manifest(src, budgets, rebuild_command(src, out, budgets, layout, llm))
+        flags = {"fp16": fp16, "opset": opset, "llm": llm or "none"}
+        if llm:
+            flags.update(target=target, exporter=exporter, block_size=block_size)
+        fields = base_manifest(src, budgets, rebuild_command(src, out, budgets, layout, **flags))
         manifest = Manifest(vision=vision, llm=llm_section, files=files, **fields)
         write_manifest(tmp, manifest)
         verify_bundle(tmp)
@@ -146,7 +154,9 @@ def add_llm(
         shutil.rmtree(work, ignore_errors=True)
     m.files = [f for f in m.files if not f.path.startswith("llm/")] + files
     m.llm = section
-    m.build["command"] = m.build.get("command", "").replace(" --llm none", f" --llm {quant}")
+    llm_flags = f" --llm {quant} --target {target} --exporter {exporter} --block-size {block_size}"
+    pattern = r" --llm \S+( --target \S+)?( --exporter \S+)?( --block-size \S+)?"
+    m.build["command"] = re.sub(pattern, llm_flags, m.build.get("command", ""))
     write_manifest(bundle, m)
     return bundle, verify_bundle(bundle)
 

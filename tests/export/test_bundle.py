@@ -38,9 +38,9 @@ def test_manifest_holds_what_a_torch_free_runtime_needs(src, shared_bundle):
         == src.tokenizer.encode("a red circle").ids
     )
     assert {"torch", "onnx", "onnxruntime"} <= set(m.tools)
-    assert m.build["command"].startswith("python -m export --demo-tiny") and m.build["command"].endswith(
-        "--force"
-    )
+    cmd = m.build["command"]
+    assert cmd.startswith("python -m export --demo-tiny") and cmd.endswith("--force")
+    assert "--llm fp32 --target cpu --exporter auto --block-size 32" in cmd
     roles = {f.path: f.role for f in m.files}
     assert roles == {"vision/all.onnx": "vision-onnx", "llm/decoder.onnx": "llm-decoder",
                      "llm/decoder.onnx.data": "llm-data", "llm/embed_tokens.npy": "embed",

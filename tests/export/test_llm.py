@@ -38,6 +38,14 @@ def test_fp32_dynamo_greedy_equals_transformers(src, dynamo_decoders):
     assert ours == theirs
 
 
+def test_llm_added_to_a_bundle_updates_its_rebuild_command(per_budget_bundle):
+    cmd = per_budget_bundle[1].build["command"]
+    assert (
+        "--layout per-budget --opset 18 --llm int8 --target cpu --exporter auto --block-size 32 --force"
+        in cmd
+    )
+
+
 def test_int8_and_int4_meet_the_floor(per_budget_bundle, dynamo_decoders):
     int8 = per_budget_bundle[1].llm.quantization
     int4 = dynamo_decoders["int4"][1].quantization
