@@ -88,7 +88,11 @@ class Pipeline:
     ) -> None:  # fmt: skip
         self.bundle_dir, self.manifest = bundle_dir, manifest
         self.cfg = FMVRConfig.from_dict(manifest.model["config"])
-        self.budgets = tuple(sorted(manifest.budgets, reverse=True))
+        self.budgets = tuple(t for t in sorted(manifest.budgets, reverse=True) if t in vision.budgets)
+        if not self.budgets:
+            raise BundleError(
+                f"vision backend {vision.name} serves none of the bundle's budgets {manifest.budgets}"
+            )
         self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
         self.preprocessor = Preprocessor.from_dict(manifest.preprocessing)
         self.special = manifest.special_tokens

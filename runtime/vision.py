@@ -36,6 +36,7 @@ class VisionBackend(Protocol):
     name: str  # ort-cpu | ort-cuda | ort-tensorrt | tensorrt
     provider: str  # the execution provider / engine runtime that does the work
     shared: bool  # one pass serves every budget (escalation without a second tower run)
+    budgets: tuple[int, ...]  # the budgets this backend serves, largest first
 
     def encode(self, pixels: np.ndarray, budgets: Sequence[int]) -> dict[int, np.ndarray]:
         """pixels [B,3,S,S] float32 -> {T: [B, T, D] float32} for each requested budget."""
@@ -51,6 +52,7 @@ class OrtVision:
         self.input_name = m.vision.input_name
         self.dtype = NP_DTYPES[m.vision.input_dtype]
         self.outputs = {int(t): o for t, o in m.vision.budgets.items()}
+        self.budgets = tuple(sorted(self.outputs, reverse=True))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -87,9 +89,8 @@ class TrtVision:
 
     def __init__(self, bundle_dir: Path, m: Manifest) -> None:
         import tensorrt as trt
-        from cuda.bindings import runtime as cudart
 
-        self.trt, self.cudart = trt, cudart
+        self.trt, self.cudart = trt, _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         rt = trt.Runtime(self.logger)
         self.engines: dict[int, Any] = {}
@@ -101,6 +102,7 @@ class TrtVision:
                     f"TensorRT could not load {e.file}; rebuild it: {trt_rebuild_command(bundle_dir, int(t), e.precision)}"
                 )
             self.engines[int(t)] = engine
+        self.budgets = tuple(sorted(self.engines, reverse=True))
 
     def _check(self, err: Any) -> None:
         if int(err) != 0:
@@ -147,6 +149,15 @@ class TrtVision:
         return y.astype(np.float32)
 
 
+def _cudart() -> Any:
+    """cuda-python's runtime API: `cuda.bindings.runtime` (>= 12.6) or `cuda.cudart` (older)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime  # type: ignore[no-redef]
+    return runtime
+
+
 # ---- choosing -------------------------------------------------------------------------------------
 
 
@@ -161,9 +172,8 @@ def trt_device() -> tuple[str, str] | None:
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None:
         return None
     import tensorrt as trt
-    from cuda.bindings import runtime as cudart
 
-    err, props = cudart.cudaGetDeviceProperties(0)
+    err, props = _cudart().cudaGetDeviceProperties(0)
     if int(err) != 0:
         return None
     return str(trt.__version__), f"{props.major}.{props.minor}"
