@@ -40,7 +40,7 @@ def bench_config(scale: str, pyramid: str):
     return cfg
 
 
-def export_variants(work: Path, scale: str) -> dict[str, dict[int, Path]]:
+def export_variants(work: Path, scale: str, fp16: bool = False) -> dict[str, dict[int, Path]]:
     """Per pyramid, one single-output graph per budget (pruned from one shared export)."""
     import onnx.utils
 
@@ -52,7 +52,7 @@ def export_variants(work: Path, scale: str) -> dict[str, dict[int, Path]]:
         model = build_model(bench_config(scale, kind), seed=0)
         budgets = tuple(model.cfg.budgets)
         shared = work / f"{kind}-all.onnx"
-        export_graph(model, budgets, shared, fp16=False, opset=18)
+        export_graph(model, budgets, shared, fp16=fp16, opset=18)
         graphs[kind] = {}
         for t in budgets:
             one = work / f"{kind}-t{t}.onnx"
@@ -62,17 +62,22 @@ def export_variants(work: Path, scale: str) -> dict[str, dict[int, Path]]:
     return graphs
 
 
-def session(path: Path, threads: int):
+def session(path: Path, threads: int, provider: str = "cpu"):
     import onnxruntime as ort
 
+    name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+    if name not in ort.get_available_providers():
+        raise SystemExit(
+            f"{name} is not available: install onnxruntime-gpu (in place of onnxruntime) on a CUDA machine"
+        )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=[name])
 
 
 def latencies(
-    graphs: dict[str, dict[int, Path]], runs: int, threads: int
+    graphs: dict[str, dict[int, Path]], runs: int, threads: int, provider: str = "cpu", fp16: bool = False
 ) -> dict[str, dict[int, dict[str, float]]]:
     """Round-robin over every (pyramid, budget) so load on the shared CPU hits all alike."""
     from export.common import parity_images, pixels_for
@@ -81,7 +86,8 @@ def latencies(
     x = pixels_for(
         preset("tiny"), parity_images()[0][:1]
     )  # [1, 3, 336, 336], a real photo (same at any width)
-    sessions = {(k, t): session(p, threads) for k, d in graphs.items() for t, p in d.items() if t}
+    x = x.astype(np.float16) if fp16 else x
+    sessions = {(k, t): session(p, threads, provider) for k, d in graphs.items() for t, p in d.items() if t}
     for s in sessions.values():
         s.run(None, {"pixel_values": x})  # warm-up
     times: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
@@ -159,7 +165,8 @@ def flop_share() -> dict[str, float]:
 
 def markdown(res: dict) -> str:
     lines = [
-        f"# Export benchmark ({res['scale']} config, ONNX Runtime CPU)",
+        f"# Export benchmark ({res['scale']} config, ONNX Runtime {res['provider'].upper()}"
+        f"{', fp16' if res['fp16'] else ''})",
         "",
         f"{res['machine']}; batch 1, one real photo, {res['runs']} runs interleaved, {res['threads']} thread(s).",
         "",
@@ -219,15 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=30, help="timed runs per graph (default 30)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument(
+        "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime provider (cuda: GPU)"
+    )
+    p.add_argument("--fp16", action="store_true", help="export the graphs in float16 (with --provider cuda)")
     p.add_argument("--scale", default="tiny", choices=("tiny", "small"), help="model widths (default tiny)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_variants(Path(tmp), args.scale)
-        lat = latencies(graphs, args.runs, args.threads)
+        graphs = export_variants(Path(tmp), args.scale, args.fp16)
+        lat = latencies(graphs, args.runs, args.threads, args.provider, args.fp16)
         layout = layout_costs(graphs)
     res = {
         "scale": args.scale,
-        "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), no GPU",
+        "provider": args.provider,
+        "fp16": args.fp16,
+        "machine": f"{os.cpu_count()} CPU cores (shared with other jobs)"
+        + (", no GPU used" if args.provider == "cpu" else ", CUDA provider"),
         "runs": args.runs,
         "threads": args.threads,
         "latency": {k: {str(t): v for t, v in d.items()} for k, d in lat.items()},
@@ -238,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         "not_measured": "GPU: onnxruntime CUDA fp16 latency, TensorRT build time/latency (no NVIDIA GPU here)",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = OUT / f"export_bench_{args.scale}"
+    stem = (
+        OUT
+        / f"export_bench_{args.scale}{'_cuda' if args.provider == 'cuda' else ''}{'_fp16' if args.fp16 else ''}"
+    )
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))
     plot(res, stem.with_suffix(".png"))
