@@ -221,8 +221,8 @@ class TextStream:
                 self.gen.finish_reason = "stop"
                 return
             safe = len(self.full) - self._held(self.full)
-            if self.full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
-                safe = min(safe, len(self.full) - 1)
+            # an incomplete UTF-8 sequence decodes to trailing U+FFFD: wait for its other bytes
+            safe = min(safe, len(self.full.rstrip("\ufffd")))
             yield from self._emit(safe)
         yield from self._emit(len(self.full))
 
