@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question about an image within a latency budget")
     _common(a)
     a.add_argument("--image", required=True, help="image file (jpg/png/...)")
-    a.add_argument("--prompt", "--question", dest="prompt", required=True, help="the question about the image")
+    a.add_argument(
+        "--prompt", "--question", dest="prompt", required=True, help="the question about the image"
+    )
     a.add_argument(
         "--latency-ms", type=float, nargs="+", help="latency budget(s) in ms; several: one answer each"
     )
