@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from export.build import build_bundle, print_summary
+    from export.llm import check_block_size
 
     args = build_parser().parse_args(argv)
     try:
+        check_block_size(args.block_size)
         src = load_source(args)
         budgets = parse_tokens(args.tokens, tuple(src.model.cfg.budgets))
         out, manifest = build_bundle(

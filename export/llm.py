@@ -57,6 +57,13 @@ def check_combo(quant: str, target: str, exporter: str, arch: str) -> str:
     return exporter
 
 
+def check_block_size(block_size: int) -> int:
+    """MatMulNBits blocks: a power of two >= 16."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ExportError(f"--block-size {block_size}: use a power of two >= 16 (e.g. 32, 64, 128)")
+    return block_size
+
+
 def kv_names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
@@ -275,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.block_size < 16 or args.block_size & (args.block_size - 1):
-            raise ExportError(f"--block-size {args.block_size}: use a power of two >= 16 (e.g. 32, 64, 128)")
+        check_block_size(args.block_size)
         if not existing_bundle(args.out):
             raise ExportError(
                 f"{args.out} is not a bundle yet: export the vision part first "
