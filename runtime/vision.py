@@ -173,6 +173,8 @@ def trt_device() -> tuple[str, str] | None:
         return None
     import tensorrt as trt
 
+    if not hasattr(trt, "Builder"):  # only tensorrt-stubs' .pyi folder is importable here
+        return None
     err, props = _cudart().cudaGetDeviceProperties(0)
     if int(err) != 0:
         return None
