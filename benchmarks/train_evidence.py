@@ -42,7 +42,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_one(args, pyramid: str, seed: int) -> dict:
+def run_one(args, pyramid: str, seed: int, cache) -> dict:
     out = Path(args.runs) / f"{pyramid}-s{seed}"
     done = out / "result.json"
     if done.is_file():
@@ -61,7 +61,7 @@ def run_one(args, pyramid: str, seed: int) -> dict:
         log_every=10,
     ).check()
     t0 = time.time()
-    model, _ = train_model(cfg)
+    model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0) for all runs
     train_s = time.time() - t0
     from fmvr.tokenizer import build_tiny_tokenizer
 
@@ -155,7 +155,10 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [run_one(args, p, int(s)) for p in args.pyramids.split(",") for s in args.seeds.split(",")]
+    from train.loss import VisionCache
+
+    cache = VisionCache()
+    rows = [run_one(args, p, int(s), cache) for p in args.pyramids.split(",") for s in args.seeds.split(",")]
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

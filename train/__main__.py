@@ -44,6 +44,7 @@ HELP = {
     "max_grad_norm": "gradient clipping norm",
     "budget_mode": "mean: loss averaged over every budget each step; random: one random budget per step",
     "seed": "seed of the model init and the data order",
+    "tower_seed": "seed of a fresh model's frozen vision tower, the same in every run (-1: use --seed)",
     "lora": "train the LLM with LoRA adapters (peft) instead of fully",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha",

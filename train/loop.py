@@ -67,6 +67,8 @@ def build_model_and_tokenizer(cfg: TrainConfig):
     else:
         mcfg = preset(cfg.preset, pyramid=cfg.pyramid)
         model = build_model(mcfg, seed=cfg.seed)
+        if cfg.tower_seed >= 0:
+            fixed_tower(model, cfg.tower_seed)
         if not cfg.tokenizer and cfg.preset != "tiny":
             raise ValueError(f"preset {cfg.preset!r} needs --tokenizer (a tokenizer.json) or --init")
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tiny_tokenizer()
@@ -78,6 +80,18 @@ def build_model_and_tokenizer(cfg: TrainConfig):
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     return model, tok
+
+
+def fixed_tower(model, seed: int) -> None:
+    """Re-initialise the vision tower from its own seed: a fresh model's frozen tower then plays
+    the part of a pretrained CLIP, identical in every run whatever --seed (and cacheable)."""
+    from transformers import CLIPVisionModel
+
+    from fmvr.model import clip_config
+
+    torch.manual_seed(seed)
+    model.vision_tower = CLIPVisionModel(clip_config(model.cfg.vision)).eval()
+    model.vision_tower.requires_grad_(False)
 
 
 def add_lora(model, cfg: TrainConfig) -> None:
@@ -259,8 +273,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return train_model(cfg, resume)[1]
 
 
-def train_model(cfg: TrainConfig, resume: bool = False):
-    """As `train`, returning (the trained model, <out>/final)."""
+def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | None = None):
+    """As `train`, returning (the trained model, <out>/final). `cache` may be shared by runs
+    with the same frozen tower (same preset and tower_seed, no --init)."""
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)
@@ -273,7 +288,8 @@ def train_model(cfg: TrainConfig, resume: bool = False):
     start = 0
     if resume and (ck := latest_checkpoint(cfg.out)) is not None:
         start = load_state(ck, model, opt, sched)
-    cache = VisionCache() if cfg.cache_vision else None
+    if cache is None and cfg.cache_vision:
+        cache = VisionCache()
     runner = MatryoshkaStep(model, cache)
     ddp = _wrap_ddp(runner, cfg, world, device)
     stop = _install_sigint()

@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     budget_mode: str = "mean"  # mean (every budget each step) | random (one per step)
     seed: int = 0
+    tower_seed: int = 0  # a fresh model's frozen tower comes from this seed (-1: from --seed)
     # model tricks
     lora: bool = False
     lora_r: int = 64

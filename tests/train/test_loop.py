@@ -103,3 +103,48 @@ def test_cli_config_file_flags_and_skip_if_done(tmp_path, capsys):
     assert main([*args, "--skip-if-done"]) == 0
     assert "already trained" in capsys.readouterr().out
     assert main(["--stage", "finetune", "--out", str(tmp_path / "x")]) == 2  # finetune needs --init
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sigint"
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        "200",
+        "--bench-n",
+        "8",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        "--lr",
+        "1e-4",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "--resume" in stdout
+    ckpts = sorted(out.glob("ckpt-*"))
+    assert (
+        len(ckpts) == 1
+        and (ckpts[0] / "trainer.pt").is_file()
+        and (ckpts[0] / "model" / "model.safetensors").is_file()
+    )
+    assert not list(out.glob(".*.tmp"))  # nothing half-written left behind

@@ -49,7 +49,11 @@ def test_cached_tower_features_give_the_same_loss(tiny_cfg, tiny_tokenizer):
     first, _ = MatryoshkaStep(model, cache)(batch, (36, 1), float(batch.num_targets()))
     batch.pixel_values = None  # second epoch: features come from the cache
     second, _ = MatryoshkaStep(model, cache)(batch, (36, 1), float(batch.num_targets()))
-    assert float(direct) == pytest.approx(float(first), rel=1e-6) == pytest.approx(float(second), rel=1e-6)
+    assert (
+        float(direct.detach())
+        == pytest.approx(float(first.detach()), rel=1e-6)
+        == pytest.approx(float(second.detach()), rel=1e-6)
+    )
 
 
 def test_budget_modes():
