@@ -312,7 +312,12 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     bar.close()
     final = Path(cfg.out) / "final"
     if rank == 0:
-        save_model_final(cfg, model, tok, final, total)
+        if ds.skipped:
+            print(
+                f"skipped samples (rank 0): {dict(ds.skipped)}; use --strict-data to stop on them instead",
+                flush=True,
+            )
+        save_model_final(cfg, model, tok, final, total, dict(ds.skipped))
     _barrier(world)
     return model, final
 
@@ -352,10 +357,11 @@ def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> d
     }
 
 
-def save_model_final(cfg, model, tok, final: Path, total: int) -> None:
+def save_model_final(cfg, model, tok, final: Path, total: int, skipped: dict) -> None:
     if final.exists():
         shutil.rmtree(final)
-    save_model(model, final, tok, {"step": total, "stage": cfg.stage, "train_config": cfg.to_dict()})
+    extra = {"step": total, "stage": cfg.stage, "train_config": cfg.to_dict(), "skipped_samples": skipped}
+    save_model(model, final, tok, extra)
 
 
 # ---- small helpers -----------------------------------------------------------------------

@@ -148,3 +148,28 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         and (ckpts[0] / "model" / "model.safetensors").is_file()
     )
     assert not list(out.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_trains_from_llava_files_skipping_a_corrupt_image(tmp_path):
+    from train import bench
+    from train.data import DataError
+
+    path = bench.write_llava(tmp_path / "d", "train", 4, kind="qa")
+    records = json.loads(path.read_text())
+    (tmp_path / "d" / records[1]["image"]).write_bytes(b"broken")
+    cfg = _cfg(tmp_path, "llava", data=str(path), image_folder=str(tmp_path / "d"), steps=2, batch_size=2)
+    with pytest.warns(UserWarning, match="corrupt image"):
+        final = train(cfg)
+    assert json.loads((final / "extra.json").read_text())["skipped_samples"]  # counted and reported
+    with pytest.raises(DataError, match="corrupt image"):
+        train(
+            _cfg(
+                tmp_path,
+                "strict",
+                data=str(path),
+                image_folder=str(tmp_path / "d"),
+                steps=2,
+                batch_size=2,
+                strict_data=True,
+            )
+        )
