@@ -30,15 +30,22 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
     p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=450, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="samples (5-question conversations) per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine, 3%% warmup)")
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        choices=("cosine", "constant"),
+        help="lr after warmup (constant: short runs)",
+    )
     p.add_argument("--budget-mode", default="random", choices=("mean", "random"), help="Matryoshka loss mode")
-    p.add_argument("--bench-n", type=int, default=3000, help="training scenes")
-    p.add_argument("--eval-n", type=int, default=60, help="test scenes (5 questions each)")
+    p.add_argument("--bench-n", type=int, default=2000, help="training scenes")
+    p.add_argument("--eval-n", type=int, default=50, help="test scenes (5 questions each)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--runs", default="runs/evidence", help="where each run's checkpoint and result go")
     p.add_argument("--out", default="benchmarks/results", help="summary folder")
+    p.add_argument("--name", default="train_evidence", help="summary file name (without extension)")
     return p.parse_args(argv)
 
 
@@ -55,6 +62,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        schedule=args.schedule,
         budget_mode=args.budget_mode,
         bench_n=args.bench_n,
         progress=False,
@@ -107,7 +115,8 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
         "# Evidence: FMVR vs M3 vs none on the built-in benchmark (tiny preset, CPU)",
         "",
         f"Command: `python benchmarks/train_evidence.py --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-        f"--budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds}`",
+        f"--schedule {args.schedule} --budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds} "
+        f"--pyramids {args.pyramids} --runs {args.runs} --name {args.name}`",
         "",
         f"Accuracy (%) on {args.eval_n} test scenes x 5 questions, mean +- std over seeds {args.seeds}; stage 2 from scratch "
         f"(frozen random tiny CLIP tower; projector, pyramid and LLM trained), {args.steps} steps of {args.batch_size}.",
@@ -162,13 +171,13 @@ def main(argv=None) -> int:
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_evidence.json").write_text(
+    (out / f"{args.name}.json").write_text(
         json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1) + "\n"
     )
-    (out / "train_evidence.md").write_text(markdown(summary, args, rows))
-    plot(summary, out / "train_evidence.png")
+    (out / f"{args.name}.md").write_text(markdown(summary, args, rows))
+    plot(summary, out / f"{args.name}.png")
     print(markdown(summary, args, rows))
-    print(f"wrote {out}/train_evidence.json, .md and .png")
+    print(f"wrote {out}/{args.name}.json, .md and .png")
     return 0
 
 

@@ -49,6 +49,7 @@ HELP = {
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha",
     "bf16": "bf16 autocast (GPU only)",
+    "fsdp": "FSDP2 instead of DDP under torchrun: shards LLM layers, projector, pyramid (full training at 7B)",
     "grad_checkpointing": "gradient checkpointing in the LLM (saves memory, costs compute)",
     "cache_vision": "keep frozen-tower features in memory across epochs",
     "log_every": "write log.jsonl every N steps",

@@ -212,8 +212,9 @@ def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | 
         str(tmp / "trainer.safetensors"),
     )
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    optim = None if opt is None else opt.state_dict()  # None: an FSDP run (sharded state not saved)
     torch.save(
-        {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
+        {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng},
         tmp / "trainer.pt",
     )
     (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -254,6 +255,10 @@ def load_state(path: Path, model, opt, sched) -> int:
         for k, v in weights.items():
             params[k].copy_(v)
     state = torch.load(path / "trainer.pt", weights_only=True)
+    if state["optimizer"] is None:
+        raise ValueError(
+            f"{path} comes from an --fsdp run, whose optimizer state is not saved: resume is not supported"
+        )
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -284,14 +289,18 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     ds = make_dataset(cfg, model, tok)
     gb = cfg.batch_size * cfg.grad_accum * world
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch(len(ds), gb)))
+    if resume and cfg.fsdp:
+        raise ValueError(
+            "--resume is not supported with --fsdp yet (its sharded optimizer state is not saved)"
+        )
+    if cache is None and cfg.cache_vision:
+        cache = VisionCache()
+    runner = MatryoshkaStep(model, cache)
+    ddp = _wrap_ddp(runner, cfg, world, device)  # before the optimizer: FSDP replaces the parameters
     opt, sched = make_optimizer(cfg, model, total)
     start = 0
     if resume and (ck := latest_checkpoint(cfg.out)) is not None:
         start = load_state(ck, model, opt, sched)
-    if cache is None and cfg.cache_vision:
-        cache = VisionCache()
-    runner = MatryoshkaStep(model, cache)
-    ddp = _wrap_ddp(runner, cfg, world, device)
     stop = _install_sigint()
     bar = _bar(cfg, rank, total, start)
     log = Path(cfg.out) / "log.jsonl"
@@ -311,6 +320,8 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
             raise Interrupted(f"stopped after step {step + 1}; continue with --resume")
     bar.close()
     final = Path(cfg.out) / "final"
+    if cfg.fsdp and world > 1:
+        model = _plain_copy(model)  # collective: every rank gathers the full weights
     if rank == 0:
         if ds.skipped:
             print(
@@ -378,12 +389,33 @@ def _to(b: Batch, device) -> Batch:
 def _wrap_ddp(runner, cfg: TrainConfig, world: int, device):
     if world == 1:
         return runner
+    if cfg.fsdp:
+        return _shard(runner)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     unused = cfg.budget_mode == "random"  # FMVR stages of unused budgets get no gradient
     return DDP(
         runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
     )
+
+
+def _shard(runner):
+    """FSDP2: one group per LLM decoder layer, the rest in the root group; the frozen tower is
+    left replicated (the vision cache calls it outside the step's forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in runner.model.language_model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(runner, ignored_params=set(runner.model.vision_tower.parameters()))
+    return runner
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """Every tensor of the model on the CPU, gathered from FSDP shards (a collective when sharded)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+    return out
 
 
 def _maybe_no_sync(ddp, sync: bool):
@@ -414,9 +446,26 @@ def _barrier(world: int) -> None:
 
 
 def _save_all(cfg, model, tok, opt, sched, step, rank, world) -> None:
-    if rank == 0:
+    if cfg.fsdp and world > 1:
+        plain = _plain_copy(model)  # collective: every rank gathers
+        if rank == 0:
+            save_state(cfg, plain, tok, None, sched, step)
+    elif rank == 0:
         save_state(cfg, model, tok, opt, sched, step)
     _barrier(world)
+
+
+def _plain_copy(model):
+    """An unsharded CPU copy of an FSDP-sharded model (for saving)."""
+    from fmvr.checkpoint import empty_model, fill_model
+
+    state = full_state(model)
+    plain = empty_model(model.cfg)
+    missing = fill_model(plain, state)
+    if missing:
+        raise RuntimeError(f"gathered state lacks {missing[:5]}")
+    plain.trainable(tuple({k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad}))
+    return plain
 
 
 def _install_sigint() -> dict:

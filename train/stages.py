@@ -70,6 +70,7 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: int = 16
     bf16: bool = False
+    fsdp: bool = False  # shard the LLM layers and the rest (tower excepted) with FSDP2 under torchrun
     grad_checkpointing: bool = False
     cache_vision: bool = True  # reuse frozen-tower features across epochs (in memory)
     # bookkeeping
@@ -94,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:
             raise ValueError("--lora applies to stages that train the language model (stage2, finetune)")
+        if self.fsdp and self.lora:
+            raise ValueError("--fsdp with --lora is not supported: LoRA fits with plain DDP, drop --fsdp")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be >= 1")
         return self
