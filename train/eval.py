@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)
         print(f"wrote {args.out}")
-    print(f"next: python -m export --ckpt {args.ckpt}   (export the trained model)")
+    print(f"next: python -m export --checkpoint {args.ckpt} --out bundle   (export the trained model)")
     return 0
 
 

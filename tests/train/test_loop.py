@@ -95,10 +95,12 @@ def test_cli_config_file_flags_and_skip_if_done(tmp_path, capsys):
         "--lora",
         "--lora-r",
         "4",
+        "--grad-checkpointing",
     ]
     assert main(args) == 0
     extra = json.loads((tmp_path / "cli" / "final" / "extra.json").read_text())
     assert extra["train_config"]["lora"] and extra["train_config"]["budget_mode"] == "random"
+    assert extra["train_config"]["grad_checkpointing"]
     assert load_checkpoint(tmp_path / "cli" / "final") is not None  # LoRA merged into a plain checkpoint
     assert main([*args, "--skip-if-done"]) == 0
     assert "already trained" in capsys.readouterr().out
