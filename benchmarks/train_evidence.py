@@ -30,9 +30,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
     p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
-    p.add_argument("--steps", type=int, default=450, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=8, help="samples (5-question conversations) per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine, 3%% warmup)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=6, help="samples (~20-question conversations) per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (3%% warmup, then --schedule)")
     p.add_argument(
         "--schedule",
         default="constant",
@@ -40,7 +40,7 @@ def parse_args(argv):
         help="lr after warmup (constant: short runs)",
     )
     p.add_argument("--budget-mode", default="random", choices=("mean", "random"), help="Matryoshka loss mode")
-    p.add_argument("--bench-n", type=int, default=2000, help="training scenes")
+    p.add_argument("--bench-n", type=int, default=1500, help="training scenes")
     p.add_argument("--eval-n", type=int, default=50, help="test scenes (5 questions each)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--runs", default="runs/evidence", help="where each run's checkpoint and result go")

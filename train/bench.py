@@ -155,6 +155,37 @@ def make_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str
     return qs
 
 
+def training_questions(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every question a scene supports, shuffled (deterministic from the scene seed): the colour
+    of each object, the count of each colour, the shape in each region, four existence probes
+    (half absent) and the digit. ~20 answers per image make stage 2 learn about twice as fast
+    per CPU second as the 5 evaluation questions alone (measured on the tiny preset)."""
+    rng = random.Random(scene.seed * 31 + 7)
+    qs = [("colour", f"What colour is the {o.shape}?", o.colour) for o in scene.objects]
+    qs += [("count", f"How many {c} objects are there?", answer(scene, "count", c)) for c in COLOURS]
+    qs += [("region", _region_question(r), answer(scene, "region", r)) for r in REGIONS]
+    present = {(o.colour, o.shape) for o in scene.objects}
+    for k in range(4):
+        if k % 2 == 0:
+            colour, shape = rng.choice(sorted(present))
+        else:
+            colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+        qs.append(
+            (
+                "exist",
+                f"Is there a {colour} {shape} in the image?",
+                answer(scene, "exist", f"{colour} {shape}"),
+            )
+        )
+    qs.append(("digit", "What digit is written on the card?", str(scene.digit)))
+    rng.shuffle(qs)
+    return qs
+
+
+def _region_question(region: str) -> str:
+    return f"Which object is in the {region} corner?".replace("center corner", "center")
+
+
 def answer(scene: Scene, category: str, arg: str) -> str:
     """The correct single-word answer of a question about `scene`."""
     if category == "colour":
@@ -267,7 +298,8 @@ def scenes(split: str, n: int, seed: int = 0) -> Iterator[Scene]:
 
 
 def llava_records(scene: Scene, image: str, kind: str) -> list[dict]:
-    """LLaVA-format records for one scene: kind "qa" (one multi-turn conversation),
+    """LLaVA-format records for one scene: kind "qa" (one multi-turn conversation of every
+    `training_questions`),
     "questions" (one record per question, with category/answer for scoring) or "caption"."""
     sid = f"bench-{scene.seed}"
     if kind == "caption":
@@ -286,7 +318,7 @@ def llava_records(scene: Scene, image: str, kind: str) -> list[dict]:
         ]
     if kind == "qa":
         conv = []
-        for i, (_, q, a) in enumerate(scene.questions):
+        for i, (_, q, a) in enumerate(training_questions(scene)):
             prefix = "<image>\n" if i == 0 else ""
             conv += [{"from": "human", "value": f"{prefix}{q}"}, {"from": "gpt", "value": a}]
         return [{"id": sid, "image": image, "conversations": conv}]
@@ -339,7 +371,7 @@ def main(argv=None) -> int:
         "--kind",
         default="qa",
         choices=("qa", "questions", "caption"),
-        help="qa: one 5-turn conversation per scene (stage 2); questions: one record per question "
+        help="qa: one multi-turn conversation of ~20 questions per scene (stage 2); questions: one record per question "
         "(with category/answer, for scoring); caption: plain captions (stage 1)",
     )
     args = p.parse_args(argv)
