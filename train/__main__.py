@@ -1,7 +1,7 @@
 """python -m train: run one training stage (flags override a JSON --config file).
 
     # tiny model on the built-in benchmark (CPU, minutes)
-    python -m train --stage stage2 --out runs/tiny --steps 300 --lr 1e-3
+    python -m train --out runs/tiny --steps 600 --lr 1e-3 --schedule constant --budget-mode random --cache-vision
     # real data, 2 processes (gloo on CPU / nccl on GPU)
     torchrun --nproc_per_node 2 -m train --stage stage1 --data blip_laion_cc_sbu_558k.json \\
         --image-folder images --init llava-base --out runs/s1
@@ -51,7 +51,7 @@ HELP = {
     "bf16": "bf16 autocast (GPU only)",
     "fsdp": "FSDP2 instead of DDP under torchrun: shards LLM layers, projector, pyramid (full training at 7B)",
     "grad_checkpointing": "gradient checkpointing in the LLM (saves memory, costs compute)",
-    "cache_vision": "keep frozen-tower features in memory across epochs",
+    "cache_vision": "keep frozen-tower features in RAM across epochs (images x 576 x tower width x 4 bytes: small data only)",
     "log_every": "write log.jsonl every N steps",
     "save_every": "checkpoint every N steps (0: at the end and on Ctrl-C only)",
     "keep_last": "checkpoints to keep",

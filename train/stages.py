@@ -72,7 +72,7 @@ class TrainConfig:
     bf16: bool = False
     fsdp: bool = False  # shard the LLM layers and the rest (tower excepted) with FSDP2 under torchrun
     grad_checkpointing: bool = False
-    cache_vision: bool = True  # reuse frozen-tower features across epochs (in memory)
+    cache_vision: bool = False  # keep frozen-tower features in memory across epochs (small data only)
     # bookkeeping
     log_every: int = 1
     save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)

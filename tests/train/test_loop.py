@@ -23,6 +23,7 @@ def _cfg(tmp_path, name, **kw):
         warmup_ratio=0.0,
         progress=False,
         seed=0,
+        cache_vision=True,  # the cached-feature path (DDP tests cover the uncached one)
     )
     base.update(kw)
     return TrainConfig(**base).check()
