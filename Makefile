@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(PY) -m fmvr.demo
+	PY=$(PY) bash scripts/demo.sh
 
 test: venv
 	$(PY) -m pytest -q
