@@ -156,7 +156,9 @@ class FMVRConfig:
             problems.append("budgets is empty")
         bad = [b for b in self.budgets if b not in self.cascade]
         if bad:
-            problems.append(f"budgets {bad} not in the cascade {self.cascade} of a {self.grid}x{self.grid} grid")
+            problems.append(
+                f"budgets {bad} not in the cascade {self.cascade} of a {self.grid}x{self.grid} grid"
+            )
         if self.pyramid == "none" and tuple(self.budgets) != (self.full_budget,):
             problems.append(f"pyramid 'none' serves only {self.full_budget} tokens")
         if list(self.budgets) != sorted(set(self.budgets), reverse=True):

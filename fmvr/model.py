@@ -1,9 +1,9 @@
 """FMVR-LLaVA: CLIP tower -> projector -> Matryoshka pyramid -> causal LM.
 
-    pixels [B,3,H,W] -> tower hidden states (CLS dropped)  [B,N,Dv] (x len(feature_layers))
-                     -> projector                          [B,N,D]
-                     -> pyramid at budget T                [B,T,D]
-                     -> T placeholder positions of the prompt's embeddings
+pixels [B,3,H,W] -> tower hidden states (CLS dropped)  [B,N,Dv] (x len(feature_layers))
+                 -> projector                          [B,N,D]
+                 -> pyramid at budget T                [B,T,D]
+                 -> T placeholder positions of the prompt's embeddings
 """
 
 from __future__ import annotations

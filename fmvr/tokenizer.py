@@ -92,15 +92,11 @@ def encode_segments(
     return ids, target
 
 
-def expand_image_tokens(
-    ids: Sequence[int], image_token_id: int, tokens: int, images: int = 1
-) -> list[int]:
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, tokens: int, images: int = 1) -> list[int]:
     """Replace each image placeholder by `tokens` copies; the count must equal `images`."""
     found = sum(1 for i in ids if i == image_token_id)
     if found != images:
-        raise ValueError(
-            f"prompt has {found} image placeholders ({IMAGE_TOKEN}) but {images} image(s) given"
-        )
+        raise ValueError(f"prompt has {found} image placeholders ({IMAGE_TOKEN}) but {images} image(s) given")
     out: list[int] = []
     for i in ids:
         out += [i] * tokens if i == image_token_id else [i]
