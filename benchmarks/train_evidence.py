@@ -143,7 +143,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, cat in zip(axes, ("all", "digit")):
+    for ax, cat in zip(axes, ("all", "colour")):
         for p, ts in summary.items():
             budgets = sorted(ts, key=int)
             x = [int(t) for t in budgets]
