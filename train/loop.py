@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,6 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train.ckpt import (
+    latest_checkpoint,
+    load_state,
+    plain_copy,
+    save_model_final,
+    save_state,
+    trainable_named,
+)
 from train.data import Batch, Example, collate
 from train.loss import MatryoshkaStep, VisionCache, step_budgets
 from train.stages import TrainConfig
@@ -123,10 +130,6 @@ def make_dataset(cfg: TrainConfig, model, tok):
     )
 
 
-def trainable_named(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def make_optimizer(cfg: TrainConfig, model, total_steps: int):
     params = trainable_named(model)
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -194,82 +197,6 @@ def load_micro(ds, idx: list[int], model_cfg, budgets, cache: VisionCache | None
     return collate(examples, pixels, model_cfg, budgets, pixel_keys if cache is not None else None)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------
-
-
-def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | None = None) -> Path:
-    """Atomically write <out>/<name or ckpt-step>/ and keep the last cfg.keep_last."""
-    from safetensors.torch import save_file
-
-    out = Path(cfg.out)
-    final = out / (name or f"ckpt-{step:07d}")
-    tmp = out / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tmp / "model", tok, {"step": step, "stage": cfg.stage, "train_config": cfg.to_dict()})
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in trainable_named(model).items()},
-        str(tmp / "trainer.safetensors"),
-    )
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    optim = None if opt is None else opt.state_dict()  # None: an FSDP run (sharded state not saved)
-    torch.save(
-        {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng},
-        tmp / "trainer.pt",
-    )
-    (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if name is None:
-        for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
-            shutil.rmtree(old)
-    return final
-
-
-def save_model(model, path: Path, tok, extra: dict) -> None:
-    """fmvr.checkpoint format; a LoRA model is saved merged (a plain FMVRLlava)."""
-    import copy
-
-    from fmvr.checkpoint import save_checkpoint
-
-    if hasattr(model.language_model, "merge_and_unload"):
-        model = copy.deepcopy(model)
-        model.language_model = model.language_model.merge_and_unload()
-    save_checkpoint(model, path, tokenizer=tok, extra=extra)
-
-
-def latest_checkpoint(out: str) -> Path | None:
-    ckpts = sorted(Path(out).glob("ckpt-*"))
-    return ckpts[-1] if ckpts else None
-
-
-def load_state(path: Path, model, opt, sched) -> int:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainer.safetensors"))
-    params = trainable_named(model)
-    if set(weights) != set(params):
-        raise ValueError(f"{path} does not match this run's trainable parameters: resume with the same flags")
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
-    state = torch.load(path / "trainer.pt", weights_only=True)
-    if state["optimizer"] is None:
-        raise ValueError(
-            f"{path} comes from an --fsdp run, whose optimizer state is not saved: resume is not supported"
-        )
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(_py_state(state["rng"]["python"]))
-    return int(state["step"])
-
-
-def _py_state(s):
-    return tuple(tuple(x) if isinstance(x, list) else x for x in s)
-
-
 # ---- the loop --------------------------------------------------------------------------------
 
 
@@ -321,7 +248,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     bar.close()
     final = Path(cfg.out) / "final"
     if cfg.fsdp and world > 1:
-        model = _plain_copy(model)  # collective: every rank gathers the full weights
+        model = plain_copy(model)  # collective: every rank gathers the full weights
     if rank == 0:
         if ds.skipped:
             print(
@@ -368,13 +295,6 @@ def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> d
     }
 
 
-def save_model_final(cfg, model, tok, final: Path, total: int, skipped: dict) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    extra = {"step": total, "stage": cfg.stage, "train_config": cfg.to_dict(), "skipped_samples": skipped}
-    save_model(model, final, tok, extra)
-
-
 # ---- small helpers -----------------------------------------------------------------------
 
 
@@ -410,14 +330,6 @@ def _shard(runner):
     return runner
 
 
-def full_state(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the model on the CPU, gathered from FSDP shards (a collective when sharded)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
-    return out
-
-
 def _maybe_no_sync(ddp, sync: bool):
     import contextlib
 
@@ -447,25 +359,12 @@ def _barrier(world: int) -> None:
 
 def _save_all(cfg, model, tok, opt, sched, step, rank, world) -> None:
     if cfg.fsdp and world > 1:
-        plain = _plain_copy(model)  # collective: every rank gathers
+        plain = plain_copy(model)  # collective: every rank gathers
         if rank == 0:
             save_state(cfg, plain, tok, None, sched, step)
     elif rank == 0:
         save_state(cfg, model, tok, opt, sched, step)
     _barrier(world)
-
-
-def _plain_copy(model):
-    """An unsharded CPU copy of an FSDP-sharded model (for saving)."""
-    from fmvr.checkpoint import empty_model, fill_model
-
-    state = full_state(model)
-    plain = empty_model(model.cfg)
-    missing = fill_model(plain, state)
-    if missing:
-        raise RuntimeError(f"gathered state lacks {missing[:5]}")
-    plain.trainable(tuple({k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad}))
-    return plain
 
 
 def _install_sigint() -> dict:
