@@ -16,9 +16,9 @@ say "1/4 the tiny FMVR-LLaVA on a real photo (python -m fmvr.demo)"
 "$PY" -m fmvr.demo
 
 say "2/4 training on the built-in benchmark ($STEPS steps; cached in $OUT/train)"
-"$PY" -m train --out "$OUT/train" --steps "$STEPS" --lr 1e-3 --schedule constant \
+"$PY" -m train --out "$OUT/train" --steps "$STEPS" --batch-size 6 --bench-n 1200 --lr 1e-3 --schedule constant \
     --budget-mode random --cache-vision --skip-if-done
-"$PY" -m train.eval --ckpt "$OUT/train/final" --bench-n 50 --out "$OUT/eval.json" --reuse
+"$PY" -m train.eval --ckpt "$OUT/train/final" --bench-n 40 --out "$OUT/eval.json" --reuse
 
 say "3/4 export to a bundle (cached in $OUT/bundle)"
 if [ -f "$OUT/bundle/manifest.json" ] && [ "$OUT/bundle/manifest.json" -nt "$OUT/train/final/model.safetensors" ]; then
