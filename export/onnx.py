@@ -22,7 +22,9 @@ import numpy as np
 from export.common import USER_ERRORS, ExportError, add_source_args, compare, load_source, parse_tokens
 from runtime.bundle import LAYOUTS, FileEntry, VisionOutput, VisionSection, file_entry
 
-# Parity tolerances against PyTorch fp32 on the same preprocessed images.
+# Parity tolerances against PyTorch fp32 on the same preprocessed images. The absolute bound
+# scales with the output's magnitude past 1: fp32 rounding is relative, and trained FMVR stages
+# (5x per stage at init) reach |x| ~ 1e3 at 9 tokens, where 1e-4 absolute is below fp32 eps.
 FP32_MAX_ABS = 1e-4
 FP32_MIN_COSINE = 0.99999
 FP16_MIN_COSINE = 0.999
@@ -93,7 +95,8 @@ def reference(model: Any, pixels: np.ndarray, budgets: tuple[int, ...]) -> dict[
 def judge(stats: dict[str, float], fp16: bool) -> bool:
     if fp16:
         return stats["cosine"] >= FP16_MIN_COSINE
-    return stats["max_abs"] <= FP32_MAX_ABS and stats["cosine"] >= FP32_MIN_COSINE
+    limit = FP32_MAX_ABS * max(1.0, stats["ref_max_abs"])
+    return stats["max_abs"] <= limit and stats["cosine"] >= FP32_MIN_COSINE
 
 
 def parity(
@@ -109,7 +112,9 @@ def parity(
 
     got = run_onnx(path, pixels, fp16)
     tol = (
-        f"cosine >= {FP16_MIN_COSINE}" if fp16 else f"max_abs <= {FP32_MAX_ABS}, cosine >= {FP32_MIN_COSINE}"
+        f"cosine >= {FP16_MIN_COSINE}"
+        if fp16
+        else f"max_abs <= {FP32_MAX_ABS} x max(1, max|ref|), cosine >= {FP32_MIN_COSINE}"
     )
     out = {}
     for t in budgets:
