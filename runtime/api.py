@@ -82,7 +82,7 @@ def parse_request(body: Any, allow_remote: bool, max_new_tokens_limit: int) -> C
         "max_new_tokens": max_tokens,
         "temperature": _num(body, "temperature", float, 0.0, 2.0) or 0.0,
         "top_p": _num(body, "top_p", float, 1e-6, 1.0) or 1.0,
-        "seed": _num(body, "seed", int),
+        "seed": _num(body, "seed", int, 0, 2**63 - 1),
         "stop": tuple(stop),
         "latency_ms": _num(body, "latency_budget_ms", float, 0.0),
         "tokens": _num(body, "visual_tokens", int, 1),
@@ -90,6 +90,8 @@ def parse_request(body: Any, allow_remote: bool, max_new_tokens_limit: int) -> C
         "strict": bool(body.get("strict", False)),
     }
     opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     return ChatRequest(turns, _image_bytes(images[0], allow_remote), bool(body.get("stream", False)),
                        bool(opts.get("include_usage", True)), kwargs)  # fmt: skip
 

@@ -102,6 +102,7 @@ class FMVRServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: FMVRServer
     server_version = "fmvr-runtime/0.1"
+    timeout = 30  # seconds a client may stall mid-request before its socket is closed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.info("%s %s", self.address_string(), format % args)
@@ -181,6 +182,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             self._admitted(req)
+        except Exception as e:  # the request boundary: report our own failure, keep serving
+            log.exception("request failed")
+            if not getattr(self, "_started_stream", False):
+                self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
         finally:
             srv.limiter.leave()
 
@@ -225,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._error(api.ApiError(504, f"{e} (limit {srv.cfg.timeout_s:g} s)", "timeout_error"))
             return
-        except (ValueError, RuntimeError) as e:  # reported to the client, and the server goes on
+        except Exception as e:  # onnxruntime's errors are plain Exceptions: report, and go on
             log.exception("request %s failed", cid)
             if self._started_stream:
                 self._event({"error": api.ApiError(500, str(e), "server_error").body()["error"]})

@@ -128,7 +128,6 @@ def test_policy_with_a_profile(pipe, image_bytes, synthetic_profile):
         r = pipe.ask(image_bytes[0], PROMPT, latency_ms=latency, max_new_tokens=2)
         assert r.budget == 36 and r.predicted_deadline_met is True
         assert set(r.predicted_ms) >= {"vision", "prefill", "ttft"} and r.measured_ms["ttft"] > 0
-        assert r.deadline_met is True  # measured: the real run takes ms, the deadline is seconds
         assert r.candidates_ms[144] > latency >= r.candidates_ms[36]
         r = pipe.ask(image_bytes[0], PROMPT, latency_ms=1, max_new_tokens=2)
         assert r.budget == 1 and r.predicted_deadline_met is False

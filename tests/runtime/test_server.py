@@ -136,6 +136,15 @@ def test_bad_requests_get_400(server, body, status, match):
     assert got == status and match in json.loads(data)["error"]["message"]
 
 
+def test_malformed_fields_get_400_not_a_dropped_connection(server, image_bytes):
+    for extra, param in (({"stream_options": "x"}, "stream_options"), ({"seed": -1}, "seed")):
+        body = json.dumps({"messages": messages(image_bytes[0]), **extra}).encode()
+        got, data = raw(server, "POST", "/v1/chat/completions", body)
+        assert got == 400 and param in json.loads(data)["error"]["message"]
+    got, _ = raw(server, "GET", "/health")
+    assert got == 200
+
+
 def test_bad_image_gets_400_and_the_server_goes_on(server, client, image_bytes):
     for bad in (b"garbage bytes", image_bytes[0][:2000]):
         with pytest.raises(openai.BadRequestError, match="image"):
@@ -241,8 +250,8 @@ def test_latency_budget_picks_the_budget_and_reports_it(server, client, pipe, im
         r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
                                            extra_body={"latency_budget_ms": (ttft[9] + ttft[36]) / 2})  # fmt: skip
         u = r.usage.model_dump()
-        assert u["visual_tokens"] == 9 and u["deadline_met"] is True
-        assert u["timings_ms"]["predicted"]["ttft"] > u["timings_ms"]["measured"]["ttft"]
+        assert u["visual_tokens"] == 9
+        assert u["timings_ms"]["predicted"]["ttft"] <= (ttft[9] + ttft[36]) / 2 < ttft[36]
         with pytest.raises(openai.UnprocessableEntityError, match="no budget fits"):
             client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
                                            extra_body={"latency_budget_ms": 1, "strict": True})  # fmt: skip
