@@ -130,13 +130,13 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _swap_into_place(tmp, path)
+        swap_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
+def swap_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.rename(tmp, path)
         return

@@ -8,13 +8,13 @@ loaded with weights_only=True) + train_config.json, written to a temp dir then r
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
 
+from fmvr.checkpoint import swap_into_place
 from train.stages import TrainConfig
 
 
@@ -43,9 +43,7 @@ def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | 
         tmp / "trainer.pt",
     )
     (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_into_place(tmp, final)  # a crash leaves the old or the new checkpoint, never neither
     if name is None:
         for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
             shutil.rmtree(old)
@@ -61,7 +59,7 @@ def save_model(model, path: Path, tok, extra: dict) -> None:
     if hasattr(model.language_model, "merge_and_unload"):
         model = copy.deepcopy(model)
         model.language_model = model.language_model.merge_and_unload()
-    save_checkpoint(model, path, tokenizer=tok, extra=extra)
+    save_checkpoint(model, path, tokenizer=tok, extra=extra, overwrite=True)  # atomic swap
 
 
 def latest_checkpoint(out: str) -> Path | None:
@@ -96,8 +94,6 @@ def _py_state(s):
 
 
 def save_model_final(cfg, model, tok, final: Path, total: int, skipped: dict) -> None:
-    if final.exists():
-        shutil.rmtree(final)
     extra = {"step": total, "stage": cfg.stage, "train_config": cfg.to_dict(), "skipped_samples": skipped}
     save_model(model, final, tok, extra)
 

@@ -99,6 +99,8 @@ class TrainConfig:
             raise ValueError("--fsdp with --lora is not supported: LoRA fits with plain DDP, drop --fsdp")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be >= 1")
+        if self.keep_last < 1:
+            raise ValueError("--keep-last must be >= 1 (the checkpoint just written is always kept)")
         return self
 
     @property
