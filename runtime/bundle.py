@@ -281,6 +281,8 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
     root = Path(bundle_dir)
     for f in m.files:
         p = root / f.path
+        if not p.resolve().is_relative_to(root.resolve()):
+            raise BundleError(f"bundle {root}: file path {f.path!r} points outside the bundle; refusing it")
         if not p.is_file():
             raise BundleError(f"bundle {root}: {f.path} is missing; rebuild it: {m.rebuild_command()}")
         size = p.stat().st_size

@@ -176,3 +176,11 @@ def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, capsys):
     (ckpt / "tokenizer.json").unlink()
     assert main(["--checkpoint", str(ckpt), "--tokens", "9", "--out", str(tmp_path / "c")]) == 2
     assert "no tokenizer.json" in capsys.readouterr().out
+
+
+def test_a_manifest_path_outside_the_bundle_is_refused(bundle_copy):
+    raw = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    raw["files"][0]["path"] = "../outside.onnx"
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        verify_bundle(bundle_copy)
