@@ -28,7 +28,9 @@ demo: venv
 	PY=$(PY) bash scripts/demo.sh
 
 test: venv
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which is a failure here" >&2; fi; \
+	exit $$rc
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -22,13 +22,26 @@ def _has_cuda_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+def _has_tensorrt() -> bool:
+    """A real TensorRT: tensorrt-stubs alone leaves an importable `tensorrt` of .pyi files."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (and TensorRT where the test says); none here")
+    gpu, trt = _has_cuda_gpu(), _has_tensorrt()
+    no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none here")
+    no_trt = pytest.mark.skip(
+        reason="needs TensorRT (JetPack on Jetson; NVIDIA's pip index on x86); not installed"
+    )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(no_gpu)
+        elif "tensorrt" in item.keywords and not trt:
+            item.add_marker(no_trt)
 
 
 @pytest.fixture(scope="session")

@@ -313,6 +313,7 @@ def test_trt_code_typechecks_against_tensorrt_stubs():
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_real_engine_matches_onnxruntime(shared_bundle, tmp_path):
     """Needs TensorRT 10 and a CUDA GPU: fp16 engine for 36 tokens, sidecar, manifest, parity."""
     from runtime.bundle import verify_bundle

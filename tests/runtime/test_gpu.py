@@ -3,8 +3,6 @@ and native TensorRT engines. Each must give the CPU pipeline's greedy answers.""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from runtime.pipeline import Pipeline
@@ -33,9 +31,8 @@ def test_ort_cuda_matches_cpu(tiny_bundle, pipe, image_bytes):
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_tensorrt_engine_backend(tiny_bundle, tmp_path, image_bytes, pipe):
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("TensorRT is not installed (JetPack on Jetson; NVIDIA's pip index on x86)")
     import shutil
     import subprocess
     import sys
