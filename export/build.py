@@ -20,6 +20,7 @@ from export.common import (
     tiny_source,
     tool_versions,
 )
+from fmvr.checkpoint import swap_into_place
 from runtime.bundle import (
     Manifest,
     atomic_bundle,
@@ -146,10 +147,7 @@ def add_llm(
     work = Path(tempfile.mkdtemp(prefix=".llm.partial-", dir=bundle))
     try:
         section, files = write_llm(src.model, src.tokenizer, work, quant, target, exporter, block_size)
-        old = bundle / "llm"
-        if old.exists():
-            shutil.rmtree(old)
-        (work / "llm").rename(old)
+        swap_into_place(work / "llm", bundle / "llm")  # the old or the new decoder, never neither
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m.files = [f for f in m.files if not f.path.startswith("llm/")] + files
