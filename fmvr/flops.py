@@ -28,7 +28,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fmvr.config import FMVRConfig, cascade_sides, preset
+from fmvr.config import (
+    PRESETS,
+    PYRAMIDS,
+    FMVRConfig,
+    cascade_sides,
+    effnet_lite0_macs,
+    effnet_lite0_params,
+    feature_width,
+    preset,
+)
 
 PAPER_TOKENS, PAPER_REDUCTION = 36, 0.89
 
@@ -42,8 +51,11 @@ def _layer_macs(seq: int, d: int, d_kv: int, mlp: int, mlp_mats: int) -> int:
 
 
 def vision_flops(cfg: FMVRConfig, layers: int | None = None) -> int:
-    """CLIP tower for one image: patch conv + `layers` (default: all) encoder layers."""
+    """The tower for one image. CLIP: patch conv + `layers` (default: all) encoder layers;
+    a CNN tower: its convolutions up to the deepest feature map (fmvr.config)."""
     v = cfg.vision
+    if v.tower == "efficientnet-lite0":
+        return 2 * effnet_lite0_macs(v)
     layers = v.num_layers if layers is None else layers
     seq = v.num_patches + 1  # CLS included
     conv = v.num_patches * v.hidden_size * 3 * v.patch_size * v.patch_size
@@ -52,15 +64,18 @@ def vision_flops(cfg: FMVRConfig, layers: int | None = None) -> int:
 
 
 def vision_layers_needed(cfg: FMVRConfig) -> int:
-    """Encoder layers a truncated tower must run to produce every feature layer."""
+    """Encoder layers (CNN: blocks) a truncated tower must run to produce every feature layer."""
     n = cfg.vision.num_layers
+    if cfg.vision.tower != "clip":
+        return n if -1 in cfg.vision.feature_layers else max(cfg.vision.feature_layers) + 1
     return max(i if i >= 0 else n + 1 + i for i in cfg.vision.feature_layers)
 
 
 def projector_flops(cfg: FMVRConfig) -> int:
     """Projector over the N patch tokens of one image."""
-    n, dv, dt = cfg.vision.num_patches, cfg.vision.hidden_size, cfg.text.hidden_size
+    n, dv, dt = cfg.vision.num_patches, feature_width(cfg), cfg.text.hidden_size
     if cfg.projector == "crosslayer":
+        dv = cfg.vision.hidden_size
         k, h = len(cfg.vision.feature_layers), cfg.projector_hidden
         return 2 * n * (k * dv * dt + dt * dv + dv * h + h * dt)
     h = cfg.projector_hidden or dt
@@ -143,21 +158,31 @@ def param_counts(cfg: FMVRConfig) -> dict[str, int]:
     """Parameters per part, as FMVRLlava registers them (transformers' CLIP / Llama-family)."""
     v, t = cfg.vision, cfg.text
     dv, dt, kv = v.hidden_size, t.hidden_size, t.num_kv_heads * t.head_dim
-    emb = dv + dv * 3 * v.patch_size**2 + (v.num_patches + 1) * dv  # CLS, conv (no bias), pos
-    v_layer = 4 * (dv * dv + dv) + 2 * dv * v.intermediate_size + v.intermediate_size + dv + 4 * dv
-    vision = emb + 2 * dv + v.num_layers * v_layer + 2 * dv  # pre/post layer norms
+    vision = _vision_params(cfg)
     if cfg.projector == "crosslayer":
         k, h = len(v.feature_layers), cfg.projector_hidden
         proj = k * dv * dt + dt + dt * dv + dv + dv * h + h + h * dt + dt
     else:
         h = cfg.projector_hidden or dt
-        proj = dv * h + h + h * dt + dt
+        proj = feature_width(cfg) * h + h + h * dt + dt
+        if cfg.projector == "ln_mlp2x_gelu":
+            proj += 2 * feature_width(cfg)  # LayerNorm weight and bias
     pyr = len(_stage_names(cfg)) * 8 * dt if cfg.pyramid == "fmvr" else 0
     qkv_bias = dt + 2 * kv if t.arch == "qwen2" else 0
     t_layer = 2 * dt * dt + 2 * dt * kv + qkv_bias + 3 * dt * t.intermediate_size + 2 * dt
     head = 0 if t.tie_word_embeddings else t.vocab_size * dt
     lm = t.vocab_size * dt + t.num_layers * t_layer + dt + head
     return {"vision_tower": vision, "projector": proj, "pyramid": pyr, "language_model": lm}
+
+
+def _vision_params(cfg: FMVRConfig) -> int:
+    v = cfg.vision
+    dv = v.hidden_size
+    if v.tower == "efficientnet-lite0":
+        return effnet_lite0_params(v)
+    emb = dv + dv * 3 * v.patch_size**2 + (v.num_patches + 1) * dv  # CLS, conv (no bias), pos
+    v_layer = 4 * (dv * dv + dv) + 2 * dv * v.intermediate_size + v.intermediate_size + dv + 4 * dv
+    return emb + 2 * dv + v.num_layers * v_layer + 2 * dv  # pre/post layer norms
 
 
 def meta_param_counts(cfg: FMVRConfig) -> dict[str, int]:
@@ -292,10 +317,10 @@ def _print_report(rep: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fmvr.flops", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="llava-1.5-7b", help="config preset (tiny, llava-1.5-7b)")
+    ap.add_argument("--preset", default="llava-1.5-7b", help=f"config preset ({', '.join(PRESETS)})")
     ap.add_argument("--config", type=Path, help="a config.json instead of a preset")
     ap.add_argument("--prompt-tokens", type=int, default=40, help="text tokens besides the image")
-    ap.add_argument("--pyramid", choices=("fmvr", "m3", "none"), help="override the preset's pyramid")
+    ap.add_argument("--pyramid", choices=PYRAMIDS, help="override the preset's pyramid")
     ap.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (2 = fp16)")
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
     ap.add_argument(

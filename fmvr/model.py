@@ -1,6 +1,6 @@
-"""FMVR-LLaVA: CLIP tower -> projector -> Matryoshka pyramid -> causal LM.
+"""FMVR-LLaVA: vision tower -> projector -> Matryoshka pyramid -> causal LM.
 
-pixels [B,3,H,W] -> tower hidden states (CLS dropped)  [B,N,Dv] (x len(feature_layers))
+pixels [B,3,H,W] -> tower grid features (fmvr.towers)  [B,N,Dv] (Dv = vision.hidden_size x maps)
                  -> projector                          [B,N,D]
                  -> pyramid at budget T                [B,T,D]
                  -> T placeholder positions of the prompt's embeddings
@@ -11,25 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmvr.config import FMVRConfig, TextConfig, VisionConfig
+from fmvr.config import FMVRConfig, TextConfig, feature_width
 from fmvr.pyramid import Pyramid
 from fmvr.tokenizer import IGNORE_INDEX
-
-
-def clip_config(v: VisionConfig):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps,
-        hidden_act="quick_gelu",
-        projection_dim=v.hidden_size,
-    )
 
 
 def text_config(t: TextConfig, cfg: FMVRConfig):
@@ -54,13 +38,17 @@ def text_config(t: TextConfig, cfg: FMVRConfig):
 
 
 class Projector(nn.Module):
-    """mlp2x_gelu (LLaVA-1.5) or the authors' cross-layer fusion + wide MLP."""
+    """mlp2x_gelu (LLaVA-1.5), ln_mlp2x_gelu (a LayerNorm first, as InternVL's connector: for
+    towers whose feature maps differ in scale, e.g. EfficientNet's 112- and 1280-channel maps),
+    or the authors' cross-layer fusion + wide MLP."""
 
     def __init__(self, cfg: FMVRConfig) -> None:
         super().__init__()
-        dv, dt = cfg.vision.hidden_size, cfg.text.hidden_size
+        dv, dt = feature_width(cfg), cfg.text.hidden_size
+        self.norm = nn.LayerNorm(dv) if cfg.projector == "ln_mlp2x_gelu" else None
         self.crosslayer: nn.Sequential | None = None
         if cfg.projector == "crosslayer":
+            dv = cfg.vision.hidden_size
             n = len(cfg.vision.feature_layers)
             self.crosslayer = nn.Sequential(nn.Linear(n * dv, dt), nn.GELU(), nn.Linear(dt, dv))
         # LLaVA-1.5's mlp2x_gelu is dt wide; the authors' release widens it (projector_hidden).
@@ -68,6 +56,8 @@ class Projector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dv, hidden), nn.GELU(), nn.Linear(hidden, dt))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, N, Dv*layers] -> [B, N, D]
+        if self.norm is not None:
+            feats = self.norm(feats)  # [B, N, Dv]
         if self.crosslayer is not None:
             feats = self.crosslayer(feats)  # [B, N, Dv]
         return self.mlp(feats)
@@ -76,10 +66,12 @@ class Projector(nn.Module):
 class FMVRLlava(nn.Module):
     def __init__(self, cfg: FMVRConfig) -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM, CLIPVisionModel
+        from transformers import AutoModelForCausalLM
+
+        from fmvr.towers import build_tower
 
         self.cfg = cfg.validate()
-        self.vision_tower = CLIPVisionModel(clip_config(cfg.vision))
+        self.vision_tower = build_tower(cfg.vision)
         self.projector = Projector(cfg)
         self.pyramid = Pyramid(cfg)
         self.language_model = AutoModelForCausalLM.from_config(text_config(cfg.text, cfg))
@@ -87,10 +79,7 @@ class FMVRLlava(nn.Module):
     # ---- vision ------------------------------------------------------------------------
     def encode_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tower + projector: pixels [B,3,H,W] -> the full projected grid [B, N, D]."""
-        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        layers = [out.hidden_states[i][:, 1:] for i in self.cfg.vision.feature_layers]  # CLS dropped
-        feats = torch.cat(layers, dim=-1)  # [B, N, Dv * len(layers)]
-        return self.projector(feats)  # [B, N, D]
+        return self.projector(self.vision_tower(pixel_values))  # [B, N, Dv] -> [B, N, D]
 
     def encode_image(self, pixel_values: torch.Tensor, tokens: int) -> torch.Tensor:
         """pixels [B,3,H,W] -> visual tokens [B, tokens, D] at one budget."""
@@ -198,7 +187,37 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
     return int(order[choice])
 
 
-def build_model(cfg: FMVRConfig, seed: int = 0) -> FMVRLlava:
-    """A freshly initialised model, deterministic for `seed`, in eval mode."""
+def build_model(cfg: FMVRConfig, seed: int = 0, pretrained: bool = True) -> FMVRLlava:
+    """A freshly initialised model, deterministic for `seed`, in eval mode; with `pretrained`,
+    the tower and LM weights named by the config (pip packages) replace the random ones."""
     torch.manual_seed(seed)
-    return FMVRLlava(cfg).eval()
+    model = FMVRLlava(cfg).eval()
+    if pretrained:
+        load_pretrained(model)
+    return model
+
+
+def load_pretrained(model: FMVRLlava) -> list[str]:
+    """Load the packaged weights the config names (`vision.weights`, `text.weights`); returns
+    the parts loaded. Projector and pyramid keep their fresh initialisation."""
+    loaded = []
+    v, t = model.cfg.vision, model.cfg.text
+    if v.weights:
+        from fmvr.towers import load_effnet_pretrained
+
+        load_effnet_pretrained(model.vision_tower)
+        loaded.append("vision_tower")
+    if t.weights:
+        from fmvr.smollm import text_state
+
+        lm = model.language_model
+        missing, unexpected = lm.load_state_dict(text_state(), strict=False)
+        missing = [k for k in missing if not (t.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{t.weights} weights do not fit the text config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        if t.tie_word_embeddings:
+            lm.tie_weights()
+        loaded.append("language_model")
+    return loaded

@@ -1,6 +1,9 @@
-"""Conversation templates of LLaVA-1.5 (Vicuna v1 and "plain"), torch-free.
+"""Conversation templates, torch-free: LLaVA-1.5's Vicuna v1 and "plain", and ChatML
+(SmolLM2's chat template, default system prompt included).
 
-A conversation is LLaVA's list of turns: [{"from": "human"|"gpt", "value": str}, ...].
+A conversation is LLaVA's list of turns: [{"from": "human"|"gpt", "value": str}, ...],
+optionally opened by {"from": "system", "value": str} (replaces the template's system
+prompt; "plain" has none and refuses one).
 `render` turns it into segments (text, is_target): training puts labels on target segments
 only (assistant answers); inference renders the prompt with `add_generation_prompt=True`
 and the model continues after it.
@@ -16,7 +19,8 @@ VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-TEMPLATES = ("vicuna_v1", "plain")
+CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TEMPLATES = ("vicuna_v1", "plain", "chatml")
 
 Segment = tuple[str, bool]
 Turn = dict[str, str]
@@ -24,10 +28,14 @@ Turn = dict[str, str]
 
 def render(template: str, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
     """Segments (text, is_target) of a conversation in `template`."""
-    _check_turns(turns)
+    system, turns = _split_system(turns)
     if template == "vicuna_v1":
-        return _vicuna(turns, add_generation_prompt)
+        return _vicuna(turns, add_generation_prompt, VICUNA_SYSTEM if system is None else system)
+    if template == "chatml":
+        return _chatml(turns, add_generation_prompt, CHATML_SYSTEM if system is None else system)
     if template == "plain":
+        if system is not None:
+            raise ValueError("the plain template has no system prompt: drop the system turn")
         return _plain(turns, add_generation_prompt)
     raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
@@ -44,9 +52,20 @@ def user_turn(question: str) -> Turn:
     return {"from": "human", "value": f"{IMAGE_TOKEN}\n{text}"}
 
 
-def _vicuna(turns: Sequence[Turn], add_generation_prompt: bool) -> list[Segment]:
+def _split_system(turns: Sequence[Turn]) -> tuple[str | None, Sequence[Turn]]:
+    """(system prompt or None, the alternating human/gpt turns), both checked."""
+    system = None
+    if turns and turns[0].get("from") == "system":
+        if not isinstance(turns[0].get("value"), str):
+            raise ValueError("turn 0: a system turn's 'value' must be a string")
+        system, turns = turns[0]["value"], turns[1:]
+    _check_turns(turns)
+    return system, turns
+
+
+def _vicuna(turns: Sequence[Turn], add_generation_prompt: bool, system: str) -> list[Segment]:
     # LLaVA-1.5 conv_vicuna_v1: "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"
-    segs: list[Segment] = [(VICUNA_SYSTEM + " ", False)]
+    segs: list[Segment] = [(system + " ", False)]
     for turn in turns:
         if turn["from"] == "human":
             segs.append((f"USER: {turn['value']} ", False))
@@ -55,6 +74,21 @@ def _vicuna(turns: Sequence[Turn], add_generation_prompt: bool) -> list[Segment]
             segs.append((f" {turn['value']}{EOS_TEXT}", True))
     if add_generation_prompt:
         segs.append(("ASSISTANT:", False))
+    return segs
+
+
+def _chatml(turns: Sequence[Turn], add_generation_prompt: bool, system: str) -> list[Segment]:
+    # "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+    segs: list[Segment] = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+    for turn in turns:
+        if turn["from"] == "human":
+            segs.append((f"<|im_start|>user\n{turn['value']}<|im_end|>\n", False))
+        else:
+            segs.append(("<|im_start|>assistant\n", False))
+            segs.append((f"{turn['value']}<|im_end|>", True))  # the answer and its end are learned
+            segs.append(("\n", False))
+    if add_generation_prompt:
+        segs.append(("<|im_start|>assistant\n", False))
     return segs
 
 

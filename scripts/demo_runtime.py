@@ -1,31 +1,45 @@
-"""Step 4 of `make demo`: a held-out benchmark scene, a question, and three deadlines.
+"""Step 4 of `make demo`: two held-out benchmark scenes, one question each, three deadlines.
 
-Prints "TIGHT MID LOOSE" (ms) for `python -m runtime ask --latency-ms`, chosen from this
-device's own predictions so the demo shows three different choices on any machine:
-below the cheapest budget, between the 36- and 144-token budgets, and room for 576.
+The two scenes share a shape in different colours and both get "What colour is the <shape>?",
+so the answers can only come from the image. Writes <out>/scene{0,1}.png and
+question{0,1}.txt; prints "TIGHT MID LOOSE" (ms) for `python -m runtime ask --latency-ms`,
+chosen from this device's own predictions so the demo shows three different choices on any
+machine: below the cheapest budget, between the 36- and 144-token budgets, and room for 576.
 """
 
 from __future__ import annotations
 
-import random
+import itertools
 import sys
 from pathlib import Path
 
 from runtime.pipeline import Pipeline
-from train.bench import make_questions, render_scene, scenes
+from train.bench import render_scene, scenes
+
+
+def two_scenes():
+    """The first two test scenes with a shape in common, coloured differently."""
+    pool = list(scenes("test", 12))
+    for a, b in itertools.combinations(pool, 2):
+        colours = {o.shape: o.colour for o in a.objects}
+        for o in b.objects:
+            if o.shape in colours and colours[o.shape] != o.colour:
+                return (a, colours[o.shape]), (b, o.colour), o.shape
+    raise RuntimeError("no two test scenes share a shape in different colours")
 
 
 def main(out: Path) -> int:
-    scene = next(scenes("test", 1))
-    image = out / "scene.png"
-    render_scene(scene).save(image)
-    _, question, answer = next(q for q in make_questions(scene, random.Random(0)) if q[0] == "colour")
-    (out / "question.txt").write_text(question)
-    print(f"image {image}: {question!r} (true answer: {answer})", file=sys.stderr)
+    *pair, shape = two_scenes()
+    question = f"What colour is the {shape}?"
+    for k, (scene, colour) in enumerate(pair):
+        image = out / f"scene{k}.png"
+        render_scene(scene).save(image)
+        (out / f"question{k}.txt").write_text(question)
+        print(f"image {image}: {question!r} (true answer: {colour})", file=sys.stderr)
 
     pipe = Pipeline.load(out / "bundle")
     for _ in range(2):  # the first request warms the sessions; use the second's predictions
-        ms = pipe.ask(image, question, latency_ms=1e9, max_new_tokens=1).candidates_ms
+        ms = pipe.ask(out / "scene0.png", question, latency_ms=1e9, max_new_tokens=1).candidates_ms
     budgets = sorted(ms)
     tight = 0.5 * ms[budgets[0]]
     mid = (ms[36] + ms[144]) / 2 if {36, 144} <= set(ms) else (ms[budgets[0]] + ms[budgets[-1]]) / 2

@@ -72,3 +72,26 @@ def real_images():
     from sklearn.datasets import load_sample_image
 
     return [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    from fmvr.config import preset
+
+    return preset("small")
+
+
+@pytest.fixture(scope="session")
+def small_model(small_cfg):
+    """The `small` preset with its packaged weights (EfficientNet-Lite0 + SmolLM2-135M): ~5 s
+    once the SmolLM2 cache exists (~15 s the first time on a machine)."""
+    from fmvr.model import build_model
+
+    return build_model(small_cfg, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_cfg):
+    from fmvr.tokenizer import preset_tokenizer
+
+    return preset_tokenizer(small_cfg)

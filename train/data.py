@@ -59,7 +59,7 @@ def tokenize(tok, cfg: FMVRConfig, template: str, conversations: list[dict], max
     """ids + target mask (one placeholder), truncated so that the sequence expanded at the
     largest budget fits max_length; never cuts the placeholder. None if no target is left."""
     segments = render(template, conversations)
-    ids, target = encode_segments(tok, segments, cfg.bos_token_id)
+    ids, target = encode_segments(tok, segments, cfg.bos_id)
     n_img = sum(i == cfg.image_token_id for i in ids)
     if n_img != 1:
         raise DataError(f"a sample needs exactly one {IMAGE_TOKEN} placeholder, found {n_img}")

@@ -28,7 +28,8 @@ from fmvr.tokenizer import expand_image_tokens
 def prompt_ids(tok, cfg, question: str) -> list[int]:
     """Inference prompt ids with one placeholder (question may carry '<image>\\n')."""
     text = prompt_text(cfg.template, question)
-    return [cfg.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+    bos = [] if cfg.bos_id is None else [cfg.bos_id]
+    return bos + tok.encode(text, add_special_tokens=False).ids
 
 
 @torch.no_grad()
@@ -45,14 +46,54 @@ def generate_batch(
         ids[r, width - len(row) :] = torch.tensor(row)
         mask[r, width - len(row) :] = 1
     embeds = model.embed(ids, feats)  # [B, S, D]
-    lm = model.language_model
-    answers: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool)
-    past = None
-    step_embeds = embeds
+    return _greedy(model, embeds, mask, None, max_new_tokens)
+
+
+def split_at_image(ids: Sequence[int], image_token_id: int) -> tuple[list[int], list[int]]:
+    """(prefix up to and including the one placeholder, the rest). The placeholder is a special
+    token, so the tokenizer never merges across it: prefix + rest tokenises as the whole."""
+    k = list(ids).index(image_token_id)
+    return list(ids[: k + 1]), list(ids[k + 1 :])
+
+
+@torch.no_grad()
+def generate_shared(
+    model, prefix: list[int], feats: torch.Tensor, suffixes: Sequence[list[int]], per_image: int,
+    tokens: int, max_new_tokens: int = 8,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy answers for several questions per image, the image's prefix computed once.
+
+    prefix: ids up to the placeholder (the same for every row); feats [b, T, D]; suffixes:
+    b * per_image question ids (image-major). The prefix (system prompt + T visual tokens) is
+    prefilled once per image and its KV cache repeated per question; each question follows
+    with padding between (masked, positions counted over real tokens only), so the answers
+    equal `generate_batch` on the full prompts at a fraction of the prefill.
+    """
+    cfg, lm = model.cfg, model.language_model
+    b = feats.shape[0]
+    if len(suffixes) != b * per_image:
+        raise ValueError(f"{len(suffixes)} questions for {b} images x {per_image}")
+    head = torch.tensor([expand_image_tokens(prefix, cfg.image_token_id, tokens)] * b)  # [b, P]
+    out = lm(inputs_embeds=model.embed(head, feats), use_cache=True)
+    past = out.past_key_values
+    past.batch_repeat_interleave(per_image)  # [b * q, kv, P, hd]
+    width = max(map(len, suffixes))
+    ids = torch.full((len(suffixes), width), cfg.pad_token_id, dtype=torch.long)  # [b*q, L]
+    mask = torch.ones((len(suffixes), head.shape[1] + width), dtype=torch.long)  # [b*q, P+L]
+    for r, row in enumerate(suffixes):
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, head.shape[1] : head.shape[1] + width - len(row)] = 0  # padding between prefix and question
+    return _greedy(model, lm.get_input_embeddings()(ids), mask, past, max_new_tokens)
+
+
+def _greedy(model, step_embeds, mask, past, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding from embeddings [B, S, D] after an optional cache; stops at eos."""
+    cfg, lm = model.cfg, model.language_model
+    rows = step_embeds.shape[0]
+    answers: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
     for _ in range(max_new_tokens):
-        pos = (mask.cumsum(1) - 1).clamp(min=0)  # [B, S] positions ignoring left padding
-        pos = pos if past is None else pos[:, -1:]
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_embeds.shape[1] :]  # positions over real tokens
         out = lm(
             inputs_embeds=step_embeds,
             attention_mask=mask,
@@ -62,7 +103,7 @@ def generate_batch(
         )
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1)  # [B]
-        for r in range(len(rows)):
+        for r in range(rows):
             if not done[r]:
                 if int(nxt[r]) == cfg.eos_token_id:
                     done[r] = True
@@ -70,7 +111,7 @@ def generate_batch(
                     answers[r].append(int(nxt[r]))
         if done.all():
             break
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         step_embeds = lm.get_input_embeddings()(nxt[:, None])  # [B, 1, D]
     return answers
 
@@ -99,11 +140,15 @@ def evaluate_bench(
         chunk = scenes[i : i + batch_scenes]
         pix = torch.from_numpy(pre([bench.render_scene(s) for s in chunk]))  # [b, 3, S, S]
         visual = model.encode_budgets(pix, tuple(budgets))  # {T: [b, T, D]}
-        qs = [(j, c, q, a) for j, s in enumerate(chunk) for c, q, a in s.questions]
-        prompts = [prompt_ids(tok, model.cfg, q) for _, _, q, _ in qs]
+        qs = [(j, c, q, a) for j, s in enumerate(chunk) for c, q, a in s.questions]  # image-major
+        parts = [split_at_image(prompt_ids(tok, model.cfg, q), model.cfg.image_token_id) for _, _, q, _ in qs]
+        prefix = parts[0][0]
+        if any(p != prefix for p, _ in parts):
+            raise ValueError("benchmark prompts differ before the image placeholder")
+        per_image = len(qs) // len(chunk)
         for t in budgets:
-            feats = visual[t][[j for j, *_ in qs]]  # [b*5, T, D]
-            for (j, c, q, a), ids in zip(qs, generate_batch(model, prompts, feats, t)):
+            answers = generate_shared(model, prefix, visual[t], [r for _, r in parts], per_image, t)
+            for (j, c, q, a), ids in zip(qs, answers):
                 text = tok.decode(ids).strip()
                 hits[t][c].append(bench.score(text, a))
                 samples.append(

@@ -64,7 +64,7 @@ def dist_setup() -> tuple[int, int, torch.device]:
 def build_model_and_tokenizer(cfg: TrainConfig):
     from fmvr.config import preset
     from fmvr.model import build_model
-    from fmvr.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from fmvr.tokenizer import load_tokenizer, preset_tokenizer
 
     if cfg.init:
         from fmvr.checkpoint import load_checkpoint
@@ -74,12 +74,10 @@ def build_model_and_tokenizer(cfg: TrainConfig):
     else:
         mcfg = preset(cfg.preset, pyramid=cfg.pyramid)
         model = build_model(mcfg, seed=cfg.seed)
-        if cfg.tower_seed >= 0:
+        if cfg.tower_seed >= 0 and not mcfg.vision.weights:
             fixed_tower(model, cfg.tower_seed)
-        if not cfg.tokenizer and cfg.preset != "tiny":
-            raise ValueError(f"preset {cfg.preset!r} needs --tokenizer (a tokenizer.json) or --init")
-        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tiny_tokenizer()
-    model.trainable(cfg.stage_def().parts)
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else preset_tokenizer(mcfg)
+    model.trainable(cfg.stage_def().parts + (("vision_tower",) if cfg.tower_lr > 0 else ()))
     if cfg.lora:
         add_lora(model, cfg)
     if cfg.grad_checkpointing:
@@ -90,14 +88,12 @@ def build_model_and_tokenizer(cfg: TrainConfig):
 
 
 def fixed_tower(model, seed: int) -> None:
-    """Re-initialise the vision tower from its own seed: a fresh model's frozen tower then plays
-    the part of a pretrained CLIP, identical in every run whatever --seed (and cacheable)."""
-    from transformers import CLIPVisionModel
-
-    from fmvr.model import clip_config
+    """Re-initialise a random vision tower from its own seed: a fresh model's frozen tower then
+    plays the part of a pretrained one, identical in every run whatever --seed (and cacheable)."""
+    from fmvr.towers import build_tower
 
     torch.manual_seed(seed)
-    model.vision_tower = CLIPVisionModel(clip_config(model.cfg.vision)).eval()
+    model.vision_tower = build_tower(model.cfg.vision).eval()
     model.vision_tower.requires_grad_(False)
 
 
@@ -114,7 +110,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
     from train.data import BenchDataset, LlavaDataset, read_records
 
     st = cfg.stage_def()
-    template = st.template
+    template = model.cfg.template if st.template == "chat" else st.template
     if cfg.data:
         return LlavaDataset(
             read_records(cfg.data),
@@ -130,12 +126,25 @@ def make_dataset(cfg: TrainConfig, model, tok):
     )
 
 
+def part_lr(cfg: TrainConfig, name: str) -> float:
+    """Learning rate of a parameter by the part it belongs to (tower / projector+pyramid / LLM)."""
+    part = name.split(".")[0]
+    if part == "vision_tower":
+        return cfg.tower_lr
+    if part in ("projector", "pyramid"):
+        return cfg.projector_lr or cfg.learning_rate
+    return cfg.learning_rate
+
+
 def make_optimizer(cfg: TrainConfig, model, total_steps: int):
-    params = trainable_named(model)
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in trainable_named(model).items():
+        wd = cfg.weight_decay if p.ndim >= 2 else 0.0  # matrices decay; vectors and scalars do not
+        groups.setdefault((part_lr(cfg, name), wd), []).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+        lr=cfg.learning_rate,
+    )
     warm = math.ceil(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -339,8 +348,8 @@ def _maybe_no_sync(ddp, sync: bool):
 def _autocast(cfg: TrainConfig, device):
     import contextlib
 
-    if cfg.bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cfg.bf16:  # CUDA, or a CPU with bf16 matrix units (AMX/AVX512-BF16): ~1.7x on SmolLM2 here
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -24,10 +24,8 @@ from train.data import Batch
 
 
 def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The (frozen) tower's selected hidden states, CLS dropped: [B, N, Dv * layers]."""
-    out = model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-    layers = [out.hidden_states[i][:, 1:] for i in model.cfg.vision.feature_layers]  # each [B, N, Dv]
-    return torch.cat(layers, dim=-1)  # [B, N, Dv * layers]
+    """The tower's grid features (fmvr.towers protocol): [B, N, Dv]."""
+    return model.vision_tower(pixel_values)  # [B, N, Dv]
 
 
 class VisionCache:

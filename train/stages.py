@@ -3,10 +3,11 @@
 | stage    | trainable                         | template  | lr   | start from            |
 |----------|-----------------------------------|-----------|------|-----------------------|
 | stage1   | projector, pyramid                | plain     | 1e-3 | fresh (or --init)     |
-| stage2   | projector, pyramid, language_model| vicuna_v1 | 2e-5 | --init stage-1 output |
-| finetune | projector, pyramid, language_model| vicuna_v1 | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
+| stage2   | projector, pyramid, language_model| the model's (vicuna_v1, chatml) | 2e-5 | --init stage-1 output |
+| finetune | projector, pyramid, language_model| the model's | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
 
-CLIP is always frozen. LoRA (`lora=true`) replaces full LLM training with peft adapters.
+The vision tower is frozen unless --tower-lr > 0 (the authors' finetune.sh trains it at 2e-5;
+its batch-norm statistics stay frozen). LoRA (`lora=true`) replaces full LLM training with peft adapters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 class Stage:
     name: str
     parts: tuple[str, ...]  # top-level submodules of FMVRLlava that train
-    template: str
+    template: str  # "chat": the model's own template (FMVRConfig.template)
     lr: float
     kind: str  # built-in benchmark records: "caption" (stage 1) or "qa"
     needs_init: bool = False
@@ -30,8 +31,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "stage1": Stage("stage1", ("projector", "pyramid"), "plain", 1e-3, "caption"),
-    "stage2": Stage("stage2", ("projector", "pyramid", "language_model"), "vicuna_v1", 2e-5, "qa"),
-    "finetune": Stage("finetune", ("projector", "pyramid", "language_model"), "vicuna_v1", 2e-5, "qa", True),
+    "stage2": Stage("stage2", ("projector", "pyramid", "language_model"), "chat", 2e-5, "qa"),
+    "finetune": Stage("finetune", ("projector", "pyramid", "language_model"), "chat", 2e-5, "qa", True),
 }
 
 
@@ -54,6 +55,8 @@ class TrainConfig:
     max_length: int = 2048
     # optimisation
     lr: float = 0.0  # 0: the stage's default
+    projector_lr: float = 0.0  # projector + pyramid; 0: --lr
+    tower_lr: float = 0.0  # > 0: the vision tower trains too, at this lr (the authors' finetune.sh)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     schedule: str = "cosine"  # cosine | constant
@@ -95,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:
             raise ValueError("--lora applies to stages that train the language model (stage2, finetune)")
+        if self.tower_lr < 0 or self.projector_lr < 0:
+            raise ValueError("--tower-lr and --projector-lr must be >= 0 (0: frozen tower / same as --lr)")
+        if self.tower_lr > 0 and self.cache_vision:
+            raise ValueError("--cache-vision needs a frozen tower: drop it with --tower-lr")
         if self.fsdp and self.lora:
             raise ValueError("--fsdp with --lora is not supported: LoRA fits with plain DDP, drop --fsdp")
         if self.batch_size < 1 or self.grad_accum < 1:

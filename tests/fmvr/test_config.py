@@ -103,7 +103,7 @@ def test_preset_changes_and_unknown_name():
         (dict(text=TextConfig(num_heads=32, num_kv_heads=5)), "multiple of num_kv_heads"),
         (dict(vision=VisionConfig(image_size=330)), "not a multiple of patch_size"),
         (dict(vision=VisionConfig(feature_layers=(-2, 30))), "feature layer 30 outside"),
-        (dict(vision=VisionConfig(feature_layers=(-2, 3))), "'mlp2x_gelu' takes one feature layer"),
+        (dict(vision=VisionConfig(feature_layers=(-2, 3))), "'mlp2x_gelu' takes one CLIP feature layer"),
     ],
 )
 def test_validate_errors(changes, match):

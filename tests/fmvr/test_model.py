@@ -16,6 +16,13 @@ from fmvr.tokenizer import IGNORE_INDEX, encode_segments, expand_image_tokens, e
 IMG = 4  # the tiny tokenizer's <image> id (preset tiny's image_token_id)
 
 
+def clip_hidden(tower, pixels):
+    """Every hidden state of a CLIP tower (transformers' own forward under our CLIPTower)."""
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.forward(tower, pixel_values=pixels, output_hidden_states=True).hidden_states
+
+
 @pytest.fixture(scope="module")
 def model(tiny_cfg):
     return build_model(tiny_cfg, seed=0)
@@ -172,7 +179,7 @@ def test_encode_budgets_equals_encode_image(model, pixels, tiny_cfg):
 
 def test_encode_grid_is_hidden_state_minus_2_without_cls(model, pixels):
     with torch.no_grad():
-        hidden = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        hidden = clip_hidden(model.vision_tower, pixels)
         torch.testing.assert_close(model.encode_grid(pixels), model.projector(hidden[-2][:, 1:]))
 
 
@@ -201,7 +208,7 @@ def test_crosslayer_projector(tiny_cfg, pixels):
     with torch.no_grad():
         for t in (576, 36, 1):
             assert model.encode_image(pixels, t).shape == (2, t, cfg.text.hidden_size)
-        hidden = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        hidden = clip_hidden(model.vision_tower, pixels)
         fused = torch.cat([hidden[i][:, 1:] for i in layers], dim=-1)  # [B, 576, 3 * Dv]
         torch.testing.assert_close(model.encode_grid(pixels), model.projector(fused))
 

@@ -120,8 +120,8 @@ def test_bad_conversations_are_rejected(turns, match):
 
 
 def test_unknown_template():
-    with pytest.raises(ValueError, match="unknown template 'chatml'.*vicuna_v1"):
-        render("chatml", CONVERSATIONS[0])
+    with pytest.raises(ValueError, match="unknown template 'alpaca'.*vicuna_v1"):
+        render("alpaca", CONVERSATIONS[0])
 
 
 def test_user_turn_moves_the_image_to_the_front_like_llava():

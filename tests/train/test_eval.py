@@ -43,6 +43,29 @@ def test_batched_generation_equals_generate(tiny_cfg, tiny_tokenizer):
         assert len({tuple(b) for b in batched}) > 1  # the rows really differ
 
 
+def test_shared_prefix_generation_equals_full_prompts(tiny_cfg, tiny_tokenizer):
+    """evaluate_bench prefills each image once and repeats its KV cache per question."""
+    from fmvr.preprocess import Preprocessor
+    from train.eval import generate_shared, split_at_image
+
+    model = _peaky(tiny_cfg)
+    scenes = [bench.make_scene(7), bench.make_scene(8)]
+    pix = torch.from_numpy(Preprocessor.from_config(tiny_cfg)([bench.render_scene(s) for s in scenes]))
+    questions = [
+        "What colour is the circle?",
+        "How many red objects are there in this picture today?",
+        "Is it?",
+    ]
+    prompts = [prompt_ids(tiny_tokenizer, tiny_cfg, q) for q in questions] * 2  # image-major
+    parts = [split_at_image(p, tiny_cfg.image_token_id) for p in prompts]
+    for t in (144, 9):
+        feats = model.encode_image(pix, t)  # [2, T, D]
+        shared = generate_shared(model, parts[0][0], feats, [r for _, r in parts], 3, t, max_new_tokens=5)
+        full = generate_batch(model, prompts, feats.repeat_interleave(3, dim=0), t, max_new_tokens=5)
+        assert shared == full
+        assert len({tuple(a) for a in shared}) > 1
+
+
 def test_evaluate_bench_structure(tiny_cfg, tiny_tokenizer):
     res = evaluate_bench(_peaky(tiny_cfg), tiny_tokenizer, (36, 1), n=2, split="val")
     assert set(res["accuracy"]) == {36, 1}

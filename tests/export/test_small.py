@@ -1,0 +1,70 @@
+"""The `small` geometry through export and the torch-free runtime: the pretrained
+EfficientNet-Lite0 tower (384 px, 24x24 grid), SmolLM2's tokenizer, ChatML without BOS and
+the placeholder id 3. The LM is cut to 2 random layers so the test stays fast; fp32 greedy
+tokens must equal PyTorch's at every budget."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+PROMPT = "What colour is the circle?"
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def reduced_small(small_cfg):
+    from fmvr.model import build_model
+
+    text = dataclasses.replace(small_cfg.text, num_layers=2, weights="")
+    return build_model(small_cfg.replace(name="small-2-layers", text=text), seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory, reduced_small, small_tokenizer):
+    from export.build import build_bundle
+    from export.common import checkpoint_source
+    from fmvr.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("small")
+    ckpt = save_checkpoint(reduced_small, root / "ckpt", tokenizer=small_tokenizer)
+    src = checkpoint_source(str(ckpt))
+    out, manifest = build_bundle(src, root / "bundle", budgets=src.model.cfg.budgets, llm="fp32")
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def small_pipe(small_bundle):
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.load(small_bundle[0], threads=1)
+
+
+def test_manifest_records_the_tower_and_chatml(small_bundle):
+    _, m = small_bundle
+    cfg = m.model["config"]
+    assert cfg["vision"]["tower"] == "efficientnet-lite0" and m.template == "chatml"
+    assert "bos" not in m.special_tokens and m.special_tokens["image"] == 3
+    assert m.preprocessing["size"] == 384
+    parity = [rec for f in m.files for rec in (f.parity or {}).values()]
+    assert len(parity) == 5 and all(rec["ok"] for rec in parity)  # the tower's ONNX vs PyTorch, real photos
+
+
+def test_prompt_has_no_bos_and_one_placeholder(small_pipe, small_tokenizer):
+    ids = small_pipe.prompt_ids(PROMPT)
+    assert ids[0] == small_tokenizer.token_to_id("<|im_start|>") and ids.count(3) == 1
+
+
+@pytest.mark.parametrize("tokens", (576, 144, 36, 9, 1))
+def test_small_runtime_greedy_equals_pytorch(small_pipe, reduced_small, real_images, tokens):
+    from fmvr.tokenizer import expand_image_tokens
+
+    image = real_images[0]
+    ids = expand_image_tokens(small_pipe.prompt_ids(PROMPT), 3, tokens)
+    pixels = torch.from_numpy(small_pipe.preprocess(image))  # [1, 3, 384, 384]
+    want = reduced_small.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)
+    got = small_pipe.ask(image, PROMPT, tokens=tokens, max_new_tokens=NEW)
+    assert got.token_ids == want and got.budget == tokens
