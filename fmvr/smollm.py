@@ -130,8 +130,13 @@ def prepare(path: Path | None = None) -> Path:
     out = cache_root() / f"smollm2-{digest[:16]}"
     if (out / "source.json").is_file():
         return out
+    import sys
+
     from safetensors.numpy import save_file
 
+    print(
+        f"[smollm2] first use: dequantising {path.name} into {out} (once, ~10 s)", file=sys.stderr, flush=True
+    )
     meta, state = read_gguf(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))

@@ -119,6 +119,8 @@ class EfficientNetLite(nn.Module):
         if -1 in self.maps:
             self._conv_head = SameConv(lite0_blocks()[-1][1], LITE0_HEAD, 1, 1, size)
             self._bn1 = nn.BatchNorm2d(LITE0_HEAD, eps=BN_EPS)
+        # fixed coordinates, rebuilt from the config (not saved in checkpoints)
+        self.register_buffer("position", grid_positions(self.grid, v.position_channels), persistent=False)
 
     def feature_maps(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """{map id: [B, C_m, H_m, W_m]} for every map named in the config."""
@@ -143,8 +145,23 @@ class EfficientNetLite(nn.Module):
             elif f.shape[-1] != self.grid:  # a finer map: average down to the grid
                 f = F.avg_pool2d(f, f.shape[-1] // self.grid)  # [B, C_m, G, G]
             grids.append(f)
+        if self.position.shape[1]:
+            grids.append(self.position.expand(grids[0].shape[0], -1, -1, -1))  # [B, P, G, G]
         x = torch.cat(grids, dim=1)  # [B, C, G, G]
         return x.flatten(2).transpose(1, 2)  # [B, G*G, C], row-major
+
+
+def grid_positions(grid: int, channels: int) -> torch.Tensor:
+    """[1, channels, G, G]: sin and cos of row and column (cell centres in [0, 1]) at
+    channels/4 frequencies pi * 2^k; zero channels gives an empty tensor."""
+    k = channels // 4
+    centre = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid  # [G]
+    freqs = torch.pi * 2.0 ** torch.arange(k, dtype=torch.float32)  # [k]
+    angle = freqs[:, None] * centre[None, :]  # [k, G]
+    waves = torch.cat([angle.sin(), angle.cos()])  # [2k, G]
+    rows = waves[:, :, None].expand(-1, grid, grid)  # [2k, G, G]: varies down the rows
+    cols = waves[:, None, :].expand(-1, grid, grid)  # [2k, G, G]: varies across the columns
+    return torch.cat([rows, cols])[None]  # [1, 4k, G, G]
 
 
 def effnet_weights_file() -> Path:

@@ -31,6 +31,8 @@ HELP = {
     "image_folder": "folder the data file's image paths are relative to",
     "bench_n": "built-in benchmark training scenes",
     "bench_seed": "built-in benchmark seed",
+    "bench_qa": "built-in stage-2 questions: independent (blocks sharing the image, each seeing only the image; "
+    "as evaluated) or conversation (one multi-turn chat, where later answers can be read off earlier ones)",
     "strict_data": "fail on a missing/corrupt image instead of skipping it with a warning",
     "max_length": "max tokens per sample, counted with the image at its largest budget",
     "lr": "peak learning rate (0: the stage's default)",

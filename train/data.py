@@ -36,6 +36,10 @@ class Example:
     target: tuple[bool, ...]  # True on assistant tokens
     image_key: str  # identifies the image (path or scene seed) for feature caching
     index: int
+    # Independent questions sharing one image: per token, 0 = the shared prefix (up to and
+    # including the image), k = the k-th question block, which sees the prefix and itself only.
+    # None: one ordinary causal sequence.
+    blocks: tuple[int, ...] | None = None
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -72,6 +76,38 @@ def tokenize(tok, cfg: FMVRConfig, template: str, conversations: list[dict], max
     if not any(target):
         return None
     return ids, target
+
+
+def tokenize_blocks(
+    tok, cfg: FMVRConfig, template: str, qas: Sequence[tuple[str, str]], max_length: int
+) -> tuple[list[int], list[bool], list[int]]:
+    """Independent single-question prompts about one image, packed: the shared prefix (rendered
+    up to the placeholder) once, then each question + answer as its own block. Each block is
+    exactly the inference prompt of that question (same tokens, same positions once the
+    collator's block mask is applied), so nothing leaks between questions. Whole blocks past
+    max_length (counted at the largest budget) are dropped."""
+    from fmvr.template import user_turn
+
+    prefix: list[int] | None = None
+    ids: list[int] = []
+    target: list[bool] = []
+    blocks: list[int] = []
+    room = max_length - (max(cfg.budgets) - 1)
+    for k, (question, answer) in enumerate(qas, start=1):
+        segs = render(template, [user_turn(question), {"from": "gpt", "value": answer}])
+        q_ids, q_target = encode_segments(tok, segs, cfg.bos_id)
+        cut = q_ids.index(cfg.image_token_id) + 1
+        if prefix is None:
+            prefix = q_ids[:cut]
+            ids, target, blocks = list(prefix), q_target[:cut], [0] * cut
+        elif q_ids[:cut] != prefix:
+            raise DataError(f"question {k} renders a different prefix before the image")
+        if len(ids) + len(q_ids) - cut > room:
+            break
+        ids += q_ids[cut:]
+        target += q_target[cut:]
+        blocks += [k] * (len(q_ids) - cut)
+    return ids, target, blocks
 
 
 class _Base:
@@ -143,8 +179,9 @@ class LlavaDataset(_Base):
 
 
 class BenchDataset(_Base):
-    """The built-in benchmark generated on the fly: kind "qa" (stage 2, multi-turn) or
-    "caption" (stage 1, plain)."""
+    """The built-in benchmark generated on the fly: kind "qa" (stage 2: every question a scene
+    supports, as independent blocks sharing the image, or with independent=False one multi-turn
+    conversation, where later answers can be read off earlier ones) or "caption" (stage 1)."""
 
     def __init__(
         self,
@@ -156,6 +193,7 @@ class BenchDataset(_Base):
         kind: str = "qa",
         seed: int = 0,
         max_length: int = 2048,
+        independent: bool = True,
     ) -> None:
         from fmvr.preprocess import Preprocessor
         from train import bench
@@ -164,12 +202,19 @@ class BenchDataset(_Base):
         self.scenes = list(bench.scenes(split, n, seed))
         self.records = [bench.llava_records(s, f"scene-{s.seed}", kind)[0] for s in self.scenes]
         self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
+        self.independent = independent and kind == "qa"
         self.pre = Preprocessor.from_config(cfg)
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def example(self, i: int) -> Example | None:
+        if self.independent:
+            from train.bench import training_questions
+
+            qas = [(q, a) for _, q, a in training_questions(self.scenes[i])]
+            ids, target, blocks = tokenize_blocks(self.tok, self.cfg, self.template, qas, self.max_length)
+            return Example(tuple(ids), tuple(target), f"bench-{self.scenes[i].seed}", i, tuple(blocks))
         out = tokenize(self.tok, self.cfg, self.template, self.records[i]["conversations"], self.max_length)
         if out is None:
             raise DataError(f"bench sample {i} does not fit max length {self.max_length}")
@@ -209,8 +254,14 @@ def collate(
     budgets: Sequence[int],
     pixel_keys: list[str] | None = None,
 ) -> Batch:
-    """Pad and expand: per budget T, ids [B, S_T] (pad id), mask [B, S_T], labels [B, S_T]."""
+    """Pad and expand: per budget T, ids [B, S_T] (pad id), mask, labels [B, S_T].
+
+    The mask is [B, S_T] (1 = token) for ordinary examples; when any example has question
+    blocks it is a boolean [B, 1, S_T, S_T] (query, key) mask: causal, and a block's tokens
+    see the shared prefix and their own block only. Positions follow from it (lm_loss_sum).
+    """
     per_budget = {}
+    packed = any(e.blocks is not None for e in examples)
     for t in budgets:
         rows = [expand_with_labels(e.ids, e.target, cfg.image_token_id, t) for e in examples]
         width = max(len(ids) for ids, _ in rows)
@@ -221,6 +272,24 @@ def collate(
             ids[r, : len(row_ids)] = torch.tensor(row_ids)
             labels[r, : len(row_labels)] = torch.tensor(row_labels)
             mask[r, : len(row_ids)] = 1
+        if packed:
+            mask = block_mask(examples, cfg.image_token_id, t, width)  # [B, 1, S_T, S_T]
         per_budget[t] = (ids, mask, labels)
     pix = torch.from_numpy(np.stack(pixels)) if pixels else None  # [P, 3, S, S]
     return Batch([e.image_key for e in examples], [e.index for e in examples], pix, per_budget, pixel_keys)
+
+
+def block_mask(examples: Sequence[Example], image_token_id: int, tokens: int, width: int) -> torch.Tensor:
+    """[B, 1, S, S] boolean attention mask (True = may attend) for block-packed examples."""
+    out = torch.zeros((len(examples), 1, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # [S, S]
+    for r, e in enumerate(examples):
+        seg: list[int] = []
+        for i, b in zip(e.ids, e.blocks or [0] * len(e.ids), strict=True):
+            seg += [b] * (tokens if i == image_token_id else 1)
+        n = len(seg)
+        s = torch.tensor(seg)  # [n]
+        same = (s[None, :] == 0) | (s[None, :] == s[:, None])  # key in the prefix, or in the query's block
+        out[r, 0, :n, :n] = causal[:n, :n] & same
+        out[r, 0, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends to itself (no NaN)
+    return out

