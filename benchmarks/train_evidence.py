@@ -39,6 +39,12 @@ def parse_args(argv):
     p.add_argument("--lora", action="store_true", help="train the LLM through LoRA adapters (small)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU with bf16 matrix units)")
     p.add_argument("--projector-lr", type=float, default=0.0, help="lr of projector + pyramid (0: --lr)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (scale alpha / r)")
+    p.add_argument(
+        "--stage1-steps", type=int, default=0, help="stage-1 caption steps first (0: stage 2 only)"
+    )
+    p.add_argument("--stage1-batch-size", type=int, default=8, help="stage-1 captions per step")
+    p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 learning rate")
     p.add_argument("--device-tag", default="cpu", help="where it ran, recorded in the results (cpu, gpu)")
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
     p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
@@ -70,12 +76,37 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    common = dict(
+        preset=args.preset,
+        pyramid=pyramid,
+        bf16=args.bf16,
+        seed=seed,
+        budget_mode=args.budget_mode,
+        bench_n=args.bench_n,
+        progress=False,
+        log_every=10,
+    )
+    t0 = time.time()
+    init = ""
+    if args.stage1_steps:
+        s1 = TrainConfig(
+            stage="stage1",
+            out=str(out / "stage1"),
+            steps=args.stage1_steps,
+            batch_size=args.stage1_batch_size,
+            lr=args.stage1_lr,
+            **common,
+        ).check()
+        train_model(s1, cache=cache)
+        init = str(out / "stage1" / "final")
     cfg = TrainConfig(
         stage="stage2",
         out=str(out),
+        init=init,
         preset=args.preset,
         pyramid=pyramid,
         lora=args.lora,
+        lora_alpha=args.lora_alpha,
         bf16=args.bf16,
         projector_lr=args.projector_lr,
         seed=seed,
@@ -88,7 +119,6 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         progress=False,
         log_every=10,
     ).check()
-    t0 = time.time()
     model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0 / pretrained) for all runs
     train_s = time.time() - t0
     from fmvr.tokenizer import preset_tokenizer
@@ -117,12 +147,18 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
 def flat_rows(runs: list[dict]) -> list[dict]:
     """One row per (pyramid, seed, tokens, category): the accuracy (0..1) and n scored."""
     return [
-        {"pyramid": r["pyramid"], "seed": r["seed"], "tokens": int(t), "category": c, "accuracy": v,
-         "n": r.get("n", {}).get(c, 0)}
+        {
+            "pyramid": r["pyramid"],
+            "seed": r["seed"],
+            "tokens": int(t),
+            "category": c,
+            "accuracy": v,
+            "n": r.get("n", {}).get(c, 0),
+        }
         for r in runs
         for t, accs in r["accuracy"].items()
         for c, v in accs.items()
-    ]  # fmt: skip
+    ]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -150,6 +186,12 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
         + (" --lora" if args.lora else "")
         + (" --bf16" if args.bf16 else "")
         + (f" --projector-lr {args.projector_lr}" if args.projector_lr else "")
+        + (f" --lora-alpha {args.lora_alpha}" if args.lora else "")
+        + (
+            f" --stage1-steps {args.stage1_steps} --stage1-batch-size {args.stage1_batch_size} --stage1-lr {args.stage1_lr}"
+            if args.stage1_steps
+            else ""
+        )
         + f" --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
         f"--schedule {args.schedule} --budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds} "
         f"--pyramids {args.pyramids} --runs {args.runs} --name {args.name}`",

@@ -47,6 +47,7 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping norm",
     "budget_mode": "mean: loss averaged over every budget each step; random: one random budget per step",
+    "budgets": "comma-separated budgets to train, e.g. 36,9 (default: all of the model's)",
     "seed": "seed of the model init and the data order",
     "tower_seed": "seed of a fresh model's frozen vision tower, the same in every run (-1: use --seed)",
     "lora": "train the LLM with LoRA adapters (peft) instead of fully",

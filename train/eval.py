@@ -58,9 +58,14 @@ def split_at_image(ids: Sequence[int], image_token_id: int) -> tuple[list[int], 
 
 @torch.no_grad()
 def generate_shared(
-    model, prefix: list[int], feats: torch.Tensor, suffixes: Sequence[list[int]], per_image: int,
-    tokens: int, max_new_tokens: int = 8,
-) -> list[list[int]]:  # fmt: skip
+    model,
+    prefix: list[int],
+    feats: torch.Tensor,
+    suffixes: Sequence[list[int]],
+    per_image: int,
+    tokens: int,
+    max_new_tokens: int = 8,
+) -> list[list[int]]:
     """Greedy answers for several questions per image, the image's prefix computed once.
 
     prefix: ids up to the placeholder (the same for every row); feats [b, T, D]; suffixes:

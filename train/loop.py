@@ -230,6 +230,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     model, tok = build_model_and_tokenizer(cfg)
     model.to(device).train()
     model.vision_tower.eval()  # frozen: no dropout, fixed statistics
+    cfg.budget_list(model.cfg.budgets)  # refuse budgets the model lacks before any work
     ds = make_dataset(cfg, model, tok)
     gb = cfg.batch_size * cfg.grad_accum * world
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch(len(ds), gb)))
@@ -278,7 +279,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
 
 
 def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> dict:
-    budgets_all = runner.model.cfg.budgets
+    budgets_all = cfg.budget_list(runner.model.cfg.budgets)
     budgets = step_budgets(budgets_all, cfg.budget_mode, random.Random(cfg.seed * 7919 + step))
     gb = cfg.batch_size * cfg.grad_accum * world
     idx = step_indices(len(ds), gb, cfg.seed, step)

@@ -67,6 +67,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     budget_mode: str = "mean"  # mean (every budget each step) | random (one per step)
+    budgets: str = ""  # comma-separated budgets to train ("": all of the model's)
     seed: int = 0
     tower_seed: int = 0  # a fresh model's frozen tower comes from this seed (-1: from --seed)
     # model tricks
@@ -112,6 +113,21 @@ class TrainConfig:
         if self.keep_last < 1:
             raise ValueError("--keep-last must be >= 1 (the checkpoint just written is always kept)")
         return self
+
+    def budget_list(self, model_budgets: tuple[int, ...]) -> tuple[int, ...]:
+        """The budgets a step draws from, each checked against the model's."""
+        if not self.budgets:
+            return tuple(model_budgets)
+        try:
+            chosen = tuple(int(b) for b in self.budgets.split(","))
+        except ValueError as e:
+            raise ValueError(f"--budgets {self.budgets!r}: give comma-separated integers, e.g. 36,9") from e
+        bad = [b for b in chosen if b not in model_budgets]
+        if bad:
+            raise ValueError(
+                f"--budgets {bad} are not budgets of this model ({', '.join(map(str, model_budgets))})"
+            )
+        return chosen
 
     @property
     def learning_rate(self) -> float:

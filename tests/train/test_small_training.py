@@ -14,9 +14,17 @@ from train.stages import TrainConfig
 
 def test_stage1_on_small_lowers_loss_and_trains_only_projector_and_pyramid(tmp_path, small_model):
     cfg = TrainConfig(
-        stage="stage1", preset="small", out=str(tmp_path / "s1"), bench_n=2, batch_size=2, steps=3,
-        lr=1e-3, warmup_ratio=0.0, progress=False, cache_vision=True,
-    ).check()  # fmt: skip
+        stage="stage1",
+        preset="small",
+        out=str(tmp_path / "s1"),
+        bench_n=2,
+        batch_size=2,
+        steps=3,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        progress=False,
+        cache_vision=True,
+    ).check()
     model, _ = train_model(cfg)
     before, after = small_model.state_dict(), model.state_dict()  # same seed, same packaged weights
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
@@ -27,9 +35,17 @@ def test_stage1_on_small_lowers_loss_and_trains_only_projector_and_pyramid(tmp_p
 
 def test_tower_lr_trains_the_tower_at_its_own_rate(tmp_path):
     cfg = TrainConfig(
-        stage="stage2", out=str(tmp_path / "t"), bench_n=2, batch_size=2, steps=2, lr=1e-3,
-        tower_lr=1e-4, warmup_ratio=0.0, progress=False, budget_mode="random",
-    ).check()  # fmt: skip
+        stage="stage2",
+        out=str(tmp_path / "t"),
+        bench_n=2,
+        batch_size=2,
+        steps=2,
+        lr=1e-3,
+        tower_lr=1e-4,
+        warmup_ratio=0.0,
+        progress=False,
+        budget_mode="random",
+    ).check()
     model, _ = train_model(cfg)
     from train.loop import build_model_and_tokenizer, make_optimizer
 
@@ -49,3 +65,11 @@ def test_tower_lr_trains_the_tower_at_its_own_rate(tmp_path):
 def test_tower_lr_refuses_the_feature_cache(tmp_path):
     with pytest.raises(ValueError, match="--cache-vision needs a frozen tower"):
         TrainConfig(out=str(tmp_path), tower_lr=1e-4, cache_vision=True).check()
+
+
+def test_budgets_flag_restricts_and_validates(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path), budgets="36,9").check()
+    assert cfg.budget_list((576, 144, 36, 9, 1)) == (36, 9)
+    assert TrainConfig(out=str(tmp_path)).check().budget_list((576, 1)) == (576, 1)
+    with pytest.raises(ValueError, match=r"\[100\] are not budgets"):
+        TrainConfig(out=str(tmp_path), budgets="36,100").check().budget_list((576, 144, 36, 9, 1))
