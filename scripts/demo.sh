@@ -10,8 +10,8 @@
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_DIR:-runs/demo}
-STAGE1_STEPS=${DEMO_STAGE1_STEPS:-15}
-STEPS=${DEMO_STEPS:-90}
+STAGE1_STEPS=${DEMO_STAGE1_STEPS:-60}
+STEPS=${DEMO_STEPS:-50}
 EVAL_N=${DEMO_EVAL_N:-40}
 mkdir -p "$OUT"
 say() { printf '\n==== %s\n' "$*"; }
@@ -23,9 +23,9 @@ say "1/4 the small FMVR model on a real photo (python -m fmvr.demo)"
 
 say "2/4 training on the built-in benchmark (cached in $OUT)"
 "$PY" -m train --preset small --stage stage1 --out "$OUT/stage1" --steps "$STAGE1_STEPS" --batch-size 8 \
-    --bench-n 600 --lr 1e-3 --budget-mode random --cache-vision "$BF16" --skip-if-done
+    --bench-n 600 --lr 2e-3 --budget-mode random --cache-vision "$BF16" --skip-if-done
 "$PY" -m train --stage stage2 --init "$OUT/stage1/final" --out "$OUT/train" --steps "$STEPS" --batch-size 4 \
-    --bench-n 600 --bench-seed 1 --lora --lr 2e-4 --projector-lr 1e-3 --budget-mode random --cache-vision \
+    --bench-n 600 --bench-seed 1 --lora --lora-alpha 128 --lr 2e-4 --projector-lr 1e-3 --budget-mode random --cache-vision \
     "$BF16" --skip-if-done
 "$PY" -m train.eval --ckpt "$OUT/train/final" --bench-n "$EVAL_N" --out "$OUT/eval.json" --reuse
 
