@@ -40,7 +40,7 @@ manifest.json (schema_version 1), keys:
     past_key / past_value / present_key / present_value: name templates with "{i}"
     ("past_key_values.{i}.key", ..., "present.{i}.value"); KV tensors are
     [batch, num_kv_heads, seq, head_dim] in kv_dtype; has_position_ids: bool;
-    quantization: {method: "fp32"|"fp16"|"int8-dynamic"|"int4-matmulnbits", block_size,
+    quantization: {method: "fp32"|"fp16"|"int8-matmulnbits"|"int4-matmulnbits", block_size,
     target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run", reason,
     provider, top1, max_abs_logit_err, positions, prompts, floor, greedy_tokens (20),
     greedy_match, greedy_equal, ok}} (agreement is vs PyTorch fp32 logits on a fixed
