@@ -6,24 +6,19 @@ A checkpoint is a directory, written to a temp dir then renamed into place:
     tokenizer.json     optional (tokenizers library)
     extra.json         optional, any JSON (training step, metrics, ...)
 
-import_llava_hf / import_authors / ImportReport live in fmvr.importers and are importable
-from here too (`from fmvr.checkpoint import import_llava_hf`).
+The importers of other layouts (llava-hf, the authors' release) live in fmvr.importers.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fmvr import atomic
 from fmvr.config import FMVRConfig
 from fmvr.model import FMVRLlava
 
@@ -34,17 +29,6 @@ EXTRA_FILE = "extra.json"
 TIED_META = "fmvr_tied"  # safetensors metadata: {"alias": "kept key"} for tied weights
 _EMBED = "language_model.model.embed_tokens.weight"
 _LM_HEAD = "language_model.lm_head.weight"
-
-_IMPORTERS = ("ImportReport", "import_authors", "import_llava_hf")
-
-
-def __getattr__(name: str) -> Any:
-    """The importers live in fmvr.importers (which imports this module): resolved on first use."""
-    if name in _IMPORTERS:
-        import fmvr.importers
-
-        return getattr(fmvr.importers, name)
-    raise AttributeError(f"module 'fmvr.checkpoint' has no attribute {name!r}")
 
 
 # ---- our format: save ------------------------------------------------------------------------
@@ -67,7 +51,7 @@ def save_checkpoint(
     state, tied = split_tied(model.state_dict())
     meta = {"format": "pt", "fmvr_config_hash": model.cfg.hash(), TIED_META: json.dumps(tied, sort_keys=True)}
     extra_text = _extra_json(extra) if extra is not None else None
-    with _atomic_dir(path) as tmp:
+    with atomic.atomic_dir(path) as tmp:
         model.cfg.save(tmp / CONFIG_FILE)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=meta)
         if tokenizer is not None:
@@ -120,34 +104,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{path} exists and is not an FMVR checkpoint directory; refusing to replace it"
         )
-
-
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a sibling temp dir; on success it replaces `path`, on any error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        swap_into_place(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def swap_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        os.rename(old, path)  # put the previous checkpoint back, then report the failure
-        raise
-    shutil.rmtree(old)
 
 
 def _tokenizer_json(tokenizer: Any) -> str:

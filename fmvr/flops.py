@@ -22,12 +22,10 @@ Torch-free; `meta_param_counts` imports torch lazily and builds on the meta devi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from fmvr import atomic
 from fmvr.config import (
     PRESETS,
     PYRAMIDS,
@@ -286,15 +284,6 @@ def report(cfg: FMVRConfig, prompt_tokens: int, dtype_bytes: int) -> dict[str, A
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _print_report(rep: dict[str, Any]) -> None:
     print(
         f"# FLOPs per visual-token budget: {rep['config']} ({rep['pyramid']}), "
@@ -350,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             f"meta check: analytic parameter counts equal the meta-device model's ({sum(counted.values()):,})"
         )
     if args.json:
-        _write_json(args.json, rep)
+        atomic.write_json(args.json, rep)
         print(f"wrote {args.json}")
     print("next: python -m fmvr.flops --pyramid m3  (compare the M3 baseline), or add --meta")
     return 0

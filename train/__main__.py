@@ -18,7 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.stages import STAGES, TrainConfig
+from fmvr.cli import renamed_flags
+from train.stages import RENAMED_KEYS, STAGES, TrainConfig
+
+RENAMED_FLAGS = {"--budgets": "--tokens"}  # renamed in 0.2 (old -> new), accepted for one release
 
 HELP = {
     "stage": f"training stage: {', '.join(STAGES)}",
@@ -47,7 +50,7 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping norm",
     "budget_mode": "mean: loss averaged over every budget each step; random: one random budget per step",
-    "budgets": "comma-separated budgets to train, e.g. 36,9 (default: all of the model's)",
+    "tokens": "comma-separated budgets to train, e.g. 36,9, or all (default: all of the model's)",
     "seed": "seed of the model init and the data order",
     "tower_seed": "seed of a fresh model's frozen vision tower, the same in every run (-1: use --seed)",
     "lora": "train the LLM with LoRA adapters (peft) instead of fully",
@@ -81,7 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default {f.default!r})")
-    return p.parse_args(argv)
+    return p.parse_args(renamed_flags(argv, RENAMED_FLAGS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e))
         return 130
     print(f"trained {cfg.stage}: {out}")
-    print(f"next: python -m train.eval --ckpt {out}")
+    print(f"next: python -m train.eval --checkpoint {out}")
     return 0
 
 
@@ -112,6 +115,7 @@ def _same_run(final: Path, cfg: TrainConfig) -> bool:
     if not extra.is_file():
         return False
     saved = json.loads(extra.read_text()).get("train_config", {})
+    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
     ignore = {"progress", "stop_after", "log_every"}
     return {k: v for k, v in saved.items() if k not in ignore} == {
         k: v for k, v in cfg.to_dict().items() if k not in ignore

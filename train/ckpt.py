@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fmvr.checkpoint import swap_into_place
+from fmvr import atomic
 from train.stages import TrainConfig
 
 
@@ -24,13 +24,20 @@ def trainable_named(model) -> dict[str, torch.nn.Parameter]:
 
 def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | None = None) -> Path:
     """Atomically write <out>/<name or ckpt-step>/ and keep the last cfg.keep_last."""
-    from safetensors.torch import save_file
 
     out = Path(cfg.out)
     final = out / (name or f"ckpt-{step:07d}")
-    tmp = out / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic.atomic_dir(final) as tmp:  # a crash leaves the old or the new checkpoint, never neither
+        _write_state(cfg, model, tok, opt, sched, step, tmp)
+    if name is None:
+        for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
+            shutil.rmtree(old)
+    return final
+
+
+def _write_state(cfg: TrainConfig, model, tok, opt, sched, step: int, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
     save_model(model, tmp / "model", tok, {"step": step, "stage": cfg.stage, "train_config": cfg.to_dict()})
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in trainable_named(model).items()},
@@ -43,11 +50,6 @@ def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | 
         tmp / "trainer.pt",
     )
     (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    swap_into_place(tmp, final)  # a crash leaves the old or the new checkpoint, never neither
-    if name is None:
-        for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
-            shutil.rmtree(old)
-    return final
 
 
 def save_model(model, path: Path, tok, extra: dict) -> None:

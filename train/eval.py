@@ -1,8 +1,8 @@
 """Evaluation: accuracy per budget and category on the built-in benchmark, and an answers
 file (JSON Lines, LLaVA model_vqa style) for any LLaVA-format question file. Greedy.
 
-    python -m train.eval --ckpt runs/tiny/final --bench-n 100
-    python -m train.eval --ckpt DIR --questions q.jsonl --image-folder imgs --answers-file a.jsonl --tokens 36
+    python -m train.eval --checkpoint runs/tiny/final --bench-n 100
+    python -m train.eval --checkpoint DIR --questions q.jsonl --image-folder imgs --answers-file a.jsonl --tokens 36
 
 Generation is batched: prompts left-padded with explicit position ids, the image encoded
 once for every budget, greedy decoding until every row has emitted </s>.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmvr import atomic
+from fmvr.cli import parse_tokens, renamed_flags
 from fmvr.template import prompt_text
 from fmvr.tokenizer import expand_image_tokens
 
@@ -202,8 +203,7 @@ def answer_file(model, tok, questions: str, image_folder: str, out: str, tokens:
 
     pre = Preprocessor.from_config(model.cfg)
     records = read_records(questions)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic.open_atomic(out) as f:
         for k, rec in enumerate(records):
             question = rec["text"] if "text" in rec else rec["conversations"][0]["value"]
             pix = torch.from_numpy(pre(str(Path(image_folder) / rec["image"])))  # [1, 3, S, S]
@@ -221,8 +221,13 @@ def answer_file(model, tok, questions: str, image_folder: str, out: str, tokens:
                 "metadata": {"tokens": tokens},
             }
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
     return len(records)
+
+
+RENAMED_FLAGS = {
+    "--ckpt": "--checkpoint",
+    "--budgets": "--tokens",
+}  # renamed in 0.2, accepted for one release
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -230,12 +235,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--ckpt",
+        "--checkpoint",
         required=True,
         help="checkpoint directory (config.json + model.safetensors + tokenizer.json)",
     )
     p.add_argument(
-        "--budgets", default="", help="comma-separated budgets to score (default: all of the model's)"
+        "--tokens",
+        default="all",
+        help="budgets to score, comma-separated, or all (default); with --questions: one budget "
+        "(default: the largest)",
     )
     p.add_argument(
         "--bench-n", type=int, default=100, help="built-in benchmark scenes to score (5 questions each)"
@@ -251,8 +259,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
     p.add_argument("--answers-file", default="answers.jsonl", help="where to write the answers (JSON Lines)")
-    p.add_argument("--tokens", type=int, default=0, help="budget for --questions (default: the largest)")
-    return p.parse_args(argv)
+    return p.parse_args(renamed_flags(argv, RENAMED_FLAGS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,22 +267,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fmvr.tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    if args.reuse and args.out and _fresh(Path(args.out), Path(args.ckpt)):
+    if args.reuse and args.out and _fresh(Path(args.out), Path(args.checkpoint)):
         print(
             format_table({int(t): v for t, v in json.loads(Path(args.out).read_text())["accuracy"].items()})
         )
         print(f"(saved result {args.out}; drop --reuse to score again)")
         return 0
     torch.manual_seed(0)
-    model = load_checkpoint(args.ckpt).eval()
-    tok = load_tokenizer(args.ckpt)
-    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else model.cfg.budgets
-    for b in budgets:
-        model.cfg.check_budget(b)
+    model = load_checkpoint(args.checkpoint).eval()
+    tok = load_tokenizer(args.checkpoint)
+    try:
+        budgets = parse_tokens(args.tokens, model.cfg.budgets)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.questions:
-        tokens = model.cfg.check_budget(args.tokens or max(model.cfg.budgets))
+        if len(budgets) != 1 and args.tokens not in ("", "all"):
+            print(
+                "error: --questions answers at one budget: pass one --tokens value, e.g. --tokens 36",
+                file=sys.stderr,
+            )
+            return 2
+        tokens = budgets[0]  # the one asked for, or the largest
         n = answer_file(
-            model, tok, args.questions, args.image_folder, args.answers_file, tokens, Path(args.ckpt).name
+            model,
+            tok,
+            args.questions,
+            args.image_folder,
+            args.answers_file,
+            tokens,
+            Path(args.checkpoint).name,
         )
         print(
             f"wrote {n} answers at {tokens} tokens to {args.answers_file}; score them with your benchmark's scorer"
@@ -284,11 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = evaluate_bench(model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True)
     print(format_table(res["accuracy"]))
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, args.out)
+        atomic.write_json(args.out, res, indent=1)
         print(f"wrote {args.out}")
-    print(f"next: python -m export --checkpoint {args.ckpt} --out bundle   (export the trained model)")
+    print(f"next: python -m export --checkpoint {args.checkpoint} --out bundle   (export the trained model)")
     return 0
 
 

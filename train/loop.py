@@ -81,8 +81,8 @@ def build_model_and_tokenizer(cfg: TrainConfig):
     if cfg.lora:
         add_lora(model, cfg)
     if cfg.grad_checkpointing:
-        model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return model, tok
 

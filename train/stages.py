@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fmvr.cli import parse_tokens
+
+RENAMED_KEYS = {"budgets": "tokens"}  # config-file keys renamed in 0.2 (old -> new), accepted for one release
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     budget_mode: str = "mean"  # mean (every budget each step) | random (one per step)
-    budgets: str = ""  # comma-separated budgets to train ("": all of the model's)
+    tokens: str = ""  # comma-separated budgets to train ("" or "all": all of the model's)
     seed: int = 0
     tower_seed: int = 0  # a fresh model's frozen tower comes from this seed (-1: from --seed)
     # model tricks
@@ -115,19 +120,8 @@ class TrainConfig:
         return self
 
     def budget_list(self, model_budgets: tuple[int, ...]) -> tuple[int, ...]:
-        """The budgets a step draws from, each checked against the model's."""
-        if not self.budgets:
-            return tuple(model_budgets)
-        try:
-            chosen = tuple(int(b) for b in self.budgets.split(","))
-        except ValueError as e:
-            raise ValueError(f"--budgets {self.budgets!r}: give comma-separated integers, e.g. 36,9") from e
-        bad = [b for b in chosen if b not in model_budgets]
-        if bad:
-            raise ValueError(
-                f"--budgets {bad} are not budgets of this model ({', '.join(map(str, model_budgets))})"
-            )
-        return chosen
+        """The budgets a step draws from (--tokens), each checked against the model's."""
+        return parse_tokens(self.tokens, model_budgets)
 
     @property
     def learning_rate(self) -> float:
@@ -143,6 +137,12 @@ class TrainConfig:
         values: dict[str, Any] = {}
         if file:
             values = json.loads(Path(file).read_text())
+            for old, new in RENAMED_KEYS.items():
+                if old in values:
+                    warnings.warn(
+                        f"{file}: key {old!r} is deprecated; call it {new!r}", FutureWarning, stacklevel=2
+                    )
+                    values[new] = values.pop(old)
             unknown = set(values) - known
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)} in {file}; known: {sorted(known)}")

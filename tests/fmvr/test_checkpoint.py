@@ -14,15 +14,9 @@ from safetensors.torch import save_file
 
 import fmvr.checkpoint as ck
 import fmvr.importers as imp
-from fmvr.checkpoint import (
-    ImportReport,
-    import_authors,
-    import_llava_hf,
-    load_checkpoint,
-    load_extra,
-    save_checkpoint,
-)
+from fmvr.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from fmvr.config import preset
+from fmvr.importers import ImportReport, import_authors, import_llava_hf
 from fmvr.model import build_model
 from fmvr.tokenizer import load_tokenizer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fmvr.checkpoint import save_checkpoint
@@ -77,14 +78,17 @@ def test_cli_bench_and_answers_file(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
     ckpt = tmp_path / "ckpt"
     save_checkpoint(build_model(tiny_cfg, seed=0), ckpt, tokenizer=tiny_tokenizer)
     out = tmp_path / "acc.json"
-    assert main(["--ckpt", str(ckpt), "--bench-n", "1", "--budgets", "9", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(ckpt), "--bench-n", "1", "--tokens", "9", "--out", str(out)]) == 0
     assert "| 9 |" in capsys.readouterr().out
-    assert main(["--ckpt", str(ckpt), "--bench-n", "1", "--budgets", "9", "--out", str(out), "--reuse"]) == 0
+    assert (
+        main(["--checkpoint", str(ckpt), "--bench-n", "1", "--tokens", "9", "--out", str(out), "--reuse"])
+        == 0
+    )
     assert "saved result" in capsys.readouterr().out
     qfile = bench.write_llava(tmp_path / "data", "test", 1, kind="questions")
     answers = tmp_path / "answers.jsonl"
     args = [
-        "--ckpt",
+        "--checkpoint",
         str(ckpt),
         "--questions",
         str(qfile),
@@ -98,3 +102,25 @@ def test_cli_bench_and_answers_file(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
     assert main(args) == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == 5 and {"question_id", "prompt", "text", "answer_id", "model_id"} <= set(rows[0])
+
+
+def test_old_flag_spellings_work_and_warn(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(build_model(tiny_cfg, seed=0), ckpt, tokenizer=tiny_tokenizer)
+    with pytest.warns(FutureWarning) as seen:
+        assert main(["--ckpt", str(ckpt), "--bench-n", "1", "--budgets", "1"]) == 0
+    messages = " ".join(str(w.message) for w in seen)
+    assert "--ckpt is deprecated" in messages and "use --checkpoint" in messages
+    assert "--budgets is deprecated" in messages and "use --tokens" in messages
+    assert "| 1 |" in capsys.readouterr().out
+
+
+def test_bad_tokens_and_several_budgets_for_questions_are_clear_errors(
+    tmp_path, tiny_cfg, tiny_tokenizer, capsys
+):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(build_model(tiny_cfg, seed=0), ckpt, tokenizer=tiny_tokenizer)
+    assert main(["--checkpoint", str(ckpt), "--tokens", "37"]) == 2
+    assert "[37] are not budgets of this model (valid: 576, 144, 36, 9, 1)" in capsys.readouterr().err
+    assert main(["--checkpoint", str(ckpt), "--tokens", "36,9", "--questions", "q.jsonl"]) == 2
+    assert "pass one --tokens value" in capsys.readouterr().err

@@ -67,9 +67,20 @@ def test_tower_lr_refuses_the_feature_cache(tmp_path):
         TrainConfig(out=str(tmp_path), tower_lr=1e-4, cache_vision=True).check()
 
 
-def test_budgets_flag_restricts_and_validates(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path), budgets="36,9").check()
+def test_tokens_flag_restricts_and_validates(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path), tokens="9,36").check()
     assert cfg.budget_list((576, 144, 36, 9, 1)) == (36, 9)
     assert TrainConfig(out=str(tmp_path)).check().budget_list((576, 1)) == (576, 1)
     with pytest.raises(ValueError, match=r"\[100\] are not budgets"):
-        TrainConfig(out=str(tmp_path), budgets="36,100").check().budget_list((576, 144, 36, 9, 1))
+        TrainConfig(out=str(tmp_path), tokens="36,100").check().budget_list((576, 144, 36, 9, 1))
+
+
+def test_old_budgets_key_and_flag_still_work(tmp_path):
+    from train.__main__ import parse_args
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"budgets": "36,9", "out": str(tmp_path)}))
+    with pytest.warns(FutureWarning, match="'budgets' is deprecated; call it 'tokens'"):
+        assert TrainConfig.from_sources(str(cfg_file), {}).tokens == "36,9"
+    with pytest.warns(FutureWarning, match="--budgets is deprecated.*use --tokens"):
+        assert parse_args(["--budgets", "36"]).tokens == "36"
