@@ -20,8 +20,6 @@ it (and tests re-derive them from the record).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fmvr import atomic
 
 SIZE = 336
 CELL = SIZE // 3  # 112 px
@@ -48,6 +48,11 @@ REGIONS = {  # name -> cell (row, col)
     "bottom left": (2, 0),
     "bottom right": (2, 2),
     "center": (1, 1),
+}
+CELL_NAMES = {  # every cell of the layout grid, for captions
+    (r, c): f"{row} {col}".strip() if (row, col) != ("", "") else "center"
+    for r, row in enumerate(("top", "", "bottom"))
+    for c, col in enumerate(("left", "", "right"))
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 CATEGORIES = ("colour", "count", "region", "exist", "digit")
@@ -204,11 +209,14 @@ def answer(scene: Scene, category: str, arg: str) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """A plain stage-1 caption: every object with its colour and place, then the digit."""
-    names = {cell: name for name, cell in REGIONS.items()}
+    """A plain stage-1 caption: the objects in reading order (row by row), each with its colour
+    and cell, then the digit. Reading order makes every word predictable from the image: with
+    the objects in random order the first colour could be any object's, which teaches the
+    answer prior rather than looking."""
+    objects = sorted(scene.objects, key=lambda o: o.cell)
     parts = [
-        f"a {o.colour} {o.shape}" + (f" at the {names[o.cell]}" if o.cell in names else "")
-        for o in scene.objects
+        f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} at the {CELL_NAMES[o.cell]}"
+        for o in objects
     ]
     return ", ".join(parts) + f" and a card with the digit {scene.digit}."
 
@@ -333,19 +341,12 @@ def write_llava(out_dir: str | Path, split: str, n: int, seed: int = 0, kind: st
     for scene in scenes(split, n, seed):
         name = f"images/{split}-{scene.seed}.png"
         if not (out / name).exists():
-            _atomic_save(render_scene(scene), out / name)
+            with atomic.open_atomic(out / name, "wb") as f:
+                render_scene(scene).save(f, format="PNG")
         records += llava_records(scene, name, kind)
     path = out / f"{split}-{kind}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, records, indent=1)
     return path
-
-
-def _atomic_save(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def score(answer_text: str, target: str) -> bool:
