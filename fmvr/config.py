@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PYRAMIDS = ("fmvr", "m3", "none")
 PROJECTORS = ("mlp2x_gelu", "ln_mlp2x_gelu", "crosslayer")
 TEXT_ARCHS = ("llama", "qwen2", "mistral")
 # Vision towers (fmvr.towers builds them): a CLIP ViT, or a pretrained EfficientNet-Lite CNN.
@@ -115,6 +114,40 @@ def cascade_budgets(grid: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class Cascade:
+    """A visual-token cascade variant (`FMVRConfig.pyramid`): everything that differs between
+    FMVR, the M3 baseline and plain LLaVA. fmvr.pyramid, fmvr.flops, the importers and every
+    --pyramid flag read this table; a new variant is a new row."""
+
+    name: str
+    chained: bool  # budgets come from repeated 2x2 pooling (each level from the one above); else
+    # every budget is pooled straight from the full grid (M3)
+    learnable: bool  # an FMVR restoration block after each 2x2 pool (not after the final mean)
+    multi_budget: bool  # False: the full grid only (plain LLaVA)
+    about: str
+
+    def stage_budgets(self, grid: int) -> tuple[int, ...]:
+        """Budgets that get a learnable stage: every 2x2-pooled level above the final mean."""
+        if not self.learnable:
+            return ()
+        return tuple(s * s for s in cascade_sides(grid)[1:] if s > 1)
+
+    def default_budgets(self, grid: int) -> tuple[int, ...]:
+        return cascade_budgets(grid) if self.multi_budget else (grid * grid,)
+
+
+CASCADES = {
+    c.name: c
+    for c in (
+        Cascade("fmvr", True, True, True, "FMVR: 2x2 pooling chain, a restoration block per level"),
+        Cascade("m3", False, False, True, "M3: each budget average-pooled from the full grid, no parameters"),
+        Cascade("none", True, False, False, "plain LLaVA: the full grid only"),
+    )
+}
+PYRAMIDS = tuple(CASCADES)  # the --pyramid choices
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     """The vision tower: pixels [B,3,S,S] -> grid features [B, G*G, hidden_size], row-major.
 
@@ -204,6 +237,22 @@ class FMVRConfig:
     def cascade(self) -> tuple[int, ...]:
         return cascade_budgets(self.grid)
 
+    def with_pyramid(self, pyramid: str) -> FMVRConfig:
+        """This config with another cascade variant; the budgets stay unless either variant
+        serves the full grid only."""
+        if pyramid not in CASCADES:
+            raise ValueError(f"pyramid {pyramid!r}: choose one of {', '.join(PYRAMIDS)}")
+        kind = CASCADES[pyramid]
+        keep = kind.multi_budget and self.cascade_kind.multi_budget
+        return self.replace(
+            pyramid=pyramid, budgets=self.budgets if keep else kind.default_budgets(self.grid)
+        )
+
+    @property
+    def cascade_kind(self) -> Cascade:
+        """The CASCADES row of `pyramid`."""
+        return CASCADES[self.pyramid]
+
     @property
     def full_budget(self) -> int:
         return self.vision.num_patches
@@ -244,8 +293,9 @@ class FMVRConfig:
             problems.append(
                 f"budgets {bad} not in the cascade {self.cascade} of a {self.grid}x{self.grid} grid"
             )
-        if self.pyramid == "none" and tuple(self.budgets) != (self.full_budget,):
-            problems.append(f"pyramid 'none' serves only {self.full_budget} tokens")
+        single = self.pyramid in CASCADES and not self.cascade_kind.multi_budget
+        if single and tuple(self.budgets) != (self.full_budget,):
+            problems.append(f"pyramid {self.pyramid!r} serves only {self.full_budget} tokens")
         if list(self.budgets) != sorted(set(self.budgets), reverse=True):
             problems.append("budgets must be distinct and sorted largest first")
         for what, w in (("vision", v.weights), ("text", t.weights)):
@@ -419,6 +469,6 @@ def preset(name: str, **changes: Any) -> FMVRConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
-    if changes.get("pyramid") == "none" and "budgets" not in changes:
-        changes["budgets"] = (cfg.full_budget,)
+    if "pyramid" in changes and "budgets" not in changes:
+        cfg = cfg.with_pyramid(changes.pop("pyramid"))
     return cfg.replace(**changes) if changes else cfg

@@ -108,9 +108,9 @@ def fmvr_stage_ops(channels: int, side: int) -> dict[str, int]:
 def pyramid_flops(cfg: FMVRConfig, tokens: int) -> int:
     """Pyramid FLOPs for one image at budget `tokens` (0 at the full grid)."""
     c, g = cfg.text.hidden_size, cfg.grid
-    if tokens == g * g or cfg.pyramid == "none":
+    if tokens == g * g:
         return 0
-    if cfg.pyramid == "m3":
+    if not cfg.cascade_kind.chained:  # M3: straight from the full grid
         return c * g * g  # each output averages k*k inputs: T * k*k = N per channel
     total = 0
     sides = cascade_sides(g)
@@ -119,15 +119,11 @@ def pyramid_flops(cfg: FMVRConfig, tokens: int) -> int:
             total += c * prev * prev
         else:
             total += 4 * c * side * side  # 2x2 average pool
-            if str(side * side) in _stage_names(cfg):
+            if side * side in cfg.cascade_kind.stage_budgets(g):
                 total += sum(fmvr_stage_ops(c, side).values())
         if side * side == tokens:
             break
     return total
-
-
-def _stage_names(cfg: FMVRConfig) -> set[str]:
-    return {str(s * s) for s in cascade_sides(cfg.grid)[1:] if s > 1}
 
 
 def llm_prefill_flops(cfg: FMVRConfig, seq: int, logits: int = 1) -> int:
@@ -165,7 +161,7 @@ def param_counts(cfg: FMVRConfig) -> dict[str, int]:
         proj = feature_width(cfg) * h + h + h * dt + dt
         if cfg.projector == "ln_mlp2x_gelu":
             proj += 2 * feature_width(cfg)  # LayerNorm weight and bias
-    pyr = len(_stage_names(cfg)) * 8 * dt if cfg.pyramid == "fmvr" else 0
+    pyr = len(cfg.cascade_kind.stage_budgets(cfg.grid)) * 8 * dt
     qkv_bias = dt + 2 * kv if t.arch == "qwen2" else 0
     t_layer = 2 * dt * dt + 2 * dt * kv + qkv_bias + 3 * dt * t.intermediate_size + 2 * dt
     head = 0 if t.tie_word_embeddings else t.vocab_size * dt
@@ -323,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--prompt-tokens must be >= 0 and --dtype-bytes >= 1")
     cfg = FMVRConfig.load(args.config) if args.config else preset(args.preset)
     if args.pyramid:
-        cfg = (
-            preset(args.preset, pyramid=args.pyramid) if not args.config else _with_pyramid(cfg, args.pyramid)
-        )
+        cfg = preset(args.preset, pyramid=args.pyramid) if not args.config else cfg.with_pyramid(args.pyramid)
     rep = report(cfg, args.prompt_tokens, args.dtype_bytes)
     _print_report(rep)
     if args.meta:
@@ -343,14 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
     print("next: python -m fmvr.flops --pyramid m3  (compare the M3 baseline), or add --meta")
     return 0
-
-
-def _with_pyramid(cfg: FMVRConfig, pyramid: str) -> FMVRConfig:
-    if pyramid == "none":
-        budgets: tuple[int, ...] = (cfg.full_budget,)
-    else:
-        budgets = cfg.cascade if cfg.pyramid == "none" else cfg.budgets
-    return cfg.replace(pyramid=pyramid, budgets=budgets)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fmvr.checkpoint import CONFIG_FILE, empty_model, fill_model, read_weights
-from fmvr.config import FMVRConfig, TextConfig, VisionConfig, preset
+from fmvr.config import CASCADES, PYRAMIDS, FMVRConfig, TextConfig, VisionConfig, preset
 from fmvr.model import FMVRLlava
 
 # ---- import reports and key maps -------------------------------------------------------------
@@ -136,10 +136,8 @@ def llava_hf_config(d: Path, pyramid: str, budgets: tuple[int, ...] | None) -> F
         feature_layers=(layer,) if isinstance(layer, int) else tuple(layer),
     )
     text = _text_from_hf(d, t)
-    grid = vision.grid
-    full = (grid * grid,)
     if budgets is None:
-        budgets = full if pyramid == "none" else FMVRConfig(vision=vision).cascade
+        budgets = CASCADES[pyramid].default_budgets(vision.grid)
     mean, std = _image_norm(d)
     eos = t.eos_token_id if t.eos_token_id is not None else 2
     pad = raw.get("pad_token_id", t.pad_token_id)
@@ -382,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("layout", choices=("llava-hf", "authors"), help="what the source directory holds")
     ap.add_argument("source", type=Path, help="local model directory (config.json + weights)")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    ap.add_argument(
-        "--pyramid", default="fmvr", choices=("fmvr", "m3", "none"), help="llava-hf: cascade to add"
-    )
+    ap.add_argument("--pyramid", default="fmvr", choices=PYRAMIDS, help="llava-hf: cascade to add")
     ap.add_argument(
         "--base-preset", default="llava-1.5-7b", help="authors: preset for what their config lacks"
     )

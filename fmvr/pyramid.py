@@ -80,19 +80,18 @@ class Pyramid(nn.Module):
 
     def __init__(self, cfg: FMVRConfig) -> None:
         super().__init__()
-        self.kind = cfg.pyramid
+        self.kind = cfg.cascade_kind
         self.grid = cfg.grid
         self.budgets = tuple(cfg.budgets)
         self.sides = cascade_sides(cfg.grid)
         channels = cfg.text.hidden_size
-        # An FMVR stage for every budget made by 2x2 pooling, except the final 1-token mean.
-        stage_budgets = [s * s for s in self.sides[1:] if s > 1] if self.kind == "fmvr" else []
-        self.stages = nn.ModuleDict({str(t): FMVRBlock(channels) for t in stage_budgets})
+        # FMVR: a stage for every budget made by 2x2 pooling, except the final 1-token mean.
+        self.stages = nn.ModuleDict({str(t): FMVRBlock(channels) for t in self.kind.stage_budgets(cfg.grid)})
 
     def check(self, tokens: int) -> None:
         if tokens not in self.budgets:
             raise ValueError(
-                f"{tokens} visual tokens is not a budget of this model ({self.kind}); "
+                f"{tokens} visual tokens is not a budget of this model ({self.kind.name}); "
                 f"valid budgets: {', '.join(map(str, self.budgets))}"
             )
 
@@ -104,8 +103,8 @@ class Pyramid(nn.Module):
         """Every requested budget from one pass down the cascade: {T: [B, T, D]}."""
         for t in budgets:
             self.check(t)
-        if self.kind == "m3":
-            return {t: self._m3(feats, t) for t in budgets}
+        if not self.kind.chained:
+            return {t: self._direct(feats, t) for t in budgets}
         out: dict[int, torch.Tensor] = {}
         grid = to_grid(feats)  # [B, D, G, G]
         smallest = min(budgets)
@@ -128,7 +127,7 @@ class Pyramid(nn.Module):
             return pooled
         return self.stages[str(tokens)](pooled) + pooled
 
-    def _m3(self, feats: torch.Tensor, tokens: int) -> torch.Tensor:
+    def _direct(self, feats: torch.Tensor, tokens: int) -> torch.Tensor:
         """M3: pool the full grid directly to sqrt(T) x sqrt(T), no parameters."""
         side = int(round(tokens**0.5))
         if side == self.grid:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmvr.config import preset
+from fmvr.config import PYRAMIDS, preset
 from fmvr.pyramid import FMVRBlock, Pyramid
 
 PARAM_NAMES = ("low_weight", "high_weight", "a", "b")
@@ -230,3 +230,27 @@ def test_declared_subset_of_budgets_is_enforced():
 def test_non_square_token_count_is_rejected(tiny_cfg):
     with pytest.raises(ValueError, match="square"):
         Pyramid(tiny_cfg)(torch.randn(1, 575, tiny_cfg.text.hidden_size), 144)
+
+
+@pytest.mark.parametrize("name", PYRAMIDS)
+def test_every_cascade_row_builds_and_counts_its_stages(name):
+    from fmvr.config import CASCADES
+    from fmvr.flops import param_counts
+
+    cfg = preset("tiny").with_pyramid(name)
+    pyr = Pyramid(cfg)
+    assert cfg.budgets == CASCADES[name].default_budgets(cfg.grid)
+    assert sum(p.numel() for p in pyr.parameters()) == param_counts(cfg)["pyramid"]
+    feats = torch.randn(1, cfg.full_budget, cfg.text.hidden_size)
+    assert {t: v.shape[1] for t, v in pyr.forward_many(feats, cfg.budgets).items()} == {
+        t: t for t in cfg.budgets
+    }
+
+
+def test_with_pyramid_keeps_chosen_budgets_and_refuses_unknown():
+    cfg = preset("tiny").replace(budgets=(576, 36))
+    assert cfg.with_pyramid("m3").budgets == (576, 36)
+    assert cfg.with_pyramid("none").budgets == (576,)
+    assert cfg.with_pyramid("none").with_pyramid("fmvr").budgets == cfg.cascade
+    with pytest.raises(ValueError, match="choose one of fmvr, m3, none"):
+        cfg.with_pyramid("m4")
