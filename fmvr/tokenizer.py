@@ -118,11 +118,6 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, tokens: int, im
     return out
 
 
-def labels_for(ids: Sequence[int], target: Sequence[bool]) -> list[int]:
-    """Labels: the id on target positions, IGNORE_INDEX elsewhere (placeholders included)."""
-    return [i if t else IGNORE_INDEX for i, t in zip(ids, target, strict=True)]
-
-
 def expand_with_labels(
     ids: Sequence[int], target: Sequence[bool], image_token_id: int, tokens: int
 ) -> tuple[list[int], list[int]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -352,10 +352,6 @@ def write_llava(out_dir: str | Path, split: str, n: int, seed: int = 0, kind: st
 def score(answer_text: str, target: str) -> bool:
     """Exact match after lower-casing and stripping spaces and a final full stop."""
     return answer_text.strip().lower().rstrip(".").strip() == target.lower()
-
-
-def scene_dict(scene: Scene) -> dict:
-    return asdict(scene)
 
 
 def main(argv=None) -> int:

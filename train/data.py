@@ -237,10 +237,6 @@ class Batch:
     per_budget: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # T -> ([B,S_T] ids, mask, labels)
     pixel_keys: list[str] | None = None  # None: pixel_values has every row, in order
 
-    @property
-    def size(self) -> int:
-        return len(self.keys)
-
     def num_targets(self) -> int:
         """Target tokens that contribute to the loss (after the shift), same for every budget."""
         labels = next(iter(self.per_budget.values()))[2]

@@ -72,8 +72,13 @@ def test_llava_7b_preset_is_llava_15_7b_hf():
     cfg = preset("llava-1.5-7b")
     v, t = cfg.vision, cfg.text
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == (
-        336, 14, 1024, 24, 16, 4096,
-    )  # fmt: skip
+        336,
+        14,
+        1024,
+        24,
+        16,
+        4096,
+    )
     assert (t.arch, t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == ("llama", 4096, 32, 32, 32)
     assert (t.intermediate_size, t.vocab_size, cfg.image_token_id) == (11008, 32064, 32000)
     assert cfg.image_mean == (0.48145466, 0.4578275, 0.40821073)
