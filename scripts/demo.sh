@@ -27,7 +27,7 @@ say "2/4 training on the built-in benchmark (cached in $OUT)"
 "$PY" -m train --stage stage2 --init "$OUT/stage1/final" --out "$OUT/train" --steps "$STEPS" --batch-size 4 \
     --bench-n 600 --bench-seed 1 --lora --lora-alpha 128 --lr 2e-4 --projector-lr 1e-3 --budget-mode random --cache-vision \
     "$BF16" --skip-if-done
-"$PY" -m train.eval --ckpt "$OUT/train/final" --bench-n "$EVAL_N" --out "$OUT/eval.json" --reuse
+"$PY" -m train.eval --checkpoint "$OUT/train/final" --bench-n "$EVAL_N" --out "$OUT/eval.json" --reuse
 
 say "3/4 export to a bundle (cached in $OUT/bundle)"
 if [ -f "$OUT/bundle/manifest.json" ] && [ "$OUT/bundle/manifest.json" -nt "$OUT/train/final/model.safetensors" ]; then
