@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from fmvr.atomic import open_atomic, write_json, write_text  # noqa: E402 (after the path line)
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
 
@@ -66,9 +67,13 @@ def hf_answer(model, pipe, image: bytes, tokens: int, new: int) -> tuple[list[in
         embeds = model.embed(ids, model.encode_image(pixels, tokens))  # [1, S, D]
         t1 = time.perf_counter()
         out = model.language_model.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones(ids.shape, dtype=torch.long), max_new_tokens=new,
-            min_new_tokens=new, do_sample=False, pad_token_id=pipe.special["pad"],
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pipe.special["pad"],
+        )
     t2 = time.perf_counter()
     return out[0].tolist()[-new:], {"encode_ms": (t1 - t0) * 1e3, "generate_ms": (t2 - t1) * 1e3}
 
@@ -92,8 +97,11 @@ def measure(pipe, model, image: bytes, tokens: int, new: int, runs: int) -> dict
         k: {"e2e": [], "gen1": [], "genN": []} for k in ("runtime", "hf")
     }
     for i in range(runs + 1):  # the first round warms up
-        for name, fn in (("runtime", lambda n: rt_answer(pipe, image, tokens, n)),
-                         ("hf", lambda n: hf_answer(model, pipe, image, tokens, n))):  # fmt: skip
+        sides = (
+            ("runtime", lambda n: rt_answer(pipe, image, tokens, n)),
+            ("hf", lambda n: hf_answer(model, pipe, image, tokens, n)),
+        )
+        for name, fn in sides:
             _, one = fn(1)
             _, full = fn(new)
             if i:
@@ -149,16 +157,20 @@ def main(argv: list[str] | None = None) -> int:
                     == hf_answer(model, pipe, image, t, args.new_tokens)[0]
                 )
                 res = measure(pipe, model, image, t, args.new_tokens, args.runs)
-                rows.append({"quant": quant, "tokens": t, "same_tokens": same, **{f"{k}_{m}": v
-                             for k, d in res.items() for m, v in d.items()}})  # fmt: skip
+                cells = {f"{k}_{m}": v for k, d in res.items() for m, v in d.items()}
+                rows.append({"quant": quant, "tokens": t, "same_tokens": same, **cells})
                 print(rows[-1], flush=True)
-    report = {"new_tokens": args.new_tokens, "threads": args.threads, "runs": args.runs,
-              "torch": torch.__version__, "rows": rows}  # fmt: skip
+    report = {
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "runs": args.runs,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "runtime_vs_transformers.json", report)
     md = to_markdown(report)
-    (out / "runtime_vs_transformers.md").write_text(md)
+    write_text(out / "runtime_vs_transformers.md", md)
     plot(report, out / "runtime_vs_transformers.png")
     print(md)
     print(f"wrote {out}/runtime_vs_transformers.{{json,md,png}}")
@@ -167,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def to_markdown(rep: dict) -> str:
-    lines = [f"# Runtime (onnxruntime, no torch) vs transformers generate: tiny model, {rep['new_tokens']} "
-             f"answer tokens, {rep['threads']} threads, median of {rep['runs']}", "",
-             "| LLM | visual tokens | same greedy tokens | runtime e2e ms | transformers e2e ms | speed-up "
-             "| runtime decode tok/s | transformers decode tok/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Runtime (onnxruntime, no torch) vs transformers generate: tiny model, {rep['new_tokens']} "
+        f"answer tokens, {rep['threads']} threads, median of {rep['runs']}",
+        "",
+        "| LLM | visual tokens | same greedy tokens | runtime e2e ms | transformers e2e ms | speed-up "
+        "| runtime decode tok/s | transformers decode tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["rows"]:
         lines.append(
             f"| {r['quant']} | {r['tokens']} | {r['same_tokens']} | {r['runtime_e2e_ms']:.1f} | {r['hf_e2e_ms']:.1f} "
@@ -200,7 +216,8 @@ def plot(rep: dict, path: Path) -> None:
     b.set_ylabel("decode tokens/s")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

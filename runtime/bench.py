@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import write_json_atomic
+from fmvr.atomic import open_atomic, write_json, write_text
 from runtime.measure import synthetic_image
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
@@ -32,14 +32,15 @@ def ttft_per_budget(pipe: Any, image: Any, runs: int) -> list[dict[str, Any]]:
     for t in pipe.budgets:
         pipe.ask(image, PROMPT, tokens=t, max_new_tokens=1)  # warm-up
         rs = [pipe.ask(image, PROMPT, tokens=t, max_new_tokens=1) for _ in range(runs)]
-        rows.append({
+        row = {
             "budget": t,
             "ttft_ms": statistics.median(r.measured_ms["ttft"] for r in rs),
             "vision_ms": statistics.median(r.measured_ms["vision"] for r in rs),
             "prefill_ms": statistics.median(r.measured_ms["prefill"] for r in rs),
             "total_flops": flops[t]["total_flops"],
             "llm_prefill_flops": flops[t]["llm_prefill_flops"],
-        })  # fmt: skip
+        }
+        rows.append(row)
     base = next(r for r in rows if r["budget"] == full)
     for r in rows:
         r["ttft_ratio"] = r["ttft_ms"] / base["ttft_ms"]
@@ -110,19 +111,27 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"# Runtime benchmark ({rep['device']['key']}, vision {rep['backend']}, LLM {rep['llm_provider']})",
         "",
     ]
-    lines += ["## TTFT per budget vs FLOPs", "", "| budget | TTFT ms | vision ms | prefill ms | TTFT ratio "
-              "| (vision+prefill) ratio | FLOPs ratio | prefill ratio | prefill FLOPs ratio |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## TTFT per budget vs FLOPs",
+        "",
+        "| budget | TTFT ms | vision ms | prefill ms | TTFT ratio | (vision+prefill) ratio | FLOPs ratio "
+        "| prefill ratio | prefill FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["ttft"]:
         lines.append(
             f"| {r['budget']} | {r['ttft_ms']:.2f} | {r['vision_ms']:.2f} | {r['prefill_ms']:.2f} | "
             f"{r['ttft_ratio']:.3f} | {r['compute_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['prefill_ratio']:.3f} | {r['prefill_flops_ratio']:.3f} |"
         )
     load = rep["load"]
-    lines += ["", f"## Policy under load: {load['requests']} requests per config, {load['concurrency']} "
-              "concurrent clients, deadline on TTFT", "",
-              "| deadline ms | config | deadline met | mean budget | p50 TTFT ms | req/s |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"## Policy under load: {load['requests']} requests per config, {load['concurrency']} "
+        "concurrent clients, deadline on TTFT",
+        "",
+        "| deadline ms | config | deadline met | mean budget | p50 TTFT ms | req/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in load["runs"]:
         lines.append(
             f"| {r['deadline_ms']:.1f} | {r['config']} | {r['met_fraction']:.0%} | {r['mean_budget']:.1f} | "
@@ -168,7 +177,8 @@ def plot(rep: dict[str, Any], path: Path) -> bool:
     b.set_title(f"under load ({rep['load']['concurrency']} clients)")
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return True
 
@@ -190,9 +200,9 @@ def run_bench(
         "load": policy_under_load(pipe, image, rows, requests, concurrency),
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "runtime_bench.json", rep)
+    write_json(out / "runtime_bench.json", rep, sort_keys=True)
     md = to_markdown(rep)
-    (out / "runtime_bench.md").write_text(md)
+    write_text(out / "runtime_bench.md", md)
     made = ["runtime_bench.json", "runtime_bench.md"]
     if plot(rep, out / "runtime_bench.png"):
         made.append("runtime_bench.png")

@@ -1,7 +1,8 @@
 """Measure a latency profile on this device (`python -m runtime profile --bundle B`).
 
-After warm-up: preprocessing time (a 640x480 JPEG: decode, pad, resize), per budget the vision latency (p50/p90), prefill
-latency at each budget's prompt length (a line fitted through them), decode ms/token.
+After warm-up: preprocessing time (a 640x480 JPEG: decode, pad, resize), per budget the vision
+latency (p50/p90), prefill latency at each budget's prompt length (a line fitted through them),
+decode ms/token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.llm import SamplingParams
-from runtime.profile import Profile, device_info, fit_line, now_iso, percentiles
+from runtime.profile import Profile, fit_line, now_iso, percentiles
 
 log = logging.getLogger("runtime")
 PROFILE_PROMPT = "Describe the picture in one short sentence."
@@ -89,7 +90,7 @@ def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, 
         np.median([_decode_ms_per_token(pipe, small, decode_tokens) for _ in range(max(1, runs // 2))])
     )
     return Profile(
-        device=device_info(pipe.vision.name),
+        device=dict(pipe.device),  # device_info(provider) from Pipeline.__init__
         backend=pipe.vision.name,
         vision_ms=vision,
         prefill_intercept_ms=intercept,

@@ -97,7 +97,7 @@ class Pipeline:
         self.preprocessor = Preprocessor.from_dict(manifest.preprocessing)
         self.special = manifest.special_tokens
         self.alpha, self.profile_if_missing = alpha, profile_if_missing
-        self.device = device_info(vision.name)
+        self.device = device_info(vision.provider)  # the provider, not the backend name
         self.policy: Policy | None = None
         self.profile_note = ""
         self._profile_lock = threading.Lock()

@@ -3,15 +3,16 @@
 A profile is saved in the bundle as `profile-<device key>.json`:
 
     {"schema": 1, "device": {cpu, machine, provider, gpu?, power_mode?, tensorrt?},
-     "key": "cpu-amd-epyc-cpuexecutionprovider", "backend": "onnxruntime-cpu", "created": ...,
+     "key": "amd-epyc-7763-cpuexecutionprovider", "backend": "ort-cpu", "created": ...,
      "preprocess_ms": 3.1,
      "vision_ms": {"576": {"p50": 41.0, "p90": 44.2, "n": 10}, ...},
      "prefill": {"intercept_ms": 1.2, "ms_per_token": 0.05, "points": [[tokens, ms], ...]},
      "decode_ms_per_token": 0.9}
 
-The device identity (CPU model or GPU name, execution provider, and on Jetson the
-`nvpmodel` power mode and TensorRT version) is part of the key: a profile measured on
-another device or power mode is never used (`load_profile` says why).
+The device identity (CPU model or GPU name, the vision backend's execution provider such as
+"CPUExecutionProvider" - not the backend name "ort-cpu", which the profile records apart - and
+on Jetson the `nvpmodel` power mode and TensorRT version) is part of the key: a profile
+measured on another device or power mode is never used (`load_profile` says why).
 torch-free: stdlib + numpy.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle import write_json_atomic
+from fmvr.atomic import write_json
 
 PROFILE_SCHEMA = 1
 STAGES = ("preprocess", "vision", "prefill", "decode")
@@ -96,10 +97,17 @@ def tensorrt_version() -> str | None:
     return None
 
 
+CPU_PROVIDERS = ("cpuexecutionprovider", "cpu")
+
+
 def device_info(provider: str) -> dict[str, str]:
-    """What identifies this device for a profile. `provider`: the backend's execution provider."""
+    """What identifies this device for a profile.
+
+    `provider`: the vision backend's execution provider (`VisionBackend.provider`, e.g.
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorRT"), not its name ("ort-cpu").
+    On a CPU provider no GPU is queried (nvidia-smi is not run)."""
     info = {"cpu": cpu_model(), "machine": platform.machine(), "provider": provider}
-    if provider.lower() not in ("cpuexecutionprovider", "cpu"):
+    if provider.lower() not in CPU_PROVIDERS:
         gpu = gpu_name()
         if gpu:
             info["gpu"] = gpu
@@ -193,7 +201,7 @@ def profile_path(bundle_dir: str | Path, info: dict[str, str]) -> Path:
 
 def save_profile(bundle_dir: str | Path, profile: Profile) -> Path:
     path = profile_path(bundle_dir, profile.device)
-    write_json_atomic(path, profile.to_dict())
+    write_json(path, profile.to_dict(), sort_keys=True)
     return path
 
 

@@ -13,6 +13,7 @@ import itertools
 import sys
 from pathlib import Path
 
+from fmvr.atomic import open_atomic, write_text
 from runtime.pipeline import Pipeline
 from train.bench import render_scene, scenes
 
@@ -33,11 +34,13 @@ def main(out: Path) -> int:
     question = f"What colour is the {shape}?"
     for k, (scene, colour) in enumerate(pair):
         image = out / f"scene{k}.png"
-        render_scene(scene).save(image)
-        (out / f"question{k}.txt").write_text(question)
+        with open_atomic(image, "wb") as f:
+            render_scene(scene).save(f, format="PNG")
+        write_text(out / f"question{k}.txt", question)
         print(f"image {image}: {question!r} (true answer: {colour})", file=sys.stderr)
 
-    pipe = Pipeline.load(out / "bundle")
+    # no profile for this device (e.g. one saved before the key named the execution provider): measure it
+    pipe = Pipeline.load(out / "bundle", profile_if_missing=True)
     for _ in range(2):  # the first request warms the sessions; use the second's predictions
         ms = pipe.ask(out / "scene0.png", question, latency_ms=1e9, max_new_tokens=1).candidates_ms
     budgets = sorted(ms)

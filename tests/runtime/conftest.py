@@ -21,7 +21,7 @@ from runtime.profile import Profile  # noqa: E402
 def make_synthetic_profile() -> Profile:
     vision = {576: 40.0, 144: 20.0, 36: 10.0, 9: 8.0, 1: 7.0}
     return Profile(
-        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "ort-cpu"},
+        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "CPUExecutionProvider"},
         backend="ort-cpu",
         vision_ms={t: {"p50": v, "p90": v * 1.1, "n": 5} for t, v in vision.items()},
         prefill_intercept_ms=1.0,

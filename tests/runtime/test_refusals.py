@@ -55,7 +55,7 @@ def test_other_schema_version_is_refused(bundle_copy):
 
 
 def test_profile_of_another_device_is_not_used(bundle_copy, synthetic_profile, image_bytes):
-    synthetic_profile.device = {**device_info("ort-cpu"), "cpu": "Some Other CPU"}
+    synthetic_profile.device = {**device_info("CPUExecutionProvider"), "cpu": "Some Other CPU"}
     other = save_profile(bundle_copy, synthetic_profile)
     pipe = Pipeline.load(bundle_copy)
     assert pipe.policy is None
@@ -80,10 +80,19 @@ def _add_engine(bundle, cc="8.7", trt="10.3.0"):
     (bundle / "vision" / "t36.fp16.engine").write_bytes(b"not really an engine")
     (bundle / "vision" / "t36.fp16.engine.json").write_text("{}")
     m = read_manifest(bundle)
-    m.vision.engines["36"] = EngineEntry("vision/t36.fp16.engine", "vision/t36.fp16.engine.json", "fp16", trt,
-                                         "Orin", cc, {"min_batch": 1, "opt_batch": 1, "max_batch": 1})  # fmt: skip
-    m.files += [file_entry(bundle, "vision/t36.fp16.engine", "vision-engine"),
-                file_entry(bundle, "vision/t36.fp16.engine.json", "engine-sidecar")]  # fmt: skip
+    m.vision.engines["36"] = EngineEntry(
+        "vision/t36.fp16.engine",
+        "vision/t36.fp16.engine.json",
+        "fp16",
+        trt,
+        "Orin",
+        cc,
+        {"min_batch": 1, "opt_batch": 1, "max_batch": 1},
+    )
+    m.files += [
+        file_entry(bundle, "vision/t36.fp16.engine", "vision-engine"),
+        file_entry(bundle, "vision/t36.fp16.engine.json", "engine-sidecar"),
+    ]
     write_manifest(bundle, m)
     return m
 
