@@ -1,8 +1,9 @@
 """Image loading and LLaVA-1.5 preprocessing, torch-free (numpy + PIL only).
 
-    src (path | bytes | PIL image)
+    src (path | bytes | PIL image | camera frame: numpy array or fmvr.frames.Frame)
       -> load_image: size guard BEFORE decoding, decode, EXIF orientation, -> RGB
-         (grayscale, palette, CMYK, 16-bit scaled to 8 bit, alpha composited over the pad colour)
+         (grayscale, palette, CMYK, 16-bit scaled to 8 bit, alpha composited over the pad colour;
+         a frame is read as it is: no encode/decode round trip)
       -> expand2square: pad to a square with the mean colour, image centred (LLaVA "pad")
       -> bicubic resize to size x size, /255, (x - mean) / std   -> float32 [3, S, S]
 
@@ -31,12 +32,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmvr.config import CLIP_MEAN, CLIP_STD
+from fmvr.frames import Frame, FrameError
 
 DEFAULT_SIZE = 336
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: far above any camera frame, far below a bomb
 RESAMPLE = "bicubic"
 
-ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | Frame
+SINGLE = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray, Frame)  # one image, not a list
 
 
 class ImageError(ValueError):
@@ -63,10 +66,23 @@ def load_image(
     pad colour, so transparency and padding look the same to the model). Raises ImageError.
     """
     bg = pad_color() if background is None else background
+    if isinstance(src, (np.ndarray, Frame)):
+        return _from_frame(src, max_pixels, bg)
     img = _open(src, max_pixels)
     img = _first_frame(img)
     img = ImageOps.exif_transpose(img)
     return to_rgb(img, bg)
+
+
+def _from_frame(src: np.ndarray | Frame, max_pixels: int, bg: tuple[int, int, int]) -> Image.Image:
+    """A camera frame (a bare array is RGB) -> RGB PIL image; FrameError is an ImageError."""
+    try:
+        frame = src if isinstance(src, Frame) else Frame.from_array(src)
+        frame.check()
+    except FrameError as e:
+        raise ImageError(str(e)) from e
+    _check_pixels((frame.width, frame.height), max_pixels, "frame")
+    return Image.fromarray(frame.rgb(bg), "RGB")
 
 
 def _open(src: ImageSource, max_pixels: int) -> Image.Image:
@@ -108,7 +124,9 @@ def _read_bytes(src: ImageSource) -> tuple[bytes, str]:
             raise ImageError(f"{path}: no such image file")
         data, name = path.read_bytes(), str(path)
     else:
-        raise TypeError(f"expected a path, bytes or a PIL image, got {type(src).__name__}")
+        raise TypeError(
+            f"expected a path, bytes, a PIL image or a frame (numpy array / fmvr.frames.Frame), got {type(src).__name__}"
+        )
     if not data:
         raise ImageError(f"{name}: empty (0 bytes), not an image")
     return data, name
@@ -260,7 +278,7 @@ class Preprocessor:
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """One image or a list -> float32 [B, 3, S, S]."""
-        if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image)):
+        if isinstance(images, SINGLE):
             images = [images]
         if not images:
             raise ValueError("no images given")

@@ -236,7 +236,7 @@ def test_empty_bytes_and_empty_file(tmp_path):
         preprocess(tmp_path / "empty.jpg")
     with pytest.raises(ImageError, match="no such image file"):
         load_image(tmp_path / "missing.jpg")
-    with pytest.raises(TypeError, match="path, bytes or a PIL image"):
+    with pytest.raises(TypeError, match="path, bytes, a PIL image or a frame"):
         load_image(12345)  # type: ignore[arg-type]
 
 
