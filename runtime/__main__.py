@@ -8,7 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from fmvr.cli import renamed_flags
+from runtime.options import OBJECTIVES, AskOptions, OptionsError
 from runtime.vision import BACKENDS
+
+# Old spellings that keep working for one release (rewritten with a FutureWarning).
+RENAMED = {"--question": "--prompt"}
+DEFAULTS = AskOptions()  # one set of defaults for the CLI, the server and the Python API
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,27 +26,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
 
 
+def _budget_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated budgets such as 9,144") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ask", help="answer a question about an image within a latency budget")
     _common(a)
     a.add_argument("--image", required=True, help="image file (jpg/png/...)")
-    a.add_argument(
-        "--prompt", "--question", dest="prompt", required=True, help="the question about the image"
-    )
+    a.add_argument("--prompt", required=True, help="the question about the image")
     a.add_argument(
         "--latency-ms", type=float, nargs="+", help="latency budget(s) in ms; several: one answer each"
     )
     a.add_argument("--tokens", type=int, help="force a visual-token budget (skips the policy)")
-    a.add_argument("--objective", choices=("ttft", "total"), default="ttft", help="what must fit the budget")
-    a.add_argument("--strict", action="store_true", help="fail instead of missing the deadline")
-    a.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    a.add_argument(
+        "--objective", choices=OBJECTIVES, default=DEFAULTS.objective, help="what must fit the latency budget"
+    )
+    a.add_argument("--strict", action="store_true", help="fail instead of missing the latency budget")
+    a.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="answer length limit")
+    a.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 = greedy")
+    a.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="nucleus sampling mass")
     a.add_argument("--seed", type=int, help="sampling seed")
     a.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    a.add_argument("--escalate", help="comma-separated budgets, e.g. 9,144: one vision pass, one answer each")
+    a.add_argument("--timeout-s", type=float, help="stop decoding after this many seconds (exit 1)")
+    a.add_argument(
+        "--escalate",
+        type=_budget_list,
+        help="comma-separated budgets, e.g. 9,144: one vision pass, one answer each",
+    )
     a.add_argument(
         "--profile-if-missing", action="store_true", help="measure this device's profile on first use"
     )
@@ -72,39 +90,66 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(renamed_flags(argv, RENAMED))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
+    if args.cmd == "ask":  # every flag checked before the bundle loads
+        try:
+            args.options = ask_options(args)
+        except OptionsError as e:
+            ap.error(f"--{e.field.replace('_', '-')} {e.problem}")
     from runtime.bundle import BundleError
+    from runtime.llm import GenerationTimeout
     from runtime.pipeline import Pipeline
-    from runtime.profile import ProfileError
+    from runtime.policy import DeadlineError
 
     try:
-        pipe = Pipeline.load(args.bundle, backend=args.backend, threads=args.threads,
-                             profile_if_missing=getattr(args, "profile_if_missing", False),
-                             warmup=args.cmd != "profile")  # fmt: skip
+        pipe = Pipeline.load(
+            args.bundle,
+            backend=args.backend,
+            threads=args.threads,
+            profile_if_missing=getattr(args, "profile_if_missing", False),
+            warmup=args.cmd != "profile",
+        )
         return {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench}[args.cmd](pipe, args)
-    except (BundleError, ProfileError) as e:
+    except (BundleError, ValueError) as e:  # ProfileError, OptionsError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (DeadlineError, GenerationTimeout) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
+
+
+def ask_options(args: argparse.Namespace) -> list[AskOptions]:
+    """The AskOptions of `runtime ask`'s flags: one per --latency-ms value (one if none)."""
+    if args.escalate and (args.latency_ms or args.tokens is not None or args.strict):
+        raise OptionsError(
+            "escalate", "answers at the budgets it lists: drop --latency-ms, --tokens, --strict"
+        )
+    common = dict(
+        tokens=args.tokens,
+        objective=args.objective,
+        strict=args.strict,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        timeout_s=args.timeout_s,
+    )
+    return [AskOptions(latency_ms=lat, **common) for lat in args.latency_ms or [None]]
 
 
 def _ask(pipe, args) -> int:  # type: ignore[no-untyped-def]
     image = Path(args.image).read_bytes() if Path(args.image).is_file() else args.image
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              seed=args.seed, stop=tuple(args.stop))  # fmt: skip
     if args.escalate:
-        budgets = [int(t) for t in args.escalate.split(",")]
-        results = pipe.escalate(image, args.prompt, budgets, **kw)
+        results = pipe.escalate(image, args.prompt, args.escalate, args.options[0])
     else:
         results = []
-        for lat in args.latency_ms or [None]:
-            ans = pipe.stream(image, args.prompt, latency_ms=lat, tokens=args.tokens, strict=args.strict,
-                              objective=args.objective, **kw)  # fmt: skip
+        for opts in args.options:
+            ans = pipe.stream(image, args.prompt, opts)
             for delta in ans:
                 if args.stream and not args.json:
                     print(delta, end="", flush=True)
@@ -146,8 +191,10 @@ def _profile(pipe, args) -> int:  # type: ignore[no-untyped-def]
     for t in pipe.budgets:
         v = prof.vision_ms[t]
         print(f"{t:>6}  {v['p50']:>12.2f}  {v['p90']:>6.2f}  {prof.prefill(t + 40):>10.2f}")
-    print(f"prefill: {prof.prefill_intercept_ms:.2f} ms + {prof.prefill_ms_per_token:.4f} ms/token; "
-          f"decode {prof.decode_ms_per_token:.2f} ms/token")  # fmt: skip
+    print(
+        f"prefill: {prof.prefill_intercept_ms:.2f} ms + {prof.prefill_ms_per_token:.4f} ms/token; "
+        f"decode {prof.decode_ms_per_token:.2f} ms/token"
+    )
     print(f"saved {profile_path(pipe.bundle_dir, prof.device)}")
     print(f"next: python -m runtime ask --bundle {args.bundle} --image IMG --prompt '...' --latency-ms 50")
     return 0
@@ -158,9 +205,15 @@ def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
 
     if pipe.policy is None and args.profile_if_missing:
         pipe.measure_profile()
-    cfg = ServerConfig(host=args.host, port=args.port, max_concurrency=args.max_concurrency,
-                       max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                       timeout_s=args.timeout_s, allow_remote_images=args.allow_remote_images)  # fmt: skip
+    cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        timeout_s=args.timeout_s,
+        allow_remote_images=args.allow_remote_images,
+    )
     srv = make_server(pipe, cfg)
     print(f"serving {srv.model} on {srv.url} (vision {pipe.vision.name}; {pipe.profile_note})")
     print(f"try: curl {srv.url}/health")

@@ -2,6 +2,8 @@
 
 Request extensions: `latency_budget_ms` (pick the largest budget that fits), `visual_tokens`
 (force a budget), `objective` ("ttft" | "total"), `strict` (error instead of a missed deadline).
+A request becomes a ChatRequest holding one AskOptions (runtime.options): the same options,
+defaults and checks as `python -m runtime ask` and `Pipeline.ask`; a bad field is a 400 naming it.
 Responses carry `usage.visual_tokens`, `usage.timings_ms` (measured and predicted per stage),
 `usage.deadline_met` and `usage.backend`.
 """
@@ -13,10 +15,11 @@ import binascii
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fmvr.template import IMAGE_TOKEN
+from runtime.options import AskOptions, OptionsError
 
 MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -36,13 +39,29 @@ class ApiError(Exception):
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatRequest:
     turns: list[dict[str, str]]
     image: bytes
+    options: AskOptions  # everything Pipeline.stream is asked for, checked
     stream: bool = False
     include_usage: bool = True
-    kwargs: dict[str, Any] = field(default_factory=dict)  # for Pipeline.stream
+
+
+# Our JSON field -> the AskOptions field it sets (OpenAI's names where OpenAI has one).
+OPTION_FIELDS = {
+    "latency_budget_ms": "latency_ms",
+    "visual_tokens": "tokens",
+    "objective": "objective",
+    "strict": "strict",
+    "max_completion_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+}
+JSON_NAMES = {v: k for k, v in OPTION_FIELDS.items()}  # max_new_tokens -> max_tokens (the later key)
 
 
 def _num(body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
@@ -57,7 +76,10 @@ def _num(body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi
     return v
 
 
-def parse_request(body: Any, allow_remote: bool, max_new_tokens_limit: int) -> ChatRequest:
+def parse_request(
+    body: Any, allow_remote: bool, max_new_tokens_limit: int, timeout_s: float | None = None
+) -> ChatRequest:
+    """The request body -> a ChatRequest whose AskOptions carry `timeout_s` (the server's)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     msgs = body.get("messages")
@@ -65,35 +87,46 @@ def parse_request(body: Any, allow_remote: bool, max_new_tokens_limit: int) -> C
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     turns, images = _turns(msgs)
     if len(images) != 1:
-        raise ApiError(400, f"this model answers about exactly one image per conversation; got {len(images)} "
-                       "(add one image_url part with a data: URI)", param="messages")  # fmt: skip
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    max_tokens = _num(body, "max_completion_tokens", int, 1, max_new_tokens_limit)
-    max_tokens = max_tokens or _num(body, "max_tokens", int, 1, max_new_tokens_limit) or 64
-    objective = body.get("objective", "ttft")
-    if objective not in ("ttft", "total"):
-        raise ApiError(400, "'objective' must be 'ttft' or 'total'", param="objective")
+        raise ApiError(
+            400,
+            f"this model answers about exactly one image per conversation; got {len(images)} "
+            "(add one image_url part with a data: URI)",
+            param="messages",
+        )
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    kwargs = {
-        "max_new_tokens": max_tokens,
-        "temperature": _num(body, "temperature", float, 0.0, 2.0) or 0.0,
-        "top_p": _num(body, "top_p", float, 1e-6, 1.0) or 1.0,
-        "seed": _num(body, "seed", int, 0, 2**63 - 1),
-        "stop": tuple(stop),
-        "latency_ms": _num(body, "latency_budget_ms", float, 0.0),
-        "tokens": _num(body, "visual_tokens", int, 1),
-        "objective": objective,
-        "strict": bool(body.get("strict", False)),
-    }
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    return ChatRequest(turns, _image_bytes(images[0], allow_remote), bool(body.get("stream", False)),
-                       bool(opts.get("include_usage", True)), kwargs)  # fmt: skip
+    options = ask_options(body, max_new_tokens_limit, timeout_s)
+    image = _image_bytes(images[0], allow_remote)
+    return ChatRequest(
+        turns, image, options, bool(body.get("stream", False)), bool(opts.get("include_usage", True))
+    )
+
+
+def ask_options(
+    body: dict[str, Any], max_new_tokens_limit: int, timeout_s: float | None = None
+) -> AskOptions:
+    """The AskOptions of a request body; a bad field is a 400 naming the JSON field."""
+    given = {
+        "latency_ms": _num(body, "latency_budget_ms", float),
+        "tokens": _num(body, "visual_tokens", int),
+        "max_new_tokens": _num(body, "max_completion_tokens", int, 1, max_new_tokens_limit)
+        or _num(body, "max_tokens", int, 1, max_new_tokens_limit),
+        "temperature": _num(body, "temperature", float, 0.0, 2.0),
+        "top_p": _num(body, "top_p", float),
+        "seed": _num(body, "seed", int),
+        "objective": body.get("objective"),
+        "strict": body.get("strict"),
+        "stop": body.get("stop") or None,
+        "timeout_s": timeout_s,
+    }
+    try:  # absent fields: AskOptions' defaults, the same as the CLI's and the Python API's
+        return AskOptions(**{k: v for k, v in given.items() if v is not None})
+    except OptionsError as e:
+        name = JSON_NAMES.get(e.field, e.field)
+        raise ApiError(400, f"'{name}' {e.problem}", param=name) from e
 
 
 def _turns(msgs: list[Any]) -> tuple[list[dict[str, str]], list[str]]:
@@ -152,8 +185,12 @@ def _image_bytes(url: str, allow_remote: bool) -> bytes:
             raise ApiError(400, f"the image data URI is not valid base64 ({e})", param="image_url") from e
     if url.startswith(("http://", "https://")):
         if not allow_remote:
-            raise ApiError(400, "remote image URLs are disabled on this server; send the image as a "
-                           "data: URI, or start it with --allow-remote-images", param="image_url")  # fmt: skip
+            raise ApiError(
+                400,
+                "remote image URLs are disabled on this server; send the image as a data: URI, "
+                "or start it with --allow-remote-images",
+                param="image_url",
+            )
         return _fetch(url)
     raise ApiError(
         400, "image_url must be a data: URI (or http(s) with --allow-remote-images)", param="image_url"
@@ -197,13 +234,15 @@ def completion(cid: str, model: str, result: Any) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result.answer},
-            "finish_reason": result.finish_reason,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.answer},
+                "finish_reason": result.finish_reason,
+            }
+        ],
         "usage": usage(result),
-    }  # fmt: skip
+    }
 
 
 def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None, result: Any = None) -> dict:

@@ -5,6 +5,10 @@ r = pipe.ask(image, "What is this?", latency_ms=120)  # r.answer, r.budget, r.de
 for delta in (s := pipe.stream(image, "Describe it.")):  # text deltas; s.result at the end
     print(delta, end="")
 small, large = pipe.escalate(image, "Count the cars.", budgets=(9, 144))  # one vision pass
+
+Keyword arguments build an AskOptions (runtime.options: latency_ms, tokens, objective, strict,
+max_new_tokens, temperature, top_p, seed, stop, timeout_s); pass one as `options` to reuse it:
+opts = AskOptions(latency_ms=120, max_new_tokens=16); pipe.ask(image, "What is this?", opts).
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from fmvr.template import IMAGE_TOKEN, Turn, render, user_turn
 from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
 from runtime.bundle import BundleError, Manifest, verify_bundle
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
+from runtime.options import AskOptions, OptionsError
 from runtime.policy import Choice, Policy
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, load_backend
@@ -65,27 +70,48 @@ class Result:
         return asdict(self)
 
 
-class Answer:
-    """A streaming answer: iterate for text deltas; `.result` once exhausted."""
+@dataclass
+class _Request:
+    """One request as it runs: what was asked, the vision pass, and the budget chosen."""
 
-    def __init__(self, deltas: Iterator[str]) -> None:
-        self._deltas = deltas
+    vp: VisionPass
+    ids: list[int]  # the rendered prompt, one image placeholder
+    choice: Choice
+    opts: AskOptions
+    t_start: float  # perf_counter when the request began
+    reused: bool = False  # the vision pass was charged to an earlier answer
+
+
+class Answer:
+    """A streaming answer: iterate for text deltas; `.result` once exhausted.
+
+    It owns its generator, which yields the deltas and returns the Result; `close()` stops
+    decoding early. `options` and `budget` are known before the first delta."""
+
+    def __init__(self, run: Generator[str, None, Result], options: AskOptions, budget: int) -> None:
+        self._run = run
+        self.options, self.budget = options, budget
         self.result: Result | None = None
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._deltas
+        if self.result is None:
+            self.result = yield from self._run
 
     def close(self) -> None:
-        close = getattr(self._deltas, "close", None)
-        if close:
-            close()
+        self._run.close()
 
 
 class Pipeline:
     def __init__(
-        self, bundle_dir: Path, manifest: Manifest, vision: VisionBackend, decoder: Decoder,
-        tokenizer: Any, profile_if_missing: bool = False, alpha: float = 0.3,
-    ) -> None:  # fmt: skip
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        vision: VisionBackend,
+        decoder: Decoder,
+        tokenizer: Any,
+        profile_if_missing: bool = False,
+        alpha: float = 0.3,
+    ) -> None:
         self.bundle_dir, self.manifest = bundle_dir, manifest
         self.cfg = FMVRConfig.from_dict(manifest.model["config"])
         self.budgets = tuple(t for t in sorted(manifest.budgets, reverse=True) if t in vision.budgets)
@@ -106,9 +132,14 @@ class Pipeline:
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, bundle: str | Path, backend: str = "auto", threads: int = 0,
-        profile_if_missing: bool = False, alpha: float = 0.3, warmup: bool = False,
-    ) -> Pipeline:  # fmt: skip
+        cls,
+        bundle: str | Path,
+        backend: str = "auto",
+        threads: int = 0,
+        profile_if_missing: bool = False,
+        alpha: float = 0.3,
+        warmup: bool = False,
+    ) -> Pipeline:
         """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
 
         warmup: run every budget once so the first request is not a cold start."""
@@ -215,91 +246,106 @@ class Pipeline:
         x[0, is_image] = feats.astype(x.dtype)  # [T, D] in order
         return x
 
-    def choose(
-        self, latency_ms: float | None, text_tokens: int, max_new_tokens: int,
-        tokens: int | None, objective: str, strict: bool, spent_ms: float | None = None,
-    ) -> Choice:  # fmt: skip
-        if tokens is not None:
-            self.check_budget(tokens)
-            pol = self.policy
-            pred = pol.predict(tokens, text_tokens, max_new_tokens, spent_ms) if pol else None
-            met = None if latency_ms is None or pred is None else pred.time(objective) <= latency_ms
-            return Choice(tokens, pred, met, "budget forced by the caller")
-        if latency_ms is not None and self.policy is None:
-            if not self.profile_if_missing:
-                raise ProfileError(f"a latency budget needs this device's profile: {self.profile_note}; "
-                                   "or pass tokens=<budget> to force one")  # fmt: skip
-            with self._profile_lock:  # concurrent first requests measure once
-                if self.policy is None:
-                    log.warning("no profile for this device: measuring one now (first use)")
-                    self.measure_profile()
+    def choose(self, opts: AskOptions, text_tokens: int, spent_ms: float | None = None) -> Choice:
+        """The budget for `opts`: forced (`opts.tokens`), else the policy's pick for `opts.latency_ms`."""
+        if opts.tokens is not None:
+            return self._forced(opts, text_tokens, spent_ms)
+        if opts.latency_ms is not None and self.policy is None:
+            self._profile_on_first_use()
         if self.policy is None:
             return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
-        return self.policy.choose(latency_ms, text_tokens, max_new_tokens, objective, strict, spent_ms)
+        return self.policy.choose(
+            opts.latency_ms, text_tokens, opts.max_new_tokens, opts.objective, opts.strict, spent_ms
+        )
+
+    def _forced(self, opts: AskOptions, text_tokens: int, spent_ms: float | None) -> Choice:
+        t = self.check_budget(opts.tokens)
+        pol = self.policy
+        pred = pol.predict(t, text_tokens, opts.max_new_tokens, spent_ms) if pol else None
+        met = (
+            None if opts.latency_ms is None or pred is None else pred.time(opts.objective) <= opts.latency_ms
+        )
+        return Choice(t, pred, met, "budget forced by the caller")
+
+    def _profile_on_first_use(self) -> None:
+        if not self.profile_if_missing:
+            raise ProfileError(
+                f"a latency budget needs this device's profile: {self.profile_note}; "
+                "or pass tokens=<budget> to force one"
+            )
+        with self._profile_lock:  # concurrent first requests measure once
+            if self.policy is None:
+                log.warning("no profile for this device: measuring one now (first use)")
+                self.measure_profile()
 
     # ---- asking --------------------------------------------------------------------------------
     def ask(
-        self, image: Any, prompt: str | Sequence[Turn], latency_ms: float | None = None,
-        max_new_tokens: int = 64, tokens: int | None = None, strict: bool = False,
-        objective: str = "ttft", **kw: Any,
-    ) -> Result:  # fmt: skip
+        self, image: Any, prompt: str | Sequence[Turn], options: AskOptions | None = None, **kw: Any
+    ) -> Result:
         """Answer in one go at the largest budget whose predicted time fits `latency_ms`.
 
         image: path, bytes or PIL image; prompt: a question or LLaVA turns
-        [{"from": "human"|"gpt", "value": ...}]; tokens: force a budget; strict: raise
-        DeadlineError when no budget fits (else the smallest, deadline_met=False);
-        objective: "ttft" (time to first token) or "total" (whole answer). Also temperature,
-        top_p, seed, stop (strings), timeout_s: see `stream`.
+        [{"from": "human"|"gpt", "value": ...}]; options: an AskOptions, or its fields as
+        keyword arguments (which replace those of `options`): latency_ms, tokens (force a
+        budget), objective ("ttft" | "total"), strict (DeadlineError when no budget fits, else
+        the smallest with deadline_met=False), max_new_tokens, temperature, top_p, seed, stop
+        (strings), timeout_s (GenerationTimeout past it). Bad values: OptionsError (a ValueError).
         """
-        ans = self.stream(image, prompt, latency_ms, max_new_tokens, tokens, strict, objective, **kw)
+        ans = self.stream(image, prompt, AskOptions.of(options, **kw))
         for _ in ans:
             pass
         assert ans.result is not None
         return ans.result
 
     def stream(
-        self, image: Any, prompt: str | Sequence[Turn], latency_ms: float | None = None,
-        max_new_tokens: int = 64, tokens: int | None = None, strict: bool = False,
-        objective: str = "ttft", temperature: float = 0.0, top_p: float = 1.0,
-        seed: int | None = None, stop: Sequence[str] = (), timeout_s: float | None = None,
-    ) -> Answer:  # fmt: skip
+        self, image: Any, prompt: str | Sequence[Turn], options: AskOptions | None = None, **kw: Any
+    ) -> Answer:
         """Preprocess, choose the budget with the time left, encode, and stream the answer's
-        text deltas (`.result` at the end)."""
+        text deltas (`.result` at the end). Options as in `ask`."""
         t_start = time.perf_counter()
-        params = self._params(max_new_tokens, temperature, top_p, seed, stop)
+        opts = AskOptions.of(options, **kw)
         ids = self.prompt_ids(prompt)
-        if tokens is not None:
-            self.check_budget(tokens)
+        if opts.tokens is not None:
+            self.check_budget(opts.tokens)
         pixels, pre_ms = self._timed_preprocess(image)
-        choice = self.choose(latency_ms, len(ids) - 1, max_new_tokens, tokens, objective, strict, pre_ms)
+        choice = self.choose(opts, len(ids) - 1, pre_ms)
         vp = self._vision_pass(pixels, [choice.budget], pre_ms)
-        ans = Answer(iter(()))
-        ans._deltas = self._answer(ans, vp, ids, choice, params, latency_ms, objective, t_start, timeout_s)
-        return ans
+        return Answer(self._answer(_Request(vp, ids, choice, opts, t_start)), opts, choice.budget)
 
     def answer(
-        self, vp: VisionPass, prompt: str | Sequence[Turn], tokens: int, max_new_tokens: int = 64, **kw: Any
+        self,
+        vp: VisionPass,
+        prompt: str | Sequence[Turn],
+        tokens: int,
+        options: AskOptions | None = None,
+        **kw: Any,
     ) -> Result:
-        """Re-answer from an earlier vision pass at one of its budgets (no second tower run)."""
+        """Re-answer from an earlier vision pass at one of its budgets (no second tower run).
+
+        Options as in `ask`, less the budget choice: the answer is at `tokens`."""
+        opts = _at_budget(AskOptions.of(options, **kw), tokens, "answer")
         if tokens not in vp.features:
             raise ValueError(f"this vision pass holds budgets {sorted(vp.features)}, not {tokens}")
         ids = self.prompt_ids(prompt)
-        choice = self.choose(None, len(ids) - 1, max_new_tokens, tokens, "ttft", False)
-        params = self._params(max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0),
-                              kw.get("seed"), kw.get("stop", ()))  # fmt: skip
-        ans = Answer(iter(()))
-        ans._deltas = self._answer(
-            ans, vp, ids, choice, params, None, "ttft", time.perf_counter(), None, True
-        )
+        choice = self.choose(opts, len(ids) - 1)
+        ans = Answer(self._answer(_Request(vp, ids, choice, opts, time.perf_counter(), True)), opts, tokens)
         for _ in ans:
             pass
         assert ans.result is not None
         return ans.result
 
     def escalate(
-        self, image: Any, prompt: str | Sequence[Turn], budgets: Sequence[int] = (9, 144), **kw: Any
+        self,
+        image: Any,
+        prompt: str | Sequence[Turn],
+        budgets: Sequence[int] = (9, 144),
+        options: AskOptions | None = None,
+        **kw: Any,
     ) -> list[Result]:
-        """Encode once for every budget, answer at each in order (smallest first)."""
+        """Encode once for every budget, answer at each in order (smallest first). Options as in
+        `ask`, less the budget choice (latency_ms, tokens, strict): the budgets are given."""
+        opts = AskOptions.of(options, **kw)
+        _at_budget(opts, None, "escalate")
         if not self.vision.shared:
             raise BundleError(
                 f"escalation needs the shared vision layout (one pass, every budget); backend "
@@ -310,7 +356,7 @@ class Pipeline:
         vp = self.encode(image, order)
         results = []
         for i, t in enumerate(order):
-            r = self.answer(vp, prompt, t, **kw)
+            r = self.answer(vp, prompt, t, opts)
             if i == 0:  # the one vision pass is charged to the first answer
                 r.measured_ms.update(preprocess=round(vp.preprocess_ms, 3), vision=round(vp.vision_ms, 3))
                 r.measured_ms["ttft"] = round(r.measured_ms["ttft"] + vp.preprocess_ms + vp.vision_ms, 3)
@@ -318,52 +364,64 @@ class Pipeline:
             results.append(r)
         return results
 
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                stop: Sequence[str]) -> SamplingParams:  # fmt: skip
+    def _params(self, opts: AskOptions) -> SamplingParams:
         stops = (self.special["eos"],)
-        return SamplingParams(max_new_tokens, temperature, top_p, seed, stops, tuple(stop)).check()
+        return SamplingParams(
+            opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, stops, opts.stop
+        ).check()
 
-    def _answer(
-        self, ans: Answer, vp: VisionPass, ids: list[int], choice: Choice, params: SamplingParams,
-        latency_ms: float | None, objective: str, t_start: float, timeout_s: float | None,
-        reused: bool = False,
-    ) -> Iterator[str]:  # fmt: skip
-        t = choice.budget
-        embeds = self.embeddings(ids, vp.features[t])  # [1, S, D]
+    def _answer(self, req: _Request) -> Generator[str, None, Result]:
+        """Decode at the chosen budget: yields text deltas, returns the Result."""
+        t = req.choice.budget
+        embeds = self.embeddings(req.ids, req.vp.features[t])  # [1, S, D]
+        params, timeout_s = self._params(req.opts), req.opts.timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         gen = self.decoder.start(embeds, params, deadline)
         text = TextStream(gen, self.tokenizer, params.stop)
-        t_first = None
-        for delta in text:
-            if t_first is None:
-                t_first = time.perf_counter()
-            yield delta
-        t_end = time.perf_counter()
-        ans.result = self._result(
-            vp, ids, choice, gen, text, latency_ms, objective, t_start, t_first, t_end, reused
-        )
+        yield from text
+        return self._result(req, gen, text, time.perf_counter())
 
-    def _result(
-        self, vp: VisionPass, ids: list[int], choice: Choice, gen: Generation, text: TextStream,
-        latency_ms: float | None, objective: str, t_start: float, t_first: float | None, t_end: float,
-        reused: bool,
-    ) -> Result:  # fmt: skip
-        pre, vis = (0.0, 0.0) if reused else (vp.preprocess_ms, vp.vision_ms)
+    def _result(self, req: _Request, gen: Generation, text: TextStream, t_end: float) -> Result:
+        vp, ids, choice, opts = req.vp, req.ids, req.choice, req.opts
+        pre, vis = (0.0, 0.0) if req.reused else (vp.preprocess_ms, vp.vision_ms)
         ttft = pre + vis + gen.prefill_ms
-        measured = {"preprocess": pre, "vision": vis, "prefill": gen.prefill_ms, "decode": gen.decode_ms,
-                    "ttft": ttft, "total": (t_end - t_start) * 1e3}  # fmt: skip
+        measured = {
+            "preprocess": pre,
+            "vision": vis,
+            "prefill": gen.prefill_ms,
+            "decode": gen.decode_ms,
+            "ttft": ttft,
+            "total": (t_end - req.t_start) * 1e3,
+        }
         pred = choice.prediction
         predicted = {**pred.stages, "ttft": pred.ttft_ms, "total": pred.total_ms} if pred else {}
         t = choice.budget
-        if self.policy is not None and not reused:
+        if self.policy is not None and not req.reused:
             self.policy.observe(t, len(ids) - 1, gen.decode_steps, measured)
-        met = None if latency_ms is None else measured[objective] <= latency_ms
+        met = None if opts.latency_ms is None else measured[opts.objective] <= opts.latency_ms
         return Result(
-            answer=text.full, token_ids=list(gen.tokens), budget=t, backend=vp.backend,
-            llm_provider=self.decoder.provider, finish_reason=gen.finish_reason or "stop",
-            prompt_tokens=len(ids) - 1 + t, latency_ms=latency_ms, objective=objective,
-            deadline_met=met, predicted_deadline_met=choice.deadline_met, reason=choice.reason,
+            answer=text.full,
+            token_ids=list(gen.tokens),
+            budget=t,
+            backend=vp.backend,
+            llm_provider=self.decoder.provider,
+            finish_reason=gen.finish_reason or "stop",
+            prompt_tokens=len(ids) - 1 + t,
+            latency_ms=opts.latency_ms,
+            objective=opts.objective,
+            deadline_met=met,
+            predicted_deadline_met=choice.deadline_met,
+            reason=choice.reason,
             candidates_ms=dict(choice.candidates),
             predicted_ms={k: round(v, 3) for k, v in predicted.items()},
-            measured_ms={k: round(v, 3) for k, v in measured.items()}, vision_reused=reused,
-        )  # fmt: skip
+            measured_ms={k: round(v, 3) for k, v in measured.items()},
+            vision_reused=req.reused,
+        )
+
+
+def _at_budget(opts: AskOptions, tokens: int | None, where: str) -> AskOptions:
+    """`opts` for an answer at given budget(s): a latency budget or strict cannot apply there."""
+    for name in ("latency_ms", "strict") + (("tokens",) if tokens is None else ()):
+        if getattr(opts, name) not in (None, False):
+            raise OptionsError(name, f"does not apply to {where}: it answers at the budgets it is given")
+    return opts if tokens is None else replace(opts, tokens=tokens)

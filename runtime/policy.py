@@ -19,14 +19,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from runtime.options import OBJECTIVES
 from runtime.profile import STAGES, Profile
 
-OBJECTIVES = ("ttft", "total")
 RATIO_CLIP = (0.25, 4.0)  # bounds of one observation's measured / profiled ratio
 
 
 class DeadlineError(RuntimeError):
-    """strict=True and no budget fits the deadline."""
+    """strict=True and no budget fits the latency budget (the deadline)."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class ServerConfig:
     max_concurrency: int = 2  # requests running at once
     max_queue: int = 8  # requests waiting beyond those; more -> 429
     queue_timeout_s: float = 30.0  # waited longer than this for a slot -> 503
-    timeout_s: float = 120.0  # per request, once running -> 504
+    timeout_s: float = 120.0  # per request, once running -> 504 (AskOptions.timeout_s)
     max_new_tokens: int = 512
     allow_remote_images: bool = False
     model_name: str = ""
@@ -144,12 +144,24 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         if self.path == "/health":
             pipe = srv.pipeline
-            self._send(200, {"status": "ok", "model": srv.model, "backend": pipe.vision.name,
-                             "llm_provider": pipe.decoder.provider, "budgets": list(pipe.budgets),
-                             "profile": pipe.profile_note, "uptime_s": round(time.time() - srv.started, 1)})  # fmt: skip
+            health = {
+                "status": "ok",
+                "model": srv.model,
+                "backend": pipe.vision.name,
+                "llm_provider": pipe.decoder.provider,
+                "budgets": list(pipe.budgets),
+                "profile": pipe.profile_note,
+                "uptime_s": round(time.time() - srv.started, 1),
+            }
+            self._send(200, health)
         elif self.path == "/v1/models":
-            card = {"id": srv.model, "object": "model", "created": int(srv.started), "owned_by": "fmvr",
-                    "visual_token_budgets": list(srv.pipeline.budgets)}  # fmt: skip
+            card = {
+                "id": srv.model,
+                "object": "model",
+                "created": int(srv.started),
+                "owned_by": "fmvr",
+                "visual_token_budgets": list(srv.pipeline.budgets),
+            }
             self._send(200, {"object": "list", "data": [card]})
         elif self.path == "/metrics":
             self._send(200, self._metrics().encode(), "text/plain; version=0.0.4")
@@ -171,14 +183,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         srv = self.server
         try:
-            req = api.parse_request(self._body(), srv.cfg.allow_remote_images, srv.cfg.max_new_tokens)
+            cfg = srv.cfg
+            req = api.parse_request(self._body(), cfg.allow_remote_images, cfg.max_new_tokens, cfg.timeout_s)
         except api.ApiError as e:
             self._error(e)
             return
         if not srv.limiter.admit():
             srv.metrics.inc("fmvr_rejected_total", reason="queue_full")
-            self._error(api.ApiError(429, "the server is busy (queue full); retry shortly", "rate_limit_error"),
-                        {"Retry-After": "1"})  # fmt: skip
+            busy = api.ApiError(429, "the server is busy (queue full); retry shortly", "rate_limit_error")
+            self._error(busy, {"Retry-After": "1"})
             return
         try:
             self._admitted(req)
@@ -193,8 +206,8 @@ class Handler(BaseHTTPRequestHandler):
         srv, lim = self.server, self.server.limiter
         if not lim.slots.acquire(timeout=srv.cfg.queue_timeout_s):
             srv.metrics.inc("fmvr_rejected_total", reason="queue_timeout")
-            self._error(api.ApiError(503, "the server is overloaded (waited too long for a slot); retry later",
-                                     "overloaded_error"), {"Retry-After": "2"})  # fmt: skip
+            msg = "the server is overloaded (waited too long for a slot); retry later"
+            self._error(api.ApiError(503, msg, "overloaded_error"), {"Retry-After": "2"})
             return
         with lim.lock:
             lim.running += 1
@@ -208,7 +221,7 @@ class Handler(BaseHTTPRequestHandler):
     def _run(self, req: api.ChatRequest) -> None:
         srv, cid = self.server, api.new_id()
         try:
-            ans = srv.pipeline.stream(req.image, req.turns, timeout_s=srv.cfg.timeout_s, **req.kwargs)
+            ans = srv.pipeline.stream(req.image, req.turns, req.options)
         except DeadlineError as e:
             self._error(api.ApiError(422, str(e), "deadline_error", "latency_budget_ms"))
             return

@@ -23,15 +23,20 @@ def image_file(image_bytes, tmp_path_factory):
     return str(p)
 
 
+def ask(bundle, image_file, *flags: str) -> int:
+    return main(["ask", "--bundle", str(bundle), "--image", image_file, *flags])
+
+
 def test_ask_with_a_forced_budget_prints_json(bundle, image_file, capsys):
-    rc = main(["ask", "--bundle", str(bundle), "--image", image_file, "--prompt", "What is it?", "--tokens", "9",
-               "--max-new-tokens", "3", "--json"])  # fmt: skip
+    rc = ask(
+        bundle, image_file, "--prompt", "What is it?", "--tokens", "9", "--max-new-tokens", "3", "--json"
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out[0]["budget"] == 9 and out[0]["backend"] == "ort-cpu"
 
 
 def test_latency_budget_without_profile_exits_2_and_says_what_to_run(bundle, image_file, capsys):
-    rc = main(["ask", "--bundle", str(bundle), "--image", image_file, "--prompt", "hi", "--latency-ms", "50"])
+    rc = ask(bundle, image_file, "--prompt", "hi", "--latency-ms", "50")
     assert rc == 2 and "python -m runtime profile --bundle" in capsys.readouterr().err
 
 
@@ -39,8 +44,9 @@ def test_profile_then_ask_at_three_latency_budgets(bundle, image_file, capsys):
     assert main(["profile", "--bundle", str(bundle), "--runs", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "saved" in out and list(bundle.glob("profile-*.json"))
-    rc = main(["ask", "--bundle", str(bundle), "--image", image_file, "--prompt", "What is it?",
-               "--latency-ms", "0.001", "1e6", "--max-new-tokens", "2"])  # fmt: skip
+    rc = ask(
+        bundle, image_file, "--prompt", "What is it?", "--latency-ms", "0.001", "1e6", "--max-new-tokens", "2"
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "[latency budget 0.001 ms] -> 1 visual tokens" in out and "MISSED" in out
@@ -48,10 +54,36 @@ def test_profile_then_ask_at_three_latency_budgets(bundle, image_file, capsys):
 
 
 def test_escalate_from_the_cli(bundle, image_file, capsys):
-    rc = main(["ask", "--bundle", str(bundle), "--image", image_file, "--prompt", "What is it?",
-               "--escalate", "1,36", "--max-new-tokens", "2", "--json"])  # fmt: skip
+    rc = ask(
+        bundle, image_file, "--prompt", "What is it?", "--escalate", "1,36", "--max-new-tokens", "2", "--json"
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["budget"] for r in out] == [1, 36] and out[1]["vision_reused"]
+
+
+def test_strict_deadline_miss_and_timeout_exit_1(bundle, image_file, capsys):
+    rc = ask(
+        bundle, image_file, "--prompt", "hi", "--latency-ms", "0.001", "--strict", "--profile-if-missing"
+    )
+    assert rc == 1 and "no budget fits" in capsys.readouterr().err
+    rc = ask(
+        bundle, image_file, "--prompt", "hi", "--tokens", "1", "--timeout-s", "0", "--max-new-tokens", "20"
+    )
+    assert rc == 1 and "timed out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelling", [["--question", "What is it?"], ["--question=What is it?"]])
+def test_question_still_works_for_a_release_with_a_future_warning(bundle, image_file, capsys, spelling):
+    with pytest.warns(FutureWarning, match="--question is deprecated.*use --prompt"):
+        rc = ask(bundle, image_file, *spelling, "--tokens", "1", "--max-new-tokens", "2", "--json")
+    assert rc == 0 and json.loads(capsys.readouterr().out)[0]["budget"] == 1
+
+
+def test_help_lists_only_the_new_spelling(capsys):
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    out = capsys.readouterr().out
+    assert "--prompt" in out and "--question" not in out
 
 
 def test_a_bad_bundle_exits_2(tmp_path, capsys):

@@ -68,6 +68,19 @@ def test_stream_deltas_add_up_to_the_answer(pipe, image_bytes):
     assert ans.result.token_ids == ref.token_ids
 
 
+def test_an_answer_owns_its_generator(pipe, image_bytes):
+    ans = pipe.stream(image_bytes[0], PROMPT, tokens=36, max_new_tokens=12)
+    assert (ans.budget, ans.options.max_new_tokens, ans.result) == (36, 12, None)  # known before decoding
+    deltas = iter(ans)
+    first = next(deltas)
+    assert first and ans.result is None
+    ans.close()  # stops decoding: no result, and nothing more to iterate
+    assert list(deltas) == [] and list(ans) == [] and ans.result is None
+    done = pipe.stream(image_bytes[0], PROMPT, tokens=36, max_new_tokens=12)
+    text = "".join(done)
+    assert done.result.answer == text and list(done) == []  # exhausted once; the result stays
+
+
 def test_escalation_reuses_one_vision_pass(pipe, image_bytes, monkeypatch):
     calls = []
     real = pipe.vision.encode

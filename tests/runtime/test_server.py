@@ -45,8 +45,15 @@ def data_uri(data: bytes) -> str:
 
 
 def messages(image: bytes, text: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": text},
-                                         {"type": "image_url", "image_url": {"url": data_uri(image)}}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": data_uri(image)}},
+            ],
+        }
+    ]
 
 
 def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -65,8 +72,9 @@ def test_binds_loopback_by_default():
 
 def test_chat_completion_with_the_openai_client(server, client, pipe, image_bytes):
     want = pipe.ask(image_bytes[0], PROMPT, tokens=36, max_new_tokens=8)
-    r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=8,
-                                       extra_body={"visual_tokens": 36})  # fmt: skip
+    r = client.chat.completions.create(
+        model=server.model, messages=messages(image_bytes[0]), max_tokens=8, extra_body={"visual_tokens": 36}
+    )
     assert r.choices[0].message.content == want.answer
     assert r.choices[0].finish_reason == want.finish_reason
     u = r.usage.model_dump()
@@ -76,8 +84,13 @@ def test_chat_completion_with_the_openai_client(server, client, pipe, image_byte
 
 def test_streaming_with_the_openai_client(server, client, pipe, image_bytes):
     want = pipe.ask(image_bytes[1], PROMPT, tokens=144, max_new_tokens=10)
-    stream = client.chat.completions.create(model=server.model, messages=messages(image_bytes[1]), max_tokens=10,
-                                            stream=True, extra_body={"visual_tokens": 144})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=server.model,
+        messages=messages(image_bytes[1]),
+        max_tokens=10,
+        stream=True,
+        extra_body={"visual_tokens": 144},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want.answer
@@ -102,8 +115,12 @@ def test_concurrent_requests_get_their_own_answers(server, client, pipe, image_b
 
     def call(k: int) -> None:
         i, t = jobs[k]
-        r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[i]), max_tokens=8,
-                                           extra_body={"visual_tokens": t})  # fmt: skip
+        r = client.chat.completions.create(
+            model=server.model,
+            messages=messages(image_bytes[i]),
+            max_tokens=8,
+            extra_body={"visual_tokens": t},
+        )
         got[k] = r.choices[0].message.content
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(len(jobs))]
@@ -136,38 +153,131 @@ def test_bad_requests_get_400(server, body, status, match):
     assert got == status and match in json.loads(data)["error"]["message"]
 
 
-def test_malformed_fields_get_400_not_a_dropped_connection(server, image_bytes):
-    for extra, param in (({"stream_options": "x"}, "stream_options"), ({"seed": -1}, "seed")):
-        body = json.dumps({"messages": messages(image_bytes[0]), **extra}).encode()
-        got, data = raw(server, "POST", "/v1/chat/completions", body)
-        assert got == 400 and param in json.loads(data)["error"]["message"]
-    got, _ = raw(server, "GET", "/health")
-    assert got == 200
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stream_options": "x"}, "stream_options"),
+        ({"seed": -1}, "seed"),
+        ({"latency_budget_ms": 0}, "latency_budget_ms"),
+        ({"latency_budget_ms": "fast"}, "latency_budget_ms"),
+        ({"visual_tokens": 0}, "visual_tokens"),
+        ({"strict": "yes"}, "strict"),
+        ({"objective": "fast"}, "objective"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [1]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_malformed_fields_get_400_naming_the_field(server, image_bytes, extra, param):
+    body = json.dumps({"messages": messages(image_bytes[0]), **extra}).encode()
+    got, data = raw(server, "POST", "/v1/chat/completions", body)
+    err = json.loads(data)["error"]
+    assert got == 400 and err["param"] == param and f"'{param}'" in err["message"]
+    assert raw(server, "GET", "/health")[0] == 200  # and it keeps serving
+
+
+def test_cli_server_and_api_build_the_same_options(pipe, tiny_bundle, image_bytes, tmp_path, monkeypatch):
+    """One request, spelled for each front end, reaches Pipeline.stream as one AskOptions."""
+    from runtime.__main__ import main
+    from runtime.options import AskOptions
+    from runtime.pipeline import Pipeline
+
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def spy(self, image, prompt, options=None, **kw):
+        seen.append(AskOptions.of(options, **kw))
+        raise Seen  # recorded: nothing needs to run
+
+    monkeypatch.setattr(Pipeline, "stream", spy)
+    with pytest.raises(Seen):
+        pipe.ask(
+            image_bytes[0],
+            PROMPT,
+            latency_ms=120,
+            objective="total",
+            strict=True,
+            max_new_tokens=3,
+            temperature=0.5,
+            top_p=0.9,
+            seed=7,
+            stop=["x"],
+            timeout_s=60,
+        )
+    body = {
+        "messages": messages(image_bytes[0]),
+        "latency_budget_ms": 120,
+        "objective": "total",
+        "strict": True,
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": "x",
+    }
+    with running(pipe, timeout_s=60) as srv:
+        assert raw(srv, "POST", "/v1/chat/completions", json.dumps(body).encode())[0] == 500  # Seen
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(image_bytes[0])
+    flags = "--latency-ms 120 --objective total --strict --max-new-tokens 3 --temperature 0.5 --top-p 0.9"
+    flags += " --seed 7 --stop x --timeout-s 60"
+    with pytest.raises(Seen):
+        main(["ask", "--bundle", str(tiny_bundle), "--image", str(image), "--prompt", PROMPT, *flags.split()])
+    want = AskOptions(
+        latency_ms=120,
+        objective="total",
+        strict=True,
+        max_new_tokens=3,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop=("x",),
+        timeout_s=60,
+    )
+    assert seen == [want, want, want]
 
 
 def test_bad_image_gets_400_and_the_server_goes_on(server, client, image_bytes):
     for bad in (b"garbage bytes", image_bytes[0][:2000]):
         with pytest.raises(openai.BadRequestError, match="image"):
             client.chat.completions.create(model=server.model, messages=messages(bad), max_tokens=2)
-    r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
-                                       extra_body={"visual_tokens": 1})  # fmt: skip
+    r = client.chat.completions.create(
+        model=server.model, messages=messages(image_bytes[0]), max_tokens=2, extra_body={"visual_tokens": 1}
+    )
     assert r.usage.model_dump()["visual_tokens"] == 1
 
 
 def test_remote_images_are_refused_unless_enabled(server, client):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"},
-                                         {"type": "image_url", "image_url": {"url": "http://example.com/a.jpg"}}]}]  # fmt: skip
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "hi"},
+                {"type": "image_url", "image_url": {"url": "http://example.com/a.jpg"}},
+            ],
+        }
+    ]
     with pytest.raises(openai.BadRequestError, match="--allow-remote-images"):
         client.chat.completions.create(model=server.model, messages=msgs, max_tokens=2)
 
 
 def test_unknown_budget_and_missing_profile_get_400(server, client, image_bytes):
     with pytest.raises(openai.BadRequestError, match="valid budgets"):
-        client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
-                                       extra_body={"visual_tokens": 100})  # fmt: skip
+        client.chat.completions.create(
+            model=server.model,
+            messages=messages(image_bytes[0]),
+            max_tokens=2,
+            extra_body={"visual_tokens": 100},
+        )
     with pytest.raises(openai.BadRequestError, match="runtime profile"):
-        client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=2,
-                                       extra_body={"latency_budget_ms": 100})  # fmt: skip
+        client.chat.completions.create(
+            model=server.model,
+            messages=messages(image_bytes[0]),
+            max_tokens=2,
+            extra_body={"latency_budget_ms": 100},
+        )
 
 
 def test_oversize_body_gets_413_and_the_server_goes_on(server):
@@ -198,13 +308,17 @@ def test_overload_gets_429_or_503_never_a_crash(pipe, image_bytes):
             {"messages": messages(image_bytes[0]), "max_tokens": 2, "visual_tokens": 1}
         ).encode()
         results: dict[str, int] = {}
-        first = threading.Thread(target=lambda: results.__setitem__("first", raw(srv, "POST", "/v1/chat/completions", body)[0]))  # fmt: skip
+        first = threading.Thread(
+            target=lambda: results.__setitem__("first", raw(srv, "POST", "/v1/chat/completions", body)[0])
+        )
         first.start()
         assert gated.entered.acquire(timeout=30)  # the first request holds the only slot
-        second = threading.Thread(target=lambda: results.__setitem__("second", raw(srv, "POST", "/v1/chat/completions", body)[0]))  # fmt: skip
+        second = threading.Thread(
+            target=lambda: results.__setitem__("second", raw(srv, "POST", "/v1/chat/completions", body)[0])
+        )
         second.start()
-        deadline = time.monotonic() + 10
-        while srv.limiter.admitted < 2 and time.monotonic() < deadline:
+        give_up = time.monotonic() + 10
+        while srv.limiter.admitted < 2 and time.monotonic() < give_up:
             time.sleep(0.01)
         status, data = raw(srv, "POST", "/v1/chat/completions", body)  # queue full
         assert status == 429 and "busy" in json.loads(data)["error"]["message"]
@@ -229,13 +343,20 @@ def test_per_request_timeout_gets_504(pipe, image_bytes):
 
 
 def test_multi_turn_conversation_matches_the_pipeline(server, client, pipe, image_bytes):
-    turns = [{"from": "human", "value": f"<image>\n{PROMPT}"}, {"from": "gpt", "value": "A photo."},
-             {"from": "human", "value": "What colour is it?"}]  # fmt: skip
+    turns = [
+        {"from": "human", "value": f"<image>\n{PROMPT}"},
+        {"from": "gpt", "value": "A photo."},
+        {"from": "human", "value": "What colour is it?"},
+    ]
     want = pipe.ask(image_bytes[0], turns, tokens=9, max_new_tokens=6)
-    msgs = [*messages(image_bytes[0]), {"role": "assistant", "content": "A photo."},
-            {"role": "user", "content": "What colour is it?"}]  # fmt: skip
-    r = client.chat.completions.create(model=server.model, messages=msgs, max_tokens=6,
-                                       extra_body={"visual_tokens": 9})  # fmt: skip
+    msgs = [
+        *messages(image_bytes[0]),
+        {"role": "assistant", "content": "A photo."},
+        {"role": "user", "content": "What colour is it?"},
+    ]
+    r = client.chat.completions.create(
+        model=server.model, messages=msgs, max_tokens=6, extra_body={"visual_tokens": 9}
+    )
     assert r.choices[0].message.content == want.answer
 
 
@@ -247,14 +368,22 @@ def test_latency_budget_picks_the_budget_and_reports_it(server, client, pipe, im
     try:
         text = len(pipe.prompt_ids(PROMPT)) - 1
         ttft = {t: pipe.policy.predict(t, text, 4, spent_ms=0.0).ttft_ms for t in pipe.budgets}
-        r = client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
-                                           extra_body={"latency_budget_ms": (ttft[9] + ttft[36]) / 2})  # fmt: skip
+        r = client.chat.completions.create(
+            model=server.model,
+            messages=messages(image_bytes[0]),
+            max_tokens=4,
+            extra_body={"latency_budget_ms": (ttft[9] + ttft[36]) / 2},
+        )
         u = r.usage.model_dump()
         assert u["visual_tokens"] == 9
         assert u["timings_ms"]["predicted"]["ttft"] <= (ttft[9] + ttft[36]) / 2 < ttft[36]
         with pytest.raises(openai.UnprocessableEntityError, match="no budget fits"):
-            client.chat.completions.create(model=server.model, messages=messages(image_bytes[0]), max_tokens=4,
-                                           extra_body={"latency_budget_ms": 1, "strict": True})  # fmt: skip
+            client.chat.completions.create(
+                model=server.model,
+                messages=messages(image_bytes[0]),
+                max_tokens=4,
+                extra_body={"latency_budget_ms": 1, "strict": True},
+            )
     finally:
         pipe.reload_profile()
 
@@ -277,8 +406,15 @@ def test_remote_images_when_enabled(pipe, image_bytes):
     try:
         with running(pipe, allow_remote_images=True) as srv:
             url = f"http://127.0.0.1:{files.server_address[1]}/photo.jpg"
-            msgs = [{"role": "user", "content": [{"type": "text", "text": PROMPT},
-                                                 {"type": "image_url", "image_url": {"url": url}}]}]  # fmt: skip
+            msgs = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": PROMPT},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ]
             body = json.dumps({"messages": msgs, "max_tokens": 4, "visual_tokens": 36}).encode()
             status, data = raw(srv, "POST", "/v1/chat/completions", body)
             want = pipe.ask(image_bytes[1], PROMPT, tokens=36, max_new_tokens=4).answer
