@@ -48,7 +48,7 @@ class SamplingParams:
 
 
 class GenerationTimeout(TimeoutError):
-    """The request's deadline passed during decoding."""
+    """The request's timeout passed during decoding."""
 
 
 def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -65,6 +65,30 @@ def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.ran
     return int(order[rng.choice(len(sp), p=sp / sp.sum())])
 
 
+def check_io(session: ort.InferenceSession, spec: LLMSection) -> dict[str, str]:
+    """The session's input types, once its inputs and outputs are checked against the contract
+    that `spec` (num_layers + name templates) describes; ValueError naming what differs."""
+    types = {i.name: i.type for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    layers = range(spec.num_layers)
+    want_in = ["inputs_embeds", "attention_mask"]
+    want_in += [t.format(i=i) for i in layers for t in (spec.past_key, spec.past_value)]
+    want_out = ["logits", *(t.format(i=i) for i in layers for t in (spec.present_key, spec.present_value))]
+    extra = sorted(set(types) - set(want_in) - {"position_ids"})
+    problems = [f"no input {n}" for n in want_in if n not in types]
+    problems += [f"no output {n}" for n in want_out if n not in outputs]
+    problems += [f"unexpected input {n}" for n in extra]
+    floats = [n for n in want_in if n != "attention_mask" and n in types]
+    problems += [f"{n} is {types[n]}, not float or float16" for n in floats if types[n] not in ORT_DTYPES]
+    if problems:
+        raise ValueError(
+            f"decoder {spec.decoder} does not follow the bundle contract ({spec.num_layers} layers): "
+            + "; ".join(problems[:6])
+            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+        )
+    return types
+
+
 class Decoder:
     """An onnxruntime decoder session + the embedding table; `start` begins a Generation."""
 
@@ -72,15 +96,15 @@ class Decoder:
         self, session: ort.InferenceSession, spec: LLMSection, embed_table: np.ndarray, max_len: int
     ) -> None:
         self.session, self.spec, self.max_len = session, spec, max_len
-        types = {i.name: i.type for i in session.get_inputs()}
-        missing = [
-            n for n in ("inputs_embeds", "attention_mask", spec.past_key.format(i=0)) if n not in types
-        ]
-        if missing:
-            raise ValueError(f"decoder has no input(s) {missing}; inputs are {sorted(types)}")
+        types = check_io(session, spec)
         self.embed_dtype = ORT_DTYPES[types["inputs_embeds"]]
         self.kv_dtype = ORT_DTYPES[types[spec.past_key.format(i=0)]]
         self.has_position_ids = "position_ids" in types
+        if embed_table.dtype != self.embed_dtype:
+            raise ValueError(
+                f"{spec.embed_tokens} is {embed_table.dtype}, the decoder's inputs_embeds is "
+                f"{np.dtype(self.embed_dtype)}: they must match"
+            )
         self.table = embed_table
         providers = session.get_providers()
         self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -89,16 +113,24 @@ class Decoder:
         self.ones = np.ones((1, max_len), dtype=np.int64)  # [1, L]
         self.positions = np.arange(max_len, dtype=np.int64)[None]  # [1, L]
         self.kv_names = [
-            (spec.past_key.format(i=i), spec.past_value.format(i=i), spec.present_key.format(i=i),
-             spec.present_value.format(i=i))
+            (
+                spec.past_key.format(i=i),
+                spec.past_value.format(i=i),
+                spec.present_key.format(i=i),
+                spec.present_value.format(i=i),
+            )
             for i in range(spec.num_layers)
-        ]  # fmt: skip
+        ]
 
     @classmethod
     def load(
-        cls, bundle_dir: str | Path, spec: LLMSection, providers: Sequence[Any], max_len: int,
+        cls,
+        bundle_dir: str | Path,
+        spec: LLMSection,
+        providers: Sequence[Any],
+        max_len: int,
         threads: int = 0,
-    ) -> Decoder:  # fmt: skip
+    ) -> Decoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -116,9 +148,17 @@ class Decoder:
         """Token embeddings [1, S, D] in the decoder's input dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=self.embed_dtype)[None]
 
-    def start(self, embeds: np.ndarray, params: SamplingParams, deadline: float | None = None) -> Generation:
-        """A new generation from prompt embeddings [1, S, D] (its own KV cache)."""
-        return Generation(self, embeds, params.check(), deadline)
+    def start(self, embeds: np.ndarray, params: SamplingParams, timeout_s: float | None = None) -> Generation:
+        """A new generation from prompt embeddings [1, S, D] (its own KV cache). With timeout_s,
+        decoding stops with GenerationTimeout once that many seconds have passed from now."""
+        stop_at = None if timeout_s is None else time.monotonic() + timeout_s
+        return Generation(self, embeds, params.check(), stop_at)
+
+    def logits(self, embeds: np.ndarray) -> np.ndarray:
+        """Logits at every position [S, V] of embeddings [1, S, D]: one prefill, cache dropped
+        (scoring; export's quality gate compares these with PyTorch's)."""
+        gen = Generation(self, embeds, SamplingParams(max_new_tokens=1))
+        return gen._run(gen.embeds, every_position=True)
 
     def empty_past(self) -> Any:
         spec = self.spec
@@ -129,7 +169,10 @@ class Decoder:
 class Generation:
     """Iterate to get answer token ids (stop tokens are not yielded). Timings in ms after use."""
 
-    def __init__(self, dec: Decoder, embeds: np.ndarray, params: SamplingParams, deadline: float | None):
+    def __init__(
+        self, dec: Decoder, embeds: np.ndarray, params: SamplingParams, stop_at: float | None = None
+    ) -> None:
+        """stop_at: time.monotonic() after which decoding stops (GenerationTimeout); None: never."""
         if embeds.ndim != 3 or embeds.shape[0] != 1:
             raise ValueError(f"prompt embeddings must be [1, S, D], got {embeds.shape}")
         need = embeds.shape[1] + params.max_new_tokens
@@ -138,7 +181,7 @@ class Generation:
                 f"prompt ({embeds.shape[1]} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
                 f"exceeds the model's context of {dec.max_len}; lower max_new_tokens or the budget"
             )
-        self.dec, self.params, self.deadline = dec, params, deadline
+        self.dec, self.params, self.stop_at = dec, params, stop_at
         self.embeds = np.ascontiguousarray(embeds, dtype=dec.embed_dtype)
         self.rng = np.random.default_rng(params.seed)
         self.step_embed = np.empty((1, 1, embeds.shape[2]), dtype=dec.embed_dtype)  # [1, 1, D], reused
@@ -150,8 +193,9 @@ class Generation:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
-    def _run(self, embeds: np.ndarray) -> np.ndarray:
-        """One decoder call on [1, S, D]: updates the cache, returns last-position logits [V]."""
+    def _run(self, embeds: np.ndarray, every_position: bool = False) -> np.ndarray:
+        """One decoder call on [1, S, D]: updates the cache, returns last-position logits [V]
+        (every_position: all of them, [S, V])."""
         dec, s = self.dec, embeds.shape[1]
         io = dec.session.io_binding()
         io.bind_cpu_input("inputs_embeds", embeds)
@@ -169,7 +213,8 @@ class Generation:
         outs = io.get_outputs()  # logits, then present k/v per layer in bind order
         self.past = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(len(dec.kv_names))]
         self.length += s
-        return outs[0].numpy()[0, -1]  # [V]
+        logits = outs[0].numpy()[0]  # [S, V]
+        return logits if every_position else logits[-1]  # [S, V] or [V]
 
     def __iter__(self) -> Iterator[int]:
         p = self.params
@@ -187,7 +232,7 @@ class Generation:
                 if len(self.tokens) >= p.max_new_tokens:
                     self.finish_reason = "length"
                     return
-                if self.deadline is not None and time.monotonic() > self.deadline:
+                if self.stop_at is not None and time.monotonic() > self.stop_at:
                     self.finish_reason = "timeout"
                     raise GenerationTimeout(f"request timed out after {len(self.tokens)} tokens")
                 t0 = time.perf_counter()

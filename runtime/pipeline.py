@@ -375,8 +375,7 @@ class Pipeline:
         t = req.choice.budget
         embeds = self.embeddings(req.ids, req.vp.features[t])  # [1, S, D]
         params, timeout_s = self._params(req.opts), req.opts.timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        gen = self.decoder.start(embeds, params, deadline)
+        gen = self.decoder.start(embeds, params, timeout_s=timeout_s)
         text = TextStream(gen, self.tokenizer, params.stop)
         yield from text
         return self._result(req, gen, text, time.perf_counter())
