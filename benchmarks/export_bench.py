@@ -44,7 +44,8 @@ def export_variants(work: Path, scale: str, fp16: bool = False) -> dict[str, dic
     """Per pyramid, one single-output graph per budget (pruned from one shared export)."""
     import onnx.utils
 
-    from export.onnx import export_graph
+    from export.graphs import export_graph
+    from export.options import VisionOptions
     from fmvr.model import build_model
 
     graphs: dict[str, dict[int, Path]] = {}
@@ -52,7 +53,7 @@ def export_variants(work: Path, scale: str, fp16: bool = False) -> dict[str, dic
         model = build_model(bench_config(scale, kind), seed=0)
         budgets = tuple(model.cfg.budgets)
         shared = work / f"{kind}-all.onnx"
-        export_graph(model, budgets, shared, fp16=fp16, opset=18)
+        export_graph(model, budgets, shared, VisionOptions(precision="fp16" if fp16 else "fp32", opset=18))
         graphs[kind] = {}
         for t in budgets:
             one = work / f"{kind}-t{t}.onnx"

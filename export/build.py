@@ -1,8 +1,12 @@
-"""Assemble a bundle: vision graphs + decoder + tokenizer + manifest, written atomically."""
+"""Assemble a bundle: tokenizer + vision graphs + decoder + manifest, written atomically.
+
+Each part is gated through the runtime's own loaders (export.gates) inside the temporary
+bundle before it becomes the bundle. The manifest stores the options it was made with and
+the rebuild command generated from them.
+"""
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import tempfile
@@ -10,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from export import gates
 from export.common import (
     ExportError,
     Progress,
@@ -20,8 +25,20 @@ from export.common import (
     tiny_source,
     tool_versions,
 )
-from fmvr.checkpoint import swap_into_place
+from export.decoder import write_llm
+from export.graphs import write_vision
+from export.options import (
+    DEFAULT_LLM,
+    DEFAULT_VISION,
+    LLMOptions,
+    VisionOptions,
+    build_record,
+    options_from_build,
+)
+from fmvr.atomic import swap_into_place
 from runtime.bundle import (
+    FileEntry,
+    LLMSection,
     Manifest,
     atomic_bundle,
     file_entry,
@@ -33,28 +50,14 @@ from runtime.bundle import (
 TOKENIZER = "tokenizer/tokenizer.json"
 
 
-def rebuild_command(src: Source, out: str | Path, budgets: tuple[int, ...], layout: str, **flags: Any) -> str:
-    """The `python -m export` command line that makes this bundle again (--force included)."""
-    tokens = ",".join(map(str, budgets))
-    cmd = (
-        f"python -m export {src.checkpoint} --out {shlex.quote(str(out))} --tokens {tokens} --layout {layout}"
-    )
-    for name, value in flags.items():
-        if value is True:
-            cmd += f" --{name.replace('_', '-')}"
-        elif value is not False:
-            cmd += f" --{name.replace('_', '-')} {value}"
-    return cmd + " --force"
-
-
-def base_manifest(src: Source, budgets: tuple[int, ...], command: str) -> dict[str, Any]:
-    """The manifest fields that come from the model config alone."""
+def base_manifest(src: Source, tokens: tuple[int, ...], build: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields that come from the model config and the options alone."""
     from fmvr.preprocess import Preprocessor
 
     cfg = src.model.cfg
     return {
         "model": {"name": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.hash(), "source": src.label},
-        "budgets": list(budgets),
+        "budgets": list(tokens),
         "preprocessing": Preprocessor.from_config(cfg).to_dict(),
         "template": cfg.template,
         # "bos" only when prompts start with it (ChatML models have none)
@@ -66,7 +69,7 @@ def base_manifest(src: Source, budgets: tuple[int, ...], command: str) -> dict[s
         },
         "tokenizer": TOKENIZER,
         "tools": tool_versions(),
-        "build": {"command": command, "checkpoint": src.checkpoint},
+        "build": build,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -75,54 +78,58 @@ def build_bundle(
     src: Source,
     out: str | Path,
     *,
-    budgets: tuple[int, ...],
-    layout: str = "shared",
-    fp16: bool = False,
-    opset: int = 18,
-    llm: str | None = "int8",
-    target: str = "cpu",
-    exporter: str = "auto",
-    block_size: int = 32,
+    tokens: tuple[int, ...],
+    vision: VisionOptions = DEFAULT_VISION,
+    llm: LLMOptions | None = DEFAULT_LLM,
     force: bool = False,
 ) -> tuple[Path, Manifest]:
-    """Everything into `out` (temp dir + rename); returns (out, verified manifest)."""
-    from export.llm import write_llm
-    from export.onnx import write_vision
+    """Everything into `out` (temp dir, swapped in at the end); returns (out, verified manifest).
 
+    llm=None: a vision-only bundle."""
     out = Path(out)
     steps = Progress(4 if llm else 3)
+    build = build_record(src.flags, out, tokens, vision, llm)
     with atomic_bundle(out, force=force) as tmp:
         steps.start("preprocess parity images (real photos + built-in)")
         images, names = parity_images()
         pixels = pixels_for(src.model.cfg, images)  # [N, 3, S, S]
         steps.done(f"{len(names)} images")
         steps.start(
-            f"vision ONNX ({layout}, budgets {', '.join(map(str, budgets))}, {'fp16' if fp16 else 'fp32'})"
+            f"vision ONNX ({vision.layout}, budgets {', '.join(map(str, tokens))}, {vision.precision})"
         )
-        vision, files = write_vision(src.model, tmp, budgets, layout, fp16, opset, pixels, names)
-        worst = max(r["max_abs"] for f in files for r in f.parity.values())
-        steps.done(f"parity ok, worst max abs error {worst:.2e}")
-        llm_section = None
+        section, files = write_vision(src.model, tmp, tokens, vision)
+        files.append(write_tokenizer(src, tmp))
+        write_manifest(tmp, Manifest(vision=section, files=files, **base_manifest(src, tokens, build)))
+        m = gates.vision_gate(tmp, src.model, pixels, names)
+        write_manifest(tmp, m)
+        worst = max(r["max_abs"] for f in m.files for r in f.parity.values())
+        steps.done(f"parity through runtime.vision ok, worst max abs error {worst:.2e}")
         if llm:
-            steps.start(f"LLM decoder ({llm}, {target}, exporter {exporter})")
-            llm_section, llm_files = write_llm(
-                src.model, src.tokenizer, tmp, llm, target, exporter, block_size
-            )
-            files += llm_files
-            steps.done(agreement_note(llm_section.quantization["agreement"]))
-        steps.start("tokenizer, manifest, verification")
-        (tmp / TOKENIZER).parent.mkdir(parents=True, exist_ok=True)
-        src.tokenizer.save(str(tmp / TOKENIZER))
-        files.append(file_entry(tmp, TOKENIZER, "tokenizer"))
-        flags = {"fp16": fp16, "opset": opset, "llm": llm or "none"}
-        if llm:
-            flags.update(target=target, exporter=exporter, block_size=block_size)
-        fields = base_manifest(src, budgets, rebuild_command(src, out, budgets, layout, **flags))
-        manifest = Manifest(vision=vision, llm=llm_section, files=files, **fields)
-        write_manifest(tmp, manifest)
+            steps.start(f"LLM decoder ({llm.quant}, {llm.target}, exporter {llm.exporter})")
+            llm_section, llm_files = write_llm(src.model, src.tokenizer, tmp, llm)
+            m.llm, m.files = llm_section, m.files + llm_files
+            write_manifest(tmp, m)
+            m = verify_bundle(tmp)
+            assert m.llm is not None
+            record_quality(m.llm, m.files, gates.llm_gate(tmp, m.llm, src.model, src.tokenizer, llm.target))
+            steps.done(agreement_note(m.llm.quantization["agreement"]))
+        steps.start("manifest, verification")
+        write_manifest(tmp, m)
         verify_bundle(tmp)
         steps.done()
     return out, verify_bundle(out)
+
+
+def write_tokenizer(src: Source, root: Path) -> FileEntry:
+    (root / TOKENIZER).parent.mkdir(parents=True, exist_ok=True)
+    src.tokenizer.save(str(root / TOKENIZER))
+    return file_entry(root, TOKENIZER, "tokenizer")
+
+
+def record_quality(section: LLMSection, files: list[FileEntry], record: dict[str, Any]) -> None:
+    """The LLM gate's record: in llm.quantization.agreement and the decoder file's parity."""
+    section.quantization["agreement"] = record
+    next(f for f in files if f.path == section.decoder).parity = {"quality": record}
 
 
 def agreement_note(rec: dict[str, Any]) -> str:
@@ -131,31 +138,25 @@ def agreement_note(rec: dict[str, Any]) -> str:
     return f"top-1 agreement {rec['top1']:.3f} (floor {rec['floor']}), greedy 20 equal: {rec['greedy_equal']}"
 
 
-def add_llm(
-    src: Source, bundle: str | Path, quant: str, target: str, exporter: str, block_size: int, force: bool
-) -> tuple[Path, Manifest]:
+def add_llm(src: Source, bundle: str | Path, llm: LLMOptions, force: bool) -> tuple[Path, Manifest]:
     """Put (or with force, replace) the LLM of an existing bundle made from the same model."""
-    from export.llm import write_llm
-
     bundle = Path(bundle)
     m = verify_bundle(bundle)
     if m.model.get("config_hash") != src.model.cfg.hash():
         raise ExportError(f"bundle {bundle} was exported from another model config; export into a new --out")
     if m.llm is not None and not force:
-        raise ExportError(
-            f"bundle {bundle} already has an LLM ({m.llm.quantization.get('method')}); pass --force"
-        )
+        raise ExportError(f"bundle {bundle} already has an LLM ({m.llm.quant}); pass --force")
+    vision, _ = options_from_build(m.build)
     work = Path(tempfile.mkdtemp(prefix=".llm.partial-", dir=bundle))
     try:
-        section, files = write_llm(src.model, src.tokenizer, work, quant, target, exporter, block_size)
+        section, files = write_llm(src.model, src.tokenizer, work, llm)
+        record_quality(section, files, gates.llm_gate(work, section, src.model, src.tokenizer, llm.target))
         swap_into_place(work / "llm", bundle / "llm")  # the old or the new decoder, never neither
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m.files = [f for f in m.files if not f.path.startswith("llm/")] + files
     m.llm = section
-    llm_flags = f" --llm {quant} --target {target} --exporter {exporter} --block-size {block_size}"
-    pattern = r" --llm \S+( --target \S+)?( --exporter \S+)?( --block-size \S+)?"
-    m.build["command"] = re.sub(pattern, llm_flags, m.build.get("command", ""))
+    m.build = build_record(shlex.split(m.build["checkpoint"]), bundle, tuple(m.budgets), vision, llm)
     write_manifest(bundle, m)
     return bundle, verify_bundle(bundle)
 
@@ -189,17 +190,22 @@ def print_summary(out: Path, m: Manifest) -> None:
 
 
 def build_tiny(
-    out_dir: str | Path, *, tokens: str = "all", layout: str = "shared", llm: str = "fp32", force: bool = False,
+    out_dir: str | Path,
+    *,
+    tokens: str = "all",
+    layout: str = "shared",
+    quant: str | None = "fp32",
+    force: bool = False,
     seed: int = 0,
-) -> Path:  # fmt: skip
+) -> Path:
     """An untrained tiny bundle (see export.build_tiny_bundle)."""
     from export.common import parse_tokens
 
     src = tiny_source(seed)
     budgets = parse_tokens(tokens, tuple(src.model.cfg.budgets))
-    quant = None if llm == "none" else llm
+    llm = None if quant in (None, "none") else LLMOptions(quant=quant)
     out, _ = build_bundle(
-        src, out_dir, budgets=budgets, layout=layout, llm=quant, exporter="auto", force=force
+        src, out_dir, tokens=budgets, vision=VisionOptions(layout=layout), llm=llm, force=force
     )
     return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -36,27 +35,17 @@ class Source:
     model: Any  # fmvr.model.FMVRLlava, eval mode
     tokenizer: Any  # tokenizers.Tokenizer
     label: str  # checkpoint path or "demo-tiny (untrained, seed N)"
-    checkpoint: str  # for rebuild commands: the path, or "--demo-tiny"
+    flags: tuple[str, ...]  # the source as command-line flags: --checkpoint PATH | --demo-tiny [--seed N]
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint directory written by fmvr.checkpoint.save_checkpoint")
-    p.add_argument(
-        "--demo-tiny",
-        action="store_true",
-        help="no checkpoint: build the tiny preset with a fixed seed (UNTRAINED, plumbing demo only)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of --demo-tiny's random weights")
-
-
-def load_source(args: argparse.Namespace) -> Source:
-    if args.checkpoint and args.demo_tiny:
+def load_source(checkpoint: str | None, demo_tiny: bool, seed: int = 0) -> Source:
+    if checkpoint and demo_tiny:
         raise ExportError("pass either --checkpoint or --demo-tiny, not both")
-    if args.demo_tiny:
-        return tiny_source(args.seed)
-    if not args.checkpoint:
+    if demo_tiny:
+        return tiny_source(seed)
+    if not checkpoint:
         raise ExportError(f"no --checkpoint given: {TRAIN_HINT}")
-    return checkpoint_source(args.checkpoint)
+    return checkpoint_source(checkpoint)
 
 
 def tiny_source(seed: int = 0) -> Source:
@@ -68,7 +57,8 @@ def tiny_source(seed: int = 0) -> Source:
         f"[source] demo-tiny: the tiny preset with random weights (seed {seed}); UNTRAINED, answers are noise"
     )
     model = build_model(preset("tiny"), seed=seed)
-    return Source(model, build_tiny_tokenizer(), f"demo-tiny (untrained, seed {seed})", "--demo-tiny")
+    flags = ("--demo-tiny",) if seed == 0 else ("--demo-tiny", "--seed", str(seed))
+    return Source(model, build_tiny_tokenizer(), f"demo-tiny (untrained, seed {seed})", flags)
 
 
 def checkpoint_source(path: str) -> Source:
@@ -86,7 +76,7 @@ def checkpoint_source(path: str) -> Source:
             "save the checkpoint with fmvr.checkpoint.save_checkpoint(model, path, tokenizer=tok)"
         )
     print(f"[source] checkpoint {path}")
-    return Source(load_checkpoint(p).eval(), load_tokenizer(p), str(p), f"--checkpoint {p}")
+    return Source(load_checkpoint(p).eval(), load_tokenizer(p), str(p), ("--checkpoint", str(p)))
 
 
 def parse_tokens(spec: str, budgets: tuple[int, ...]) -> tuple[int, ...]:

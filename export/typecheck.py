@@ -1,6 +1,6 @@
 """Type-check the TensorRT code against tensorrt-stubs, for real.
 
-    python -m export.typecheck [FILES...]     (default: export/trt.py export/trt_run.py)
+    python -m export.typecheck [FILES...]     (default: the TensorRT code, DEFAULT_FILES)
 
 Plain `mypy export/trt.py` passes vacuously: tensorrt-stubs 10.13 installs `tensorrt/*.pyi`
 without a py.typed marker, so mypy (with ignore_missing_imports) types `tensorrt` as Any;
@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-DEFAULT_FILES = ("export/trt.py", "export/trt_run.py")
+DEFAULT_FILES = ("export/engines.py", "export/gates.py", "runtime/vision.py")
 STUB_DIRS = ("tensorrt", "tensorrt_bindings")
 # Our files strict enough to catch misuse of the API; the stubs' own remaining flaws are not ours to report.
 MYPY_INI = """[mypy]

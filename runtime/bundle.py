@@ -12,7 +12,7 @@ Layout of a bundle directory (all paths in the manifest are relative to it, POSI
     llm/embed_tokens.npy                  token-embedding table [vocab, hidden], dtype = inputs_embeds
     tokenizer/tokenizer.json
 
-manifest.json (schema_version 1), keys:
+manifest.json (schema_version 2), keys:
 
 - schema_version: int, == SCHEMA_VERSION or the runtime refuses the bundle.
 - created: ISO-8601 UTC time of the export.
@@ -32,25 +32,29 @@ manifest.json (schema_version 1), keys:
     decoder: "llm/decoder.onnx"; external_data: ["llm/decoder.onnx.data"] or [];
     embed_tokens: "llm/embed_tokens.npy" (its dtype is the decoder's inputs_embeds dtype);
     exporter: "torch-dynamo" (standard ops) | "onnxruntime-genai" (GroupQueryAttention etc.,
-    com.microsoft contrib ops: onnxruntime only); positions are derived inside the graph from
-    attention_mask (cumsum - 1), so no position_ids input (has_position_ids False);
+    com.microsoft contrib ops: onnxruntime only);
     num_layers, num_kv_heads, head_dim, hidden_size, vocab_size;
-    inputs: ["inputs_embeds", "attention_mask", ("position_ids",) "past_key_values.0.key", ...];
-    outputs: ["logits", "present.0.key", "present.0.value", ...];
     past_key / past_value / present_key / present_value: name templates with "{i}"
-    ("past_key_values.{i}.key", ..., "present.{i}.value"); KV tensors are
-    [batch, num_kv_heads, seq, head_dim] in kv_dtype; has_position_ids: bool;
-    quantization: {method: "fp32"|"fp16"|"int8-matmulnbits"|"int4-matmulnbits", block_size,
-    target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run", reason,
-    provider, top1, max_abs_logit_err, positions, prompts, floor, greedy_tokens (20),
-    greedy_match, greedy_equal, ok}} (agreement is vs PyTorch fp32 logits on a fixed
-    text prompt set; "not-run" when the target's provider is absent, e.g. CUDA).
+    ("past_key_values.{i}.key", ..., "present.{i}.value"). Together with num_layers they
+    are the IO contract: inputs inputs_embeds [B,S,H], attention_mask [B,P+S] int64,
+    optional position_ids, the past KV [B, num_kv_heads, P, head_dim]; outputs logits and
+    the present KV. runtime.llm.Decoder checks the graph against it when loading (the KV
+    dtype and whether position_ids is an input are read from the graph itself);
+    quant: "int4" | "int8" | "fp16" | "fp32" (the `--quant` value; export.quant's table);
+    quantization: {method (what it is, in words), block_size (MatMulNBits block, null for
+    fp16/fp32), target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run",
+    reason, provider, top1, max_abs_logit_err, positions, prompts, floor, greedy_tokens (20),
+    greedy_match, greedy_equal, ok}} (agreement: runtime.llm.Decoder vs PyTorch fp32 logits
+    on a fixed text prompt set; "not-run" when the target's provider is absent, e.g. CUDA).
 - tokenizer: "tokenizer/tokenizer.json".
 - files: [FileEntry{path, sha256, bytes, role, precision, budgets, shapes {name: [dims]},
   parity {str(T): {max_abs, cosine, tolerance, images, reference} | ...}}]. Every file the
   runtime opens is listed here and hash-checked by verify_bundle.
 - tools: {"torch": "2.13.0", "onnx": ..., "onnxruntime": ..., "python": ...}.
-- build: {command: the command that rebuilds this bundle, checkpoint: path or "demo-tiny"}.
+- build: {command: the `python -m export` command that rebuilds this bundle (generated
+  from the options below), checkpoint: the source flags ("--checkpoint PATH" or
+  "--demo-tiny"), vision: {layout, precision, opset} (export.options.VisionOptions),
+  llm: {quant, target, exporter, block_size} (export.options.LLMOptions) or null}.
 
 A TensorRT sidecar (vision/t36.fp16.engine.json) holds: trt_version, gpu_name,
 compute_capability, precision, profile, engine_sha256, onnx_sha256, parity, latency_ms.
@@ -59,7 +63,7 @@ Engines are tied to the TensorRT version and GPU: `engine_mismatch` says when to
 Making a tiny bundle from another package's tests (needs torch; the export package):
 
     from export import build_tiny_bundle
-    bundle_dir = build_tiny_bundle(out_dir, tokens="all", layout="shared", llm="fp32",
+    bundle_dir = build_tiny_bundle(out_dir, tokens="all", layout="shared", quant="fp32",
                                    force=False, seed=0)  # -> Path, an fp32 tiny bundle
 """
 
@@ -69,15 +73,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from fmvr.atomic import atomic_dir, write_json
+
+SCHEMA_VERSION = 2  # 2: llm.quant; llm.inputs/outputs/has_position_ids/kv_dtype dropped; build options
 MANIFEST_NAME = "manifest.json"
 REBUILD_HINT = "python -m export --checkpoint CKPT --out BUNDLE --force"
 LAYOUTS = ("shared", "per-budget")
@@ -148,12 +151,9 @@ class LLMSection:
     head_dim: int
     hidden_size: int
     vocab_size: int
-    inputs: list[str]
-    outputs: list[str]
+    quant: str  # int4 | int8 | fp16 | fp32
     external_data: list[str] = field(default_factory=list)
     exporter: str = "torch-dynamo"
-    has_position_ids: bool = False
-    kv_dtype: str = "float32"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
@@ -173,7 +173,7 @@ class Manifest:
     files: list[FileEntry]
     llm: LLMSection | None = None
     tools: dict[str, str] = field(default_factory=dict)
-    build: dict[str, str] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -233,18 +233,8 @@ def file_entry(bundle_dir: str | Path, rel: str, role: str, **meta: Any) -> File
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """JSON to a temp file beside `path`, then renamed over it."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """JSON (sorted keys) replacing `path` atomically: fmvr.atomic.write_json."""
+    write_json(path, data, sort_keys=True)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
@@ -342,23 +332,19 @@ def trt_rebuild_command(bundle_dir: str | Path, tokens: int, precision: str) -> 
 
 @contextlib.contextmanager
 def atomic_bundle(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it becomes `out` in one rename.
+    """Yield a temp dir beside `out`; on success it becomes `out` (fmvr.atomic.atomic_dir).
 
-    An exception (or Ctrl-C) removes the temp dir and leaves no `out`. The temp dir must hold
-    manifest.json at the end. An existing `out` is refused unless force=True.
+    An exception (or Ctrl-C) removes the temp dir and leaves `out` as it was (absent, or the
+    old bundle: a failed swap puts it back). The temp dir must hold manifest.json at the
+    end. An existing `out` is refused unless force=True.
     """
     out = Path(out)
     check_output_free(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():
             raise BundleError(f"export did not write {MANIFEST_NAME}: bundle {out} not created")
-        _replace_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_output_free(out, force)  # again: something may have appeared there meanwhile
 
 
 def check_output_free(out: str | Path, force: bool) -> None:
@@ -367,14 +353,3 @@ def check_output_free(out: str | Path, force: bool) -> None:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} exists and is not a directory; remove it or choose another --out")
-
-
-def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    check_output_free(out, force)
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

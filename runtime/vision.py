@@ -87,14 +87,18 @@ class TrtVision:
     provider = "TensorRT"
     shared = False
 
-    def __init__(self, bundle_dir: Path, m: Manifest) -> None:
+    def __init__(self, bundle_dir: Path, m: Manifest, budgets: Sequence[int] | None = None) -> None:
+        """Deserialize the manifest's engines (only those of `budgets` when given)."""
         import tensorrt as trt
 
         self.trt, self.cudart = trt, _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         rt = trt.Runtime(self.logger)
         self.engines: dict[int, Any] = {}
+        wanted = {str(t) for t in budgets} if budgets is not None else set(m.vision.engines)
         for t, e in m.vision.engines.items():
+            if t not in wanted:
+                continue
             data = (bundle_dir / e.file).read_bytes()
             engine = rt.deserialize_cuda_engine(data)
             if engine is None:
@@ -212,8 +216,10 @@ def choose_backend(bundle_dir: Path, m: Manifest, requested: str = "auto") -> tu
             check_engines(bundle_dir, m, device)
             missing = [t for t in m.budgets if str(t) not in m.vision.engines]
             if missing:
-                raise BundleError(f"TensorRT engines missing for budgets {missing}: build them with "
-                                  f"{trt_rebuild_command(bundle_dir, missing[0], 'fp16')}")  # fmt: skip
+                raise BundleError(
+                    f"TensorRT engines missing for budgets {missing}: build them with "
+                    f"{trt_rebuild_command(bundle_dir, missing[0], 'fp16')}"
+                )
             return "tensorrt", f"TensorRT {device[0]} engines for compute capability {device[1]}"
     if requested.startswith("ort-"):
         if ORT_PROVIDERS[requested] not in providers:

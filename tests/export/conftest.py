@@ -28,13 +28,13 @@ def pixels(src, real_images):
 
 @pytest.fixture(scope="session")
 def shared_bundle(src, tmp_path_factory):
-    """`python -m export --demo-tiny --llm fp32`: all five budgets in one shared graph + an fp32
+    """`python -m export --demo-tiny --quant fp32`: all five budgets in one shared graph + an fp32
     decoder (genai builder). Returns (path, manifest)."""
-    from export.__main__ import main
+    from export.cli import export_main
     from runtime.bundle import verify_bundle
 
     out = tmp_path_factory.mktemp("export") / "shared"
-    assert main(["--demo-tiny", "--out", str(out), "--llm", "fp32"]) == 0
+    assert export_main(["--demo-tiny", "--out", str(out), "--quant", "fp32"]) == 0
     return out, verify_bundle(out)
 
 
@@ -42,24 +42,30 @@ def shared_bundle(src, tmp_path_factory):
 def per_budget_bundle(src, tmp_path_factory):
     """Budgets 36 and 1, one graph each, then an int8 decoder added by `python -m export.llm`."""
     from export.build import build_bundle
-    from export.llm import main as llm_main
+    from export.cli import llm_main
+    from export.options import VisionOptions
     from runtime.bundle import verify_bundle
 
     out = tmp_path_factory.mktemp("export") / "per-budget"
-    build_bundle(src, out, budgets=(36, 1), layout="per-budget", llm=None)
+    build_bundle(src, out, tokens=(36, 1), vision=VisionOptions(layout="per-budget"), llm=None)
     assert llm_main(["--demo-tiny", "--quant", "int8", "--out", str(out)]) == 0
     return out, verify_bundle(out)
 
 
 @pytest.fixture(scope="session")
 def dynamo_decoders(src, tmp_path_factory):
-    """Our own dynamo export, fp32 and int4: {quant: (bundle-like dir, LLMSection)}."""
-    from export.llm import write_llm
+    """Our own dynamo export, fp32 and int4, through the runtime's quality gate:
+    {quant: (bundle-like dir, LLMSection)}."""
+    from export.build import record_quality
+    from export.decoder import write_llm
+    from export.gates import llm_gate
+    from export.options import LLMOptions
 
     out = {}
     for quant in ("fp32", "int4"):
         root = tmp_path_factory.mktemp(f"dynamo-{quant}")
-        section, _ = write_llm(src.model, src.tokenizer, root, quant, "cpu", "dynamo", 32)
+        section, files = write_llm(src.model, src.tokenizer, root, LLMOptions(quant, "cpu", "dynamo", 32))
+        record_quality(section, files, llm_gate(root, section, src.model, src.tokenizer, "cpu"))
         out[quant] = (root, section)
     return out
 

@@ -40,11 +40,18 @@ def test_manifest_holds_what_a_torch_free_runtime_needs(src, shared_bundle):
     assert {"torch", "onnx", "onnxruntime"} <= set(m.tools)
     cmd = m.build["command"]
     assert cmd.startswith("python -m export --demo-tiny") and cmd.endswith("--force")
-    assert "--llm fp32 --target cpu --exporter auto --block-size 32" in cmd
+    assert "--layout shared --opset 18 --quant fp32 --target cpu --exporter auto --block-size 32" in cmd
+    assert m.build["vision"] == {"layout": "shared", "precision": "fp32", "opset": 18}
+    assert m.build["llm"] == {"quant": "fp32", "target": "cpu", "exporter": "auto", "block_size": 32}
+    assert m.llm.quant == "fp32" and m.file("llm/decoder.onnx").precision == "fp32"
     roles = {f.path: f.role for f in m.files}
-    assert roles == {"vision/all.onnx": "vision-onnx", "llm/decoder.onnx": "llm-decoder",
-                     "llm/decoder.onnx.data": "llm-data", "llm/embed_tokens.npy": "embed",
-                     "tokenizer/tokenizer.json": "tokenizer"}  # fmt: skip
+    assert roles == {
+        "vision/all.onnx": "vision-onnx",
+        "llm/decoder.onnx": "llm-decoder",
+        "llm/decoder.onnx.data": "llm-data",
+        "llm/embed_tokens.npy": "embed",
+        "tokenizer/tokenizer.json": "tokenizer",
+    }
     assert all(len(f.sha256) == 64 and f.bytes > 0 for f in m.files)
     assert m.file("vision/all.onnx").shapes["tokens_36"] == ["batch", 36, 128]
 
@@ -73,7 +80,7 @@ def test_missing_truncated_and_wrong_schema(bundle_copy):
     raw = json.loads((bundle_copy / MANIFEST_NAME).read_text())
     raw["schema_version"] = 99
     (bundle_copy / MANIFEST_NAME).write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="schema_version 99.*reads 1.*--force"):
+    with pytest.raises(BundleError, match=f"schema_version 99.*reads {SCHEMA_VERSION}.*--force"):
         read_manifest(bundle_copy)
 
 
@@ -90,10 +97,10 @@ def test_unlisted_reference_and_not_a_bundle(bundle_copy, tmp_path):
 
 
 def test_existing_output_refused_without_force(bundle_copy, capsys):
-    from export.__main__ import main
+    from export.cli import export_main
 
     before = (bundle_copy / MANIFEST_NAME).read_bytes()
-    assert main(["--demo-tiny", "--out", str(bundle_copy)]) == 2
+    assert export_main(["--demo-tiny", "--out", str(bundle_copy)]) == 2
     out = capsys.readouterr().out
     assert "already exists" in out and "--force" in out
     assert (bundle_copy / MANIFEST_NAME).read_bytes() == before
@@ -116,7 +123,7 @@ def test_atomic_writer_replaces_with_force_and_cleans_up(tmp_path):
 
 
 def test_interrupted_export_leaves_no_bundle(src, tmp_path, monkeypatch):
-    import export.onnx as eo
+    import export.build as eb
     from export.build import build_bundle
 
     def interrupted(model, root, *args):
@@ -124,9 +131,9 @@ def test_interrupted_export_leaves_no_bundle(src, tmp_path, monkeypatch):
         (root / "vision/all.onnx").write_bytes(b"half a graph")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eo, "write_vision", interrupted)
+    monkeypatch.setattr(eb, "write_vision", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_bundle(src, tmp_path / "bundle", budgets=(36,), llm=None)
+        build_bundle(src, tmp_path / "bundle", tokens=(36,), llm=None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -151,7 +158,7 @@ def test_build_tiny_bundle_helper(shared_bundle, tmp_path):
     """The helper other packages' tests call: a verified fp32 bundle (vision-only here for speed)."""
     from export import build_tiny_bundle
 
-    out = build_tiny_bundle(tmp_path / "tiny", tokens="36", llm="none")
+    out = build_tiny_bundle(tmp_path / "tiny", tokens="36", quant=None)
     m = verify_bundle(out)
     assert m.budgets == [36] and m.llm is None and m.vision.output_for(36).file == "vision/all.onnx"
 
@@ -162,7 +169,7 @@ def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, capsys):
     import onnxruntime as ort
     import torch
 
-    from export.onnx import main
+    from export.cli import onnx_main as main
     from fmvr.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(src.model, tmp_path / "ckpt", tokenizer=src.tokenizer)

@@ -1,25 +1,28 @@
-"""The decoder: fp32 greedy == transformers, int8/int4 agreement floors, IO contract, sizes."""
+"""The decoder: fp32 greedy == transformers, int8/int4 agreement floors, IO contract, sizes.
+
+Every decoder here runs through runtime.llm.Decoder, the code that ships."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
 import pytest
 
 from export.common import ExportError
-from export.llm import check_combo
-from export.llm_check import FLOORS, OrtDecoder, onnx_greedy, prompt_ids, torch_greedy
+from export.gates import prompt_ids, runtime_greedy, torch_greedy
+from export.quant import QUANTIZATIONS
+from runtime.llm import Decoder
 
 
 def decoder(root, section):
-    return OrtDecoder(root / section.decoder, section.num_layers, section.num_kv_heads, section.head_dim,
-                      "CPUExecutionProvider")  # fmt: skip
+    return Decoder.load(root, section, ["CPUExecutionProvider"], 2048)
 
 
 def greedy_pair(src, root, section, prompt=0):
-    table = np.load(root / section.embed_tokens)
     ids = prompt_ids(src.tokenizer, src.model.cfg.template, src.model.cfg.bos_token_id)[prompt]
-    return onnx_greedy(decoder(root, section), table, ids), torch_greedy(src.model.language_model, ids)
+    return runtime_greedy(decoder(root, section), ids), torch_greedy(src.model.language_model, ids)
 
 
 def test_fp32_genai_greedy_equals_transformers(src, shared_bundle):
@@ -39,19 +42,20 @@ def test_fp32_dynamo_greedy_equals_transformers(src, dynamo_decoders):
 
 
 def test_llm_added_to_a_bundle_updates_its_rebuild_command(per_budget_bundle):
-    cmd = per_budget_bundle[1].build["command"]
-    assert (
-        "--layout per-budget --opset 18 --llm int8 --target cpu --exporter auto --block-size 32 --force"
-        in cmd
-    )
+    m = per_budget_bundle[1]
+    cmd = m.build["command"]
+    assert "--tokens 36,1 --layout per-budget --opset 18 --quant int8 --target cpu --exporter auto" in cmd
+    assert cmd.endswith("--block-size 32 --force") and m.build["llm"]["quant"] == "int8"
 
 
 def test_int8_and_int4_meet_the_floor(per_budget_bundle, dynamo_decoders):
     int8 = per_budget_bundle[1].llm.quantization
     int4 = dynamo_decoders["int4"][1].quantization
-    assert int8["method"] == "int8-matmulnbits" and int8["agreement"]["top1"] >= FLOORS["int8"] == 0.85
-    assert int4["method"] == "int4-matmulnbits" and int4["block_size"] == 32
-    assert int4["agreement"]["top1"] >= FLOORS["int4"] == 0.65
+    assert per_budget_bundle[1].llm.quant == "int8" and int8["method"] == QUANTIZATIONS["int8"].method
+    assert int8["agreement"]["top1"] >= QUANTIZATIONS["int8"].floor == 0.85
+    assert dynamo_decoders["int4"][1].quant == "int4" and int4["block_size"] == 32
+    assert int4["agreement"]["top1"] >= QUANTIZATIONS["int4"].floor == 0.65
+    assert int8["agreement"]["runtime"] == "runtime.llm.Decoder"
     for q in (int8, int4):
         assert q["agreement"]["positions"] > 100 and 0 < q["agreement"]["max_abs_logit_err"] < 1.0
 
@@ -68,26 +72,41 @@ def test_quantized_graphs_hold_the_quantized_ops(per_budget_bundle, dynamo_decod
 
 
 def test_decoder_io_contract(shared_bundle, dynamo_decoders):
-    for section in (shared_bundle[1].llm, dynamo_decoders["fp32"][1]):
-        layers = section.num_layers
-        assert section.inputs[:2] == ["inputs_embeds", "attention_mask"] or set(section.inputs[:2]) == {
-            "inputs_embeds", "attention_mask"}  # fmt: skip
-        assert {section.past_key.format(i=i) for i in range(layers)} <= set(section.inputs)
-        assert {section.present_value.format(i=i) for i in range(layers)} <= set(section.outputs)
-        assert "logits" in section.outputs and not section.has_position_ids
+    """Both exporters' graphs pass the runtime's own IO check; the manifest carries no copy of it."""
+    for root, section in ((shared_bundle[0], shared_bundle[1].llm), dynamo_decoders["fp32"]):
+        dec = decoder(root, section)
+        assert not dec.has_position_ids and dec.kv_dtype is np.float32
         assert (section.num_kv_heads, section.head_dim, section.hidden_size) == (2, 32, 128)
+    raw = json.loads((shared_bundle[0] / "manifest.json").read_text())["llm"]
+    assert not {"inputs", "outputs", "has_position_ids", "kv_dtype"} & set(raw)
+
+
+def test_runtime_refuses_a_decoder_off_the_contract(shared_bundle):
+    """A manifest that disagrees with the graph (more layers than it has): a clear error."""
+    import dataclasses
+
+    root, m = shared_bundle
+    wrong = dataclasses.replace(m.llm, num_layers=m.llm.num_layers + 1)
+    i = m.llm.num_layers
+    with pytest.raises(
+        ValueError, match=f"does not follow the bundle contract.*no input past_key_values.{i}.key"
+    ):
+        decoder(root, wrong)
 
 
 def test_kv_cache_step_matches_full_prefill(src, dynamo_decoders):
-    """Prefill 5 tokens then 1 with the cache == logits of the 6-token prefill."""
+    """Runtime decoding: prefill 5 tokens then 1 with the cache == logits of the 6-token prefill."""
+    from runtime.llm import Generation, SamplingParams
+
     root, section = dynamo_decoders["fp32"]
-    dec, table = decoder(root, section), np.load(root / section.embed_tokens)
-    ids = np.array([1, 40, 41, 42, 43, 44])
-    full, _ = dec(table[ids][None], np.ones((1, 6), np.int64), dec.empty_past())
-    _, past = dec(table[ids[:5]][None], np.ones((1, 5), np.int64), dec.empty_past())
-    assert past["past_key_values.0.key"].shape == (1, 2, 5, 32)
-    step, _ = dec(table[ids[5:]][None], np.ones((1, 6), np.int64), past)
-    np.testing.assert_allclose(step[0, -1], full[0, -1], atol=1e-4)
+    dec = decoder(root, section)
+    ids = [1, 40, 41, 42, 43, 44]
+    full = dec.logits(dec.embed(ids))  # [6, V]
+    gen = Generation(dec, dec.embed(ids[:5]), SamplingParams(max_new_tokens=2))
+    gen._run(gen.embeds)
+    step = gen._run(dec.embed(ids[5:]))  # [V]
+    assert gen.length == 6
+    np.testing.assert_allclose(step, full[-1], atol=1e-4)
 
 
 def test_embedding_table_and_sizes(src, shared_bundle, per_budget_bundle, dynamo_decoders):
@@ -101,19 +120,18 @@ def test_embedding_table_and_sizes(src, shared_bundle, per_budget_bundle, dynamo
     assert genai_int8 < genai_fp32 / 2 and dynamo_int4 < dynamo_fp32 / 2
 
 
-def test_unsupported_combinations_are_refused():
-    with pytest.raises(ExportError, match="needs --target cuda"):
-        check_combo("fp16", "cpu", "auto", "llama")
-    with pytest.raises(ExportError, match="int4 or fp16"):
-        check_combo("int8", "cuda", "auto", "llama")
-    with pytest.raises(ExportError, match="--exporter dynamo"):
-        check_combo("fp32", "cpu", "genai", "gpt_neox")
-    assert check_combo("int4", "cpu", "auto", "gpt_neox") == "dynamo"
-    assert check_combo("int4", "cuda", "auto", "qwen2") == "genai"
+def test_a_decoder_below_its_floor_fails_the_gate(src, dynamo_decoders, monkeypatch):
+    import export.gates as eg
+    from export.gates import llm_gate
+
+    root, section = dynamo_decoders["int4"]
+    monkeypatch.setitem(eg.__dict__, "quantization", lambda name: type("Q", (), {"floor": 1.01})())
+    with pytest.raises(ExportError, match="int4 decoder below its quality floor.*floor 1.01"):
+        llm_gate(root, section, src.model, src.tokenizer, "cpu")
 
 
 def test_llm_cli_needs_an_existing_bundle(tmp_path, capsys):
-    from export.llm import main
+    from export.cli import llm_main as main
 
     assert main(["--demo-tiny", "--out", str(tmp_path / "none")]) == 2
     assert "python -m export.onnx" in capsys.readouterr().out

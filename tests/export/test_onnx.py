@@ -81,7 +81,7 @@ def test_parse_tokens():
 
 
 def test_cli_unknown_budget_and_missing_checkpoint(tmp_path, capsys):
-    from export.onnx import main
+    from export.cli import onnx_main as main
 
     assert main(["--demo-tiny", "--tokens", "37", "--out", str(tmp_path / "b")]) == 2
     assert "37" in capsys.readouterr().out and not (tmp_path / "b").exists()
@@ -92,40 +92,93 @@ def test_cli_unknown_budget_and_missing_checkpoint(tmp_path, capsys):
     assert "not found" in capsys.readouterr().out
 
 
-def test_parity_failure_exits_nonzero_and_leaves_no_bundle(src, per_budget_bundle, tmp_path, monkeypatch):
-    """A graph past tolerance: the error lists the budget and no bundle is written."""
+def reuse_graph(per_budget_bundle, corrupt=None):
+    """An export_graph that copies an already exported t36 graph (speed), then corrupts it."""
     import shutil
 
-    import export.onnx as eo
-    from export.build import build_bundle
-
-    def fake_export(model, budgets, path, fp16, opset):  # reuse a made graph; speed only
+    def fake_export(model, tokens, path, opts):
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(per_budget_bundle[0] / "vision/t36.onnx", path)
+        if corrupt:
+            corrupt(path)
         return ["tokens_36"]
 
-    monkeypatch.setattr(eo, "export_graph", fake_export)
-    monkeypatch.setattr(eo, "FP32_MAX_ABS", 1e-12)
+    return fake_export
+
+
+def test_parity_failure_exits_nonzero_and_leaves_no_bundle(src, per_budget_bundle, tmp_path, monkeypatch):
+    """A graph past tolerance: the error lists the budget and no bundle is written."""
+    import export.gates as eg
+    import export.graphs as eo
+    from export.build import build_bundle
+    from export.options import VisionOptions
+
+    monkeypatch.setattr(eo, "export_graph", reuse_graph(per_budget_bundle))
+    monkeypatch.setattr(eg, "FP32_MAX_ABS", 1e-12)
     with pytest.raises(ExportError, match=r"vision/t36.onnx T=36: max_abs"):
-        build_bundle(src, tmp_path / "b", budgets=(36,), layout="per-budget", llm=None)
+        build_bundle(src, tmp_path / "b", tokens=(36,), vision=VisionOptions(layout="per-budget"), llm=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def scale_a_weight(path):
+    """Edit the graph after export: its largest initializer doubled (a valid but wrong graph)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+    onnx.save(model, str(path))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (scale_a_weight, r"(?s)runtime's output differs from PyTorch.*vision/t36.onnx T=36"),
+        (truncate, r"runtime cannot run the exported vision graphs"),
+    ],
+)
+def test_a_graph_corrupted_after_export_fails_the_gate_in_the_runtime_loader(
+    src, per_budget_bundle, tmp_path, monkeypatch, corrupt, message
+):
+    """The gate loads the written bundle with runtime.vision (hashes taken after the damage, so
+    only running it can tell): a bad graph is refused and no bundle is left."""
+    import export.graphs as eo
+    import runtime.vision as rv
+    from export.build import build_bundle
+    from export.options import VisionOptions
+
+    loads = []
+    real = rv.load_backend
+    monkeypatch.setattr(rv, "load_backend", lambda *a, **kw: loads.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(eo, "export_graph", reuse_graph(per_budget_bundle, corrupt))
+    with pytest.raises(ExportError, match=message):
+        build_bundle(src, tmp_path / "b", tokens=(36,), vision=VisionOptions(layout="per-budget"), llm=None)
+    assert loads == ["ort-cpu"] and list(tmp_path.iterdir()) == []
 
 
 def test_fp16_graph_close_to_pytorch(src, pixels, tmp_path):
     """--fp16: float16 graph (input too), cosine vs PyTorch fp32 recorded and within tolerance."""
-    from export.onnx import FP16_MIN_COSINE, write_vision
+    from export.build import build_bundle
+    from export.gates import FP16_MIN_COSINE
+    from export.options import VisionOptions
 
-    section, files = write_vision(src.model, tmp_path, (9,), "shared", True, 18, pixels, ["a", "b"])
-    assert section.input_dtype == "float16" and files[0].path == "vision/all.fp16.onnx"
-    rec = files[0].parity["9"]
+    out, m = build_bundle(src, tmp_path / "b", tokens=(9,), vision=VisionOptions(precision="fp16"), llm=None)
+    assert m.vision.input_dtype == "float16" and m.files[0].path == "vision/all.fp16.onnx"
+    rec = m.files[0].parity["9"]
     assert rec["ok"] and rec["cosine"] >= FP16_MIN_COSINE and rec["max_abs"] > 0
-    got = run(tmp_path / "vision/all.fp16.onnx", pixels.astype(np.float16))["tokens_9"]
+    assert rec["runtime"] == "runtime.vision ort-cpu (CPUExecutionProvider)"
+    assert "--fp16" in m.build["command"] and m.build["vision"]["precision"] == "fp16"
+    got = run(out / "vision/all.fp16.onnx", pixels.astype(np.float16))["tokens_9"]
     assert got.dtype == np.float16 and got.shape == (2, 9, 128)
 
 
 def test_fp32_tolerance_scales_with_the_output_magnitude():
     """Trained FMVR outputs reach |x| ~ 1e3; fp32 rounding there exceeds 1e-4 absolute."""
-    from export.onnx import judge
+    from export.gates import judge
 
     unit = {"max_abs": 2e-4, "cosine": 1.0, "ref_max_abs": 1.0}
     large = {"max_abs": 2e-4, "cosine": 1.0, "ref_max_abs": 300.0}

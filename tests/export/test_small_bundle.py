@@ -27,12 +27,15 @@ def reduced_small(small_cfg):
 def small_bundle(tmp_path_factory, reduced_small, small_tokenizer):
     from export.build import build_bundle
     from export.common import checkpoint_source
+    from export.options import LLMOptions
     from fmvr.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("small")
     ckpt = save_checkpoint(reduced_small, root / "ckpt", tokenizer=small_tokenizer)
     src = checkpoint_source(str(ckpt))
-    out, manifest = build_bundle(src, root / "bundle", budgets=src.model.cfg.budgets, llm="fp32")
+    out, manifest = build_bundle(
+        src, root / "bundle", tokens=src.model.cfg.budgets, llm=LLMOptions(quant="fp32")
+    )
     return out, manifest
 
 

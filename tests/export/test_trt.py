@@ -17,14 +17,14 @@ import numpy as np
 import onnx
 import pytest
 
-import export.trt as et
+import export.engines as et
 from export.common import ExportError
 
 # ---- pure logic -------------------------------------------------------------------------------------
 
 
 def opts(**kw):
-    return et.BuildOptions(tokens=(36,), precision=kw.pop("precision", "fp16"), **kw)
+    return et.BuildOptions(precision=kw.pop("precision", "fp16"), **kw)
 
 
 def test_profile_shapes_and_flags():
@@ -118,7 +118,9 @@ def test_require_tensorrt_errors():
 def test_cli_fails_helpfully_without_tensorrt(capsys):
     if hasattr(et.importlib.import_module("tensorrt") if _importable() else None, "Builder"):
         pytest.skip("TensorRT is installed here: the gpu tests cover the real path")
-    assert et.main(["--tokens", "36", "--bundle", "nowhere"]) == 2
+    from export.cli import trt_main
+
+    assert trt_main(["--tokens", "36", "--bundle", "nowhere"]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().out
 
 
@@ -306,7 +308,7 @@ def test_trt_code_typechecks_against_tensorrt_stubs():
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "export.typecheck"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "Success: no issues found in 2 source files" in res.stdout
+    assert "Success: no issues found in 3 source files" in res.stdout
 
 
 # ---- the real thing ----------------------------------------------------------------------------------------
@@ -316,11 +318,12 @@ def test_trt_code_typechecks_against_tensorrt_stubs():
 @pytest.mark.tensorrt
 def test_real_engine_matches_onnxruntime(shared_bundle, tmp_path):
     """Needs TensorRT 10 and a CUDA GPU: fp16 engine for 36 tokens, sidecar, manifest, parity."""
+    from export.cli import trt_main
     from runtime.bundle import verify_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(shared_bundle[0], bundle)
-    assert et.main(["--bundle", str(bundle), "--tokens", "36", "--fp16", "--max-batch", "2"]) == 0
+    assert trt_main(["--bundle", str(bundle), "--tokens", "36", "--fp16", "--max-batch", "2"]) == 0
     m = verify_bundle(bundle)
     entry = m.vision.engines["36"]
     side = json.loads((bundle / entry.sidecar).read_text())
@@ -328,28 +331,34 @@ def test_real_engine_matches_onnxruntime(shared_bundle, tmp_path):
     assert (bundle / entry.file).read_bytes()[:4] != b"{"  # plain engine bytes, no JSON header
 
 
-def test_cli_builds_engines_into_the_bundle_with_fake_tensorrt(monkeypatch, bundle_copy, tmp_path, capsys):
-    """The whole command with TensorRT and the GPU faked: engine + sidecar written, listed, verified."""
-    import export.trt_run as tr
-    from runtime.bundle import verify_bundle
+@pytest.fixture
+def fake_build(monkeypatch):
+    """TensorRT and the GPU faked; the engine gate (runtime.vision.TrtVision, needs a GPU) replaced
+    by a settable record. Returns that record."""
+    import export.gates as eg
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt())
     monkeypatch.setattr(et, "require_gpu", lambda: ("Fake Orin", "8.7"))
-    parity = {"parity": {"cosine": 0.99995, "max_abs": 1e-3}, "latency_ms": {"median": 1.0}}
-    monkeypatch.setattr(tr, "engine_parity", lambda *a: parity)
+    parity = {"parity": {"cosine": 1.0, "max_abs": 1e-6}, "latency_ms": {"median": 1.0}}
+    seen = parity["gated"] = []
+
+    def gate(bundle, m, tokens, max_batch, opt_batch):
+        entry = m.vision.engines[str(tokens)]
+        seen.append((entry.file, (bundle / entry.file).read_bytes()))  # the candidate, as the runtime sees it
+        return {k: v for k, v in parity.items() if k != "gated"}
+
+    monkeypatch.setattr(eg, "engine_gate", gate)
+    return parity
+
+
+def test_cli_builds_engines_into_the_bundle_with_fake_tensorrt(fake_build, bundle_copy, tmp_path, capsys):
+    """The whole command with TensorRT and the GPU faked: engine + sidecar written, listed, verified."""
+    from export.cli import trt_main
+    from runtime.bundle import verify_bundle
+
     cache = tmp_path / "timing.cache"
-    args = [
-        "--bundle",
-        str(bundle_copy),
-        "--tokens",
-        "36,9",
-        "--fp16",
-        "--max-batch",
-        "2",
-        "--timing-cache",
-        str(cache),
-    ]
-    assert et.main(args) == 0, capsys.readouterr().out
+    args = ["--bundle", str(bundle_copy), "--tokens", "36,9", "--fp16", "--max-batch", "2"]
+    assert trt_main([*args, "--timing-cache", str(cache)]) == 0, capsys.readouterr().out
     m = verify_bundle(bundle_copy)
     assert sorted(m.vision.engines) == ["36", "9"]
     assert cache.read_bytes() == b"CACHE+CACHE+"  # the second build started from the first one's cache
@@ -361,15 +370,55 @@ def test_cli_builds_engines_into_the_bundle_with_fake_tensorrt(monkeypatch, bund
         "10.13.0",
     )
     assert (bundle_copy / e.file).read_bytes() == b"ENGINE"  # plain engine bytes, nothing prepended
+    gated_file, gated_bytes = fake_build["gated"][-1]
+    assert gated_file.startswith(".trt-") and gated_bytes == b"ENGINE"  # gated before it was moved in
     side = json.loads((bundle_copy / e.sidecar).read_text())
     assert side["onnx"] == "vision/all.onnx" and side["onnx_sha256"] == m.file("vision/all.onnx").sha256
-    assert (
-        side["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 2}
-        and side["parity"]["cosine"] > 0.999
-    )
+    assert side["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 2}
+    assert side["parity"]["cosine"] > 0.999
     assert m.file(e.file).role == "vision-engine" and m.file(e.sidecar).role == "engine-sidecar"
     # an engine past tolerance: non-zero exit, and the manifest does not list it
-    parity["parity"]["cosine"] = 0.9
-    assert et.main(["--bundle", str(bundle_copy), "--tokens", "1", "--fp16"]) == 2
+    fake_build["parity"]["cosine"] = 0.9
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "1", "--fp16"]) == 2
     assert "differs from onnxruntime" in capsys.readouterr().out
     assert "1" not in verify_bundle(bundle_copy).vision.engines
+    assert not [p for p in bundle_copy.iterdir() if p.name.startswith(".trt-")]
+
+
+def engines_listed(m, tokens):
+    return [
+        f.path for f in m.files if f.role in ("vision-engine", "engine-sidecar") and f"/t{tokens}." in f.path
+    ]
+
+
+def test_rebuilding_a_budget_at_another_precision_lists_one_engine(fake_build, bundle_copy, capsys):
+    from export.cli import trt_main
+    from runtime.bundle import verify_bundle
+
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "36"]) == 0, capsys.readouterr().out
+    assert engines_listed(verify_bundle(bundle_copy), 36) == [
+        "vision/t36.fp32.engine",
+        "vision/t36.fp32.engine.json",
+    ]
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "36", "--fp16"]) == 0, capsys.readouterr().out
+    m = verify_bundle(bundle_copy)
+    assert engines_listed(m, 36) == ["vision/t36.fp16.engine", "vision/t36.fp16.engine.json"]
+    assert m.vision.engines["36"].precision == "fp16"
+    assert [f.path for f in m.files if f.role == "vision-engine"] == ["vision/t36.fp16.engine"]
+    assert not (bundle_copy / "vision/t36.fp32.engine").exists()  # the replaced engine's files are gone
+    assert not (bundle_copy / "vision/t36.fp32.engine.json").exists()
+
+
+def test_a_failed_rebuild_leaves_the_old_engine(fake_build, bundle_copy, monkeypatch, capsys):
+    from export.cli import trt_main
+    from runtime.bundle import verify_bundle
+
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "36", "--fp16"]) == 0, capsys.readouterr().out
+    before = verify_bundle(bundle_copy)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(build=b"WORSE ENGINE"))
+    fake_build["parity"]["cosine"] = 0.5
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "36", "--fp16"]) == 2
+    assert "the bundle is unchanged" in capsys.readouterr().out
+    after = verify_bundle(bundle_copy)  # same files, same hashes
+    assert after.vision.engines == before.vision.engines
+    assert (bundle_copy / "vision/t36.fp16.engine").read_bytes() == b"ENGINE"

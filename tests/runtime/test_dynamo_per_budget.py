@@ -17,9 +17,15 @@ BUDGETS = (36, 1)
 def dyn_pipe(tmp_path_factory):
     from export.build import build_bundle
     from export.common import tiny_source
+    from export.options import LLMOptions, VisionOptions
 
-    out, _ = build_bundle(tiny_source(0), tmp_path_factory.mktemp("dyn") / "bundle", budgets=BUDGETS,
-                          layout="per-budget", llm="fp32", exporter="dynamo")  # fmt: skip
+    out, _ = build_bundle(
+        tiny_source(0),
+        tmp_path_factory.mktemp("dyn") / "bundle",
+        tokens=BUDGETS,
+        vision=VisionOptions(layout="per-budget"),
+        llm=LLMOptions(quant="fp32", exporter="dynamo"),
+    )
     return Pipeline.load(out, threads=1)
 
 

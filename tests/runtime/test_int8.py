@@ -13,12 +13,12 @@ PROMPT = "What is in the picture?"
 def int8_pipe(tmp_path_factory):
     from export import build_tiny_bundle
 
-    bundle = build_tiny_bundle(tmp_path_factory.mktemp("int8") / "bundle", llm="int8")
+    bundle = build_tiny_bundle(tmp_path_factory.mktemp("int8") / "bundle", quant="int8")
     return Pipeline.load(bundle, threads=1)
 
 
 def test_int8_bundle_answers_every_budget_close_to_fp32(int8_pipe, pipe, image_bytes):
-    assert int8_pipe.manifest.llm.quantization["method"].startswith("int8")
+    assert int8_pipe.manifest.llm.quant == "int8"
     first_same = 0
     for im in image_bytes:
         for t in int8_pipe.budgets:

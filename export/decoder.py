@@ -1,0 +1,193 @@
+"""The LLM: a decoder ONNX over inputs_embeds + KV cache, the embedding table, the tokenizer.
+
+Exporters (the IO contract is the same; see runtime/bundle.py LLMSection):
+- genai (`auto` picks it for llama/mistral/qwen2): onnxruntime-genai's model builder run
+  offline on a local HF directory with exclude_embeds=true: fused GroupQueryAttention +
+  SkipSimplifiedLayerNormalization (onnxruntime contrib ops).
+- dynamo: our own torch.onnx.export(dynamo=True) of export.wrap.DecoderExport, standard ops
+  only: the general path for any transformers causal LM.
+Quantization is a row of export.quant (the same for both exporters). The quality gate
+(export.gates) runs the decoder through runtime.llm.Decoder and compares with PyTorch fp32.
+
+A library: `python -m export.llm` (export/llm.py -> export.cli -> export.build) calls it; it
+calls nothing back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.common import ExportError
+from export.options import EXPORTER_NAMES, LLMOptions
+from runtime.bundle import FileEntry, LLMSection, file_entry
+
+DECODER = "llm/decoder.onnx"
+EMBED = "llm/embed_tokens.npy"
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def export_dynamo(lm: Any, cfg: Any, path: Path, fp16: bool) -> None:
+    """torch.onnx dynamo export of DecoderExport; KV given as one pytree of (key, value) pairs."""
+    import copy
+
+    import torch
+
+    from export.wrap import DecoderExport
+
+    t = cfg.text
+    module = DecoderExport(copy.deepcopy(lm).half() if fp16 else lm).eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    b, p, s = 2, 3, 4  # sample sizes; all dynamic below
+    kv = (b, t.num_kv_heads, p, t.head_dim)  # [B, kv, P, hd]
+    past = tuple((torch.zeros(kv, dtype=dtype), torch.zeros(kv, dtype=dtype)) for _ in range(t.num_layers))
+    args = (torch.zeros(b, s, t.hidden_size, dtype=dtype), torch.ones(b, p + s, dtype=torch.long), past)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=65536)
+    past_len, total = torch.export.Dim("past", min=0, max=65536), torch.export.Dim("total", min=1, max=131072)
+    kv_dims = tuple(({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(t.num_layers))
+    dyn = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}, "past": kv_dims}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            dynamic_shapes=dyn,
+            external_data=True,
+            input_names=["inputs_embeds", "attention_mask", *kv_names(t.num_layers, "past_key_values")],
+            output_names=["logits", *kv_names(t.num_layers, "present")],
+            verbose=False,
+        )
+
+
+def export_genai(
+    lm: Any, tokenizer: Any, path: Path, precision: str, target: str, work: Path, block_size: int
+) -> None:
+    """onnxruntime-genai's model builder, offline, from a local HF directory, exclude_embeds=true."""
+    hf, out = work / "hf", work / "genai"
+    lm.save_pretrained(hf)
+    tokenizer.save(str(hf / "tokenizer.json"))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf)]
+    cmd += ["-o", str(out), "-p", precision, "-e", target, "-c", str(work / "cache")]
+    cmd += ["--extra_options", "exclude_embeds=true", f"int4_block_size={block_size}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = (res.stdout + res.stderr)[-2000:]
+        raise ExportError(
+            f"onnxruntime-genai model builder failed (exit {res.returncode}); "
+            f"retry with --exporter dynamo. Its output ends:\n{tail}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(load_model(out / "model.onnx"), path)
+
+
+def load_model(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Weights in `<name>.data` beside the graph (the 2 GB protobuf limit never bites)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+
+
+def make_decoder(lm: Any, cfg: Any, tokenizer: Any, final: Path, opts: LLMOptions, exporter: str) -> None:
+    """The decoder at `final` (+ .data): exported in float, then quantized by the table's step,
+    except where the genai builder quantizes itself (int4 for CUDA)."""
+    q = opts.quantization
+    work = final.parent.parent / "llm.work"
+    work.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    base = work / "base.onnx"
+    if exporter == "genai":
+        export_genai(
+            lm, tokenizer, base, q.builder_precision(opts.target), opts.target, work, opts.block_size
+        )
+    else:
+        export_dynamo(lm, cfg, base, q.export_precision == "fp16")
+    model = load_model(base)
+    if q.needs_quantize_step(exporter, opts.target):
+        assert q.quantize is not None
+        model = q.quantize(model, opts.block_size, opts.target)
+    save_model(model, final)
+    shutil.rmtree(work)
+
+
+def embeds_dtype(path: Path) -> str:
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inp = next(i for i in g.input if i.name == "inputs_embeds")
+    return "float16" if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
+
+
+def write_llm(model: Any, tokenizer: Any, root: Path, opts: LLMOptions) -> tuple[LLMSection, list[FileEntry]]:
+    """Export, quantize and hash the decoder + embedding table into bundle dir `root`.
+
+    The IO contract and the quality floor are checked afterwards by export.gates.llm_gate,
+    through runtime.llm.Decoder."""
+    cfg, lm = model.cfg, model.language_model
+    exporter = opts.exporter_for(cfg.text.arch)
+    final = root / DECODER
+    make_decoder(lm, cfg, tokenizer, final, opts, exporter)
+    table = lm.get_input_embeddings().weight.detach().float().numpy()  # [vocab, hidden]
+    table = table.astype(np.float16) if embeds_dtype(final) == "float16" else table  # = inputs_embeds dtype
+    np.save(root / EMBED, table)
+    q = opts.quantization
+    section = LLMSection(
+        decoder=DECODER,
+        embed_tokens=EMBED,
+        num_layers=cfg.text.num_layers,
+        num_kv_heads=cfg.text.num_kv_heads,
+        head_dim=cfg.text.head_dim,
+        hidden_size=cfg.text.hidden_size,
+        vocab_size=cfg.text.vocab_size,
+        quant=opts.quant,
+        external_data=[DECODER + ".data"],
+        exporter=EXPORTER_NAMES[exporter],
+        quantization={
+            "method": q.method,
+            "block_size": opts.block_size if q.uses_block_size else None,
+            "target": opts.target,
+        },
+    )
+    entries = [
+        file_entry(root, DECODER, "llm-decoder", precision=opts.quant),
+        file_entry(root, DECODER + ".data", "llm-data", precision=opts.quant),
+        file_entry(
+            root,
+            EMBED,
+            "embed",
+            precision="fp16" if table.dtype == np.float16 else "fp32",
+            shapes={"embed_tokens": list(table.shape)},
+        ),
+    ]
+    section.quantization["bytes"] = sum(e.bytes for e in entries[:2])
+    return section, entries

@@ -1,0 +1,274 @@
+"""The export gates: every check runs the bundle through the code that ships in runtime/.
+
+- vision_gate: runtime.vision's onnxruntime backend (as `python -m runtime` loads it, after
+  verify_bundle) vs PyTorch fp32 on real images, per budget.
+- engine_gate: runtime.vision.TrtVision vs runtime.vision's onnxruntime backend on the same
+  ONNX, plus latency.
+- llm_gate: runtime.llm.Decoder (its IO check, its prefill and its greedy decode loop) vs
+  transformers: teacher-forced top-1 agreement and 20 greedy tokens.
+A bundle cannot pass a gate and then fail to load in the runtime: the gate is that load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.common import ExportError, compare
+from export.quant import quantization
+from runtime.bundle import BundleError, LLMSection, Manifest, verify_bundle
+
+# Vision parity vs PyTorch fp32 on the same preprocessed images. The absolute bound scales
+# with the output's magnitude past 1: fp32 rounding is relative, and trained FMVR stages
+# (5x per stage at init) reach |x| ~ 1e3 at 9 tokens, where 1e-4 absolute is below fp32 eps.
+FP32_MAX_ABS = 1e-4
+FP32_MIN_COSINE = 0.99999
+FP16_MIN_COSINE = 0.999
+ENGINE_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}  # TensorRT vs onnxruntime
+LATENCY_RUNS = 50
+GREEDY_TOKENS = 20
+QUESTIONS = (
+    "What color is the circle?",
+    "How many objects are there?",
+    "Describe the picture.",
+    "Is there a red square in the top left corner?",
+    "Which digit is written in the image?",
+    "What shape is in the center?",
+)
+
+
+def runtime_errors() -> tuple[type[BaseException], ...]:
+    """What the runtime's loaders raise for a file they cannot use (onnxruntime's errors are
+    not subclasses of anything narrower than Exception)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "RuntimeException")
+    return (BundleError, ValueError, *(getattr(ort_state, n) for n in names))
+
+
+# ---- vision (onnxruntime) ---------------------------------------------------------------------
+
+
+def reference(model: Any, pixels: np.ndarray, tokens: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """PyTorch fp32 features {T: [B, T, D]}."""
+    import torch
+
+    with torch.no_grad():
+        feats = model.encode_budgets(torch.from_numpy(pixels), tuple(tokens))
+    return {t: f.numpy() for t, f in feats.items()}
+
+
+def judge(stats: dict[str, float], fp16: bool) -> bool:
+    if fp16:
+        return stats["cosine"] >= FP16_MIN_COSINE
+    limit = FP32_MAX_ABS * max(1.0, stats["ref_max_abs"])
+    return stats["max_abs"] <= limit and stats["cosine"] >= FP32_MIN_COSINE
+
+
+def tolerance(fp16: bool) -> str:
+    if fp16:
+        return f"cosine >= {FP16_MIN_COSINE}"
+    return f"max_abs <= {FP32_MAX_ABS} x max(1, max|ref|), cosine >= {FP32_MIN_COSINE}"
+
+
+def vision_gate(root: Path, model: Any, pixels: np.ndarray, images: list[str]) -> Manifest:
+    """Verify the bundle at `root`, load its vision graphs with runtime.vision (onnxruntime CPU)
+    and compare every budget with PyTorch. Returns the manifest with each graph's parity
+    recorded (the caller writes it); ExportError listing every budget out of tolerance."""
+    from runtime import vision
+
+    m = verify_bundle(root)
+    tokens = tuple(m.budgets)
+    try:
+        backend = vision.load_backend(root, m, "ort-cpu")
+        got = backend.encode(pixels, tokens)  # {T: [B, T, D]}
+    except runtime_errors() as e:
+        raise ExportError(f"the runtime cannot run the exported vision graphs: {e}") from e
+    ref = reference(model, pixels, tokens)
+    fp16 = m.vision.input_dtype == "float16"
+    failures = []
+    for f in m.files:
+        if f.role != "vision-onnx":
+            continue
+        for t in f.budgets:
+            stats = compare(ref[t], got[t])
+            ok = judge(stats, fp16)
+            f.parity[str(t)] = {
+                **stats,
+                "ok": ok,
+                "tolerance": tolerance(fp16),
+                "images": images,
+                "reference": "pytorch fp32",
+                "runtime": f"runtime.vision {backend.name} ({backend.provider})",
+            }
+            if not ok:
+                failures.append(
+                    f"{f.path} T={t}: max_abs {stats['max_abs']:.3g}, cosine {stats['cosine']:.6f} "
+                    f"({tolerance(fp16)})"
+                )
+    if failures:
+        raise ExportError(
+            "the runtime's output differs from PyTorch past tolerance (no bundle written):\n  "
+            + "\n  ".join(failures)
+        )
+    return m
+
+
+# ---- vision (TensorRT) ----------------------------------------------------------------------------
+
+
+def latency_ms(
+    run: Callable[[np.ndarray], Any], pixels: np.ndarray, runs: int = LATENCY_RUNS
+) -> dict[str, float]:
+    """Median/p90 wall time of one call: host->device copy, execute, device->host copy."""
+    for _ in range(5):
+        run(pixels)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run(pixels)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "median": float(np.median(times)),
+        "p90": float(np.percentile(times, 90)),
+        "runs": runs,
+        "batch": int(pixels.shape[0]),
+    }
+
+
+def engine_gate(bundle: Path, m: Manifest, tokens: int, max_batch: int, opt_batch: int) -> dict[str, Any]:
+    """The engine m.vision.engines[tokens] (on disk, listed in `m`) run by runtime.vision.TrtVision
+    vs runtime.vision's onnxruntime backend on the bundle's ONNX, on real images:
+    {"parity": max abs/cosine, "latency_ms": at the opt batch}."""
+    from export.common import parity_images, pixels_for
+    from fmvr.config import FMVRConfig
+    from runtime.vision import OrtVision, TrtVision
+
+    images, names = parity_images()
+    pixels = pixels_for(FMVRConfig.from_dict(m.model["config"]), images)[:max_batch]  # [N, 3, S, S]
+    engine = TrtVision(bundle, m, budgets=[tokens])
+    got = engine.encode(pixels, [tokens])[tokens]
+    ref = OrtVision(bundle, m, "ort-cpu").encode(pixels, [tokens])[tokens]
+    batch = np.repeat(pixels[:1], opt_batch, axis=0)  # [opt, 3, S, S]
+    return {
+        "parity": {
+            **compare(ref, got),
+            "images": names[: len(pixels)],
+            "reference": "runtime.vision ort-cpu (same ONNX)",
+            "runtime": "runtime.vision tensorrt",
+        },
+        "latency_ms": latency_ms(lambda x: engine.encode(x, [tokens]), batch),
+    }
+
+
+# ---- LLM ---------------------------------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer: Any, template: str, bos_id: int | None) -> list[list[int]]:
+    """The fixed prompt set, text only (the image placeholder removed)."""
+    from fmvr.template import IMAGE_TOKEN, prompt_text
+
+    texts = [prompt_text(template, q).replace(IMAGE_TOKEN + "\n", "") for q in QUESTIONS]
+    bos = [] if bos_id is None else [bos_id]
+    return [[*bos, *tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
+
+
+def torch_logits(lm: Any, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return lm(input_ids=torch.tensor([ids])).logits[0].float().numpy()  # [S, V]
+
+
+def torch_greedy(lm: Any, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
+    """transformers' greedy decoding with its KV cache (n tokens, no eos stop)."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        emb = lm.get_input_embeddings()(torch.tensor([ids]))  # [1, S, H]
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        res = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+        for _ in range(n):
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)  # [1, P+1]
+            res = lm(
+                input_ids=torch.tensor([[nxt]]),
+                attention_mask=mask,
+                past_key_values=res.past_key_values,
+                use_cache=True,
+            )
+    return out
+
+
+def runtime_greedy(dec: Any, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
+    """n greedy tokens from runtime.llm's own decode loop (no stop token)."""
+    from runtime.llm import SamplingParams
+
+    return list(dec.start(dec.embed(ids), SamplingParams(max_new_tokens=n)))
+
+
+def agreement(dec: Any, lm: Any, prompts: list[list[int]]) -> dict[str, float]:
+    """Teacher-forced top-1 agreement and max abs logit error vs PyTorch fp32 at every position."""
+    same = total = 0
+    err = 0.0
+    for ids in prompts:
+        ref = torch_logits(lm, ids)  # [S, V]
+        got = dec.logits(dec.embed(ids))  # [S, V]
+        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        total += len(ids)
+        err = max(err, float(np.abs(ref - got).max()))
+    return {"top1": same / total, "max_abs_logit_err": err, "positions": total, "prompts": len(prompts)}
+
+
+def load_decoder(root: Path, section: LLMSection, provider: str, max_len: int) -> Any:
+    """runtime.llm.Decoder.load, as the runtime calls it; its errors become ExportErrors."""
+    from runtime.llm import Decoder
+
+    try:
+        return Decoder.load(root, section, [provider], max_len, threads=0)
+    except runtime_errors() as e:
+        raise ExportError(f"the runtime cannot load the exported decoder: {e}") from e
+
+
+def llm_gate(root: Path, section: LLMSection, model: Any, tokenizer: Any, target: str) -> dict[str, Any]:
+    """The decoder under `root` through runtime.llm.Decoder vs PyTorch fp32: the manifest's
+    quantization.agreement record. ExportError below the quantization's floor."""
+    import onnxruntime as ort
+
+    cfg, lm = model.cfg, model.language_model
+    provider = "CUDAExecutionProvider" if target == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        return {
+            "status": "not-run",
+            "reason": f"a --target {target} decoder is checked with {provider} (onnxruntime-gpu); "
+            "rerun the export where it is available",
+        }
+    dec = load_decoder(root, section, provider, cfg.text.max_position_embeddings)
+    prompts = prompt_ids(tokenizer, cfg.template, cfg.bos_id)
+    floor = quantization(section.quant).floor
+    rec: dict[str, Any] = {
+        "status": "measured",
+        "provider": provider,
+        "runtime": "runtime.llm.Decoder",
+        "reference": "pytorch fp32",
+        **agreement(dec, lm, prompts),
+        "floor": floor,
+    }
+    ours, theirs = runtime_greedy(dec, prompts[0]), torch_greedy(lm, prompts[0])
+    rec["greedy_tokens"] = GREEDY_TOKENS
+    rec["greedy_match"] = sum(a == b for a, b in zip(ours, theirs)) / GREEDY_TOKENS
+    rec["greedy_equal"] = ours == theirs
+    rec["ok"] = rec["top1"] >= floor and (section.quant != "fp32" or rec["greedy_equal"])
+    if not rec["ok"]:
+        raise ExportError(
+            f"{section.quant} decoder below its quality floor: top-1 {rec['top1']:.3f} (floor {floor}), "
+            f"greedy equal {rec['greedy_equal']}; try --quant int8, a smaller --block-size, "
+            "or --exporter dynamo"
+        )
+    return rec
