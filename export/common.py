@@ -80,20 +80,14 @@ def checkpoint_source(path: str) -> Source:
 
 
 def parse_tokens(spec: str, budgets: tuple[int, ...]) -> tuple[int, ...]:
-    """'all' | '36' | '1,9,36' -> budgets of the model, largest first; unknown ones are an error."""
-    if spec.strip() == "all":
-        return tuple(budgets)
+    """'all' | '36' | '1,9,36' -> budgets of the model, largest first (fmvr.cli.parse_tokens,
+    the one parser every command shares); an unknown budget is an ExportError."""
+    from fmvr.cli import parse_tokens as parse
+
     try:
-        wanted = {int(x) for x in spec.split(",") if x.strip()}
-    except ValueError:
-        raise ExportError(f"--tokens {spec!r}: give 'all' or comma-separated integers like 1,9,36") from None
-    bad = sorted(wanted - set(budgets))
-    if bad or not wanted:
-        raise ExportError(
-            f"--tokens {spec!r}: {bad or 'nothing'} not a budget of this model; "
-            f"valid budgets: {', '.join(map(str, budgets))} (or 'all')"
-        )
-    return tuple(sorted(wanted, reverse=True))
+        return parse(spec, sorted(budgets, reverse=True))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 # ---- images for parity checks --------------------------------------------------------------------

@@ -122,6 +122,27 @@ def test_atomic_writer_replaces_with_force_and_cleans_up(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
+def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    """--force over an existing bundle: if the new one cannot be renamed in, the old one is back."""
+    import fmvr.atomic
+
+    out = tmp_path / "b"
+    with atomic_bundle(out) as d:
+        (d / MANIFEST_NAME).write_text("old")
+    real = fmvr.atomic.os.replace
+
+    def failing(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(fmvr.atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"), atomic_bundle(out, force=True) as d:
+        (d / MANIFEST_NAME).write_text("new")
+    assert (out / MANIFEST_NAME).read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".b.old-")] == ["b"]
+
+
 def test_interrupted_export_leaves_no_bundle(src, tmp_path, monkeypatch):
     import export.build as eb
     from export.build import build_bundle

@@ -74,7 +74,7 @@ def test_parse_tokens():
     budgets = (576, 144, 36, 9, 1)
     assert parse_tokens("all", budgets) == budgets
     assert parse_tokens("1,36,9", budgets) == (36, 9, 1)
-    with pytest.raises(ExportError, match=r"\[100\] not a budget.*576, 144, 36, 9, 1"):
+    with pytest.raises(ExportError, match=r"\[100\] are not budgets.*576, 144, 36, 9, 1"):
         parse_tokens("36,100", budgets)
     with pytest.raises(ExportError, match="comma-separated"):
         parse_tokens("thirty", budgets)
