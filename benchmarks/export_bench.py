@@ -34,8 +34,15 @@ def bench_config(scale: str, pyramid: str):
     cfg = preset("tiny", pyramid=pyramid)
     if scale == "small":
         vision = VisionConfig(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=1024)
-        text = TextConfig(hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=4, intermediate_size=1024,
-                          vocab_size=cfg.text.vocab_size, max_position_embeddings=1024)  # fmt: skip
+        text = TextConfig(
+            hidden_size=512,
+            num_layers=1,
+            num_heads=8,
+            num_kv_heads=4,
+            intermediate_size=1024,
+            vocab_size=cfg.text.vocab_size,
+            max_position_embeddings=1024,
+        )
         cfg = cfg.replace(name="small", vision=vision, text=text)
     return cfg
 

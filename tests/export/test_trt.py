@@ -34,7 +34,10 @@ def test_profile_shapes_and_flags():
         with pytest.raises(ExportError, match="--min-batch <= --opt-batch <= --max-batch"):
             et.profile_shapes(opts(**bad), 336)
     assert [et.precision_of(False, False), et.precision_of(True, False), et.precision_of(True, True)] == [
-        "fp32", "fp16", "int8"]  # fmt: skip
+        "fp32",
+        "fp16",
+        "int8",
+    ]
     assert et.builder_flags("fp32") == [] and et.builder_flags("int8") == ["INT8", "FP16"]
     assert et.engine_paths(36, "fp16") == ("vision/t36.fp16.engine", "vision/t36.fp16.engine.json")
 
@@ -210,8 +213,12 @@ def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
             return parse_ok
 
         def get_error(self, i):
-            return types.SimpleNamespace(node=lambda: 7, node_name=lambda: "/x", node_operator=lambda: "Foo",
-                                         desc=lambda: "no importer")  # fmt: skip
+            return types.SimpleNamespace(
+                node=lambda: 7,
+                node_name=lambda: "/x",
+                node_operator=lambda: "Foo",
+                desc=lambda: "no importer",
+            )
 
     trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, Parser
     trt.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (), {"__init__": lambda self: None})
