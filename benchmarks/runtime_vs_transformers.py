@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quant:
-            bundle = build_tiny_bundle(Path(tmp) / quant, llm=quant)
+            bundle = build_tiny_bundle(Path(tmp) / quant, quant=quant)
             pipe = Pipeline.load(bundle, threads=args.threads, warmup=True)
             model = torch_model(quant)
             for t in args.tokens:

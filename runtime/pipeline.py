@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
 from runtime.bundle import BundleError, Manifest, verify_bundle
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, OptionsError
-from runtime.policy import Choice, Policy
+from runtime.policy import QUANTILE, Choice, Policy
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, load_backend
 
@@ -65,6 +65,7 @@ class Result:
     predicted_ms: dict[str, float] = field(default_factory=dict)
     measured_ms: dict[str, float] = field(default_factory=dict)
     vision_reused: bool = False
+    load: int = 0  # other requests in flight on this pipeline when this one started
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +81,8 @@ class _Request:
     opts: AskOptions
     t_start: float  # perf_counter when the request began
     reused: bool = False  # the vision pass was charged to an earlier answer
+    load: int = 0  # other requests in flight when it started
+    waited_ms: float = 0.0  # spent before the pipeline saw it (a server's queue)
 
 
 class Answer:
@@ -88,17 +91,36 @@ class Answer:
     It owns its generator, which yields the deltas and returns the Result; `close()` stops
     decoding early. `options` and `budget` are known before the first delta."""
 
-    def __init__(self, run: Generator[str, None, Result], options: AskOptions, budget: int) -> None:
+    def __init__(
+        self,
+        run: Generator[str, None, Result],
+        options: AskOptions,
+        budget: int,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self._run = run
         self.options, self.budget = options, budget
         self.result: Result | None = None
+        self._on_done = on_done  # called once: exhausted, closed or dropped
 
     def __iter__(self) -> Iterator[str]:
         if self.result is None:
-            self.result = yield from self._run
+            try:
+                self.result = yield from self._run
+            finally:
+                self._done()
 
     def close(self) -> None:
         self._run.close()
+        self._done()
+
+    def __del__(self) -> None:
+        self._done()
+
+    def _done(self) -> None:
+        done, self._on_done = self._on_done, None
+        if done is not None:
+            done()
 
 
 class Pipeline:
@@ -110,7 +132,7 @@ class Pipeline:
         decoder: Decoder,
         tokenizer: Any,
         profile_if_missing: bool = False,
-        alpha: float = 0.3,
+        quantile: float = QUANTILE,
     ) -> None:
         self.bundle_dir, self.manifest = bundle_dir, manifest
         self.cfg = FMVRConfig.from_dict(manifest.model["config"])
@@ -122,11 +144,13 @@ class Pipeline:
         self.vision, self.decoder, self.tokenizer = vision, decoder, tokenizer
         self.preprocessor = Preprocessor.from_dict(manifest.preprocessing)
         self.special = manifest.special_tokens
-        self.alpha, self.profile_if_missing = alpha, profile_if_missing
+        self.quantile, self.profile_if_missing = quantile, profile_if_missing
         self.device = device_info(vision.provider)  # the provider, not the backend name
         self.policy: Policy | None = None
         self.profile_note = ""
         self._profile_lock = threading.Lock()
+        self._inflight = 0  # requests between stream() and the end of their answer
+        self._inflight_lock = threading.Lock()
         self.reload_profile()
 
     # ---- loading -----------------------------------------------------------------------------
@@ -137,11 +161,12 @@ class Pipeline:
         backend: str = "auto",
         threads: int = 0,
         profile_if_missing: bool = False,
-        alpha: float = 0.3,
+        quantile: float = QUANTILE,
         warmup: bool = False,
     ) -> Pipeline:
         """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
 
+        quantile: the fraction of deadlines the policy plans to keep (runtime.policy).
         warmup: run every budget once so the first request is not a cold start."""
         root = Path(bundle)
         m = verify_bundle(root)
@@ -160,7 +185,7 @@ class Pipeline:
         decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
         log.info("LLM provider: %s", decoder.provider)
         tok = load_tokenizer(root / m.tokenizer)
-        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, alpha)
+        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile)
         if warmup:
             pipe.warmup()
         return pipe
@@ -175,7 +200,7 @@ class Pipeline:
         self.use_profile(prof)
 
     def use_profile(self, prof: Profile) -> None:
-        self.policy = Policy(prof, self.budgets, self.alpha)
+        self.policy = Policy(prof, self.budgets, self.quantile)
         self.profile_note = f"profile {prof.key} ({prof.created})"
 
     def measure_profile(self, warmup: int = 2, runs: int = 5, save: bool = True) -> Profile:
@@ -246,22 +271,25 @@ class Pipeline:
         x[0, is_image] = feats.astype(x.dtype)  # [T, D] in order
         return x
 
-    def choose(self, opts: AskOptions, text_tokens: int, spent_ms: float | None = None) -> Choice:
-        """The budget for `opts`: forced (`opts.tokens`), else the policy's pick for `opts.latency_ms`."""
+    def choose(
+        self, opts: AskOptions, text_tokens: int, spent_ms: float | None = None, load: int = 0
+    ) -> Choice:
+        """The budget for `opts`: forced (`opts.tokens`), else the policy's pick for `opts.latency_ms`
+        with `load` other requests in flight."""
         if opts.tokens is not None:
-            return self._forced(opts, text_tokens, spent_ms)
+            return self._forced(opts, text_tokens, spent_ms, load)
         if opts.latency_ms is not None and self.policy is None:
             self._profile_on_first_use()
         if self.policy is None:
             return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
         return self.policy.choose(
-            opts.latency_ms, text_tokens, opts.max_new_tokens, opts.objective, opts.strict, spent_ms
+            opts.latency_ms, text_tokens, opts.max_new_tokens, opts.objective, opts.strict, spent_ms, load
         )
 
-    def _forced(self, opts: AskOptions, text_tokens: int, spent_ms: float | None) -> Choice:
+    def _forced(self, opts: AskOptions, text_tokens: int, spent_ms: float | None, load: int) -> Choice:
         t = self.check_budget(opts.tokens)
         pol = self.policy
-        pred = pol.predict(t, text_tokens, opts.max_new_tokens, spent_ms) if pol else None
+        pred = pol.predict(t, text_tokens, opts.max_new_tokens, spent_ms, load) if pol else None
         met = (
             None if opts.latency_ms is None or pred is None else pred.time(opts.objective) <= opts.latency_ms
         )
@@ -298,19 +326,47 @@ class Pipeline:
         return ans.result
 
     def stream(
-        self, image: Any, prompt: str | Sequence[Turn], options: AskOptions | None = None, **kw: Any
+        self,
+        image: Any,
+        prompt: str | Sequence[Turn],
+        options: AskOptions | None = None,
+        *,
+        waited_ms: float = 0.0,
+        **kw: Any,
     ) -> Answer:
         """Preprocess, choose the budget with the time left, encode, and stream the answer's
-        text deltas (`.result` at the end). Options as in `ask`."""
+        text deltas (`.result` at the end). Options as in `ask`. `waited_ms`: time the request
+        already spent before it got here (a server's queue); it counts against the deadline."""
         t_start = time.perf_counter()
         opts = AskOptions.of(options, **kw)
-        ids = self.prompt_ids(prompt)
-        if opts.tokens is not None:
-            self.check_budget(opts.tokens)
-        pixels, pre_ms = self._timed_preprocess(image)
-        choice = self.choose(opts, len(ids) - 1, pre_ms)
-        vp = self._vision_pass(pixels, [choice.budget], pre_ms)
-        return Answer(self._answer(_Request(vp, ids, choice, opts, t_start)), opts, choice.budget)
+        load = self._enter()
+        try:
+            ids = self.prompt_ids(prompt)
+            if opts.tokens is not None:
+                self.check_budget(opts.tokens)
+            pixels, pre_ms = self._timed_preprocess(image)
+            choice = self.choose(opts, len(ids) - 1, waited_ms + pre_ms, load)
+            vp = self._vision_pass(pixels, [choice.budget], pre_ms)
+        except BaseException:
+            self._leave()
+            raise
+        req = _Request(vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms)
+        return Answer(self._answer(req), opts, choice.budget, on_done=self._leave)
+
+    @property
+    def inflight(self) -> int:
+        """Requests running on this pipeline now (from stream() to the end of their answer)."""
+        return self._inflight
+
+    def _enter(self) -> int:
+        """Count a new request in; returns how many others were in flight."""
+        with self._inflight_lock:
+            self._inflight += 1
+            return self._inflight - 1
+
+    def _leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def answer(
         self,
@@ -383,20 +439,21 @@ class Pipeline:
     def _result(self, req: _Request, gen: Generation, text: TextStream, t_end: float) -> Result:
         vp, ids, choice, opts = req.vp, req.ids, req.choice, req.opts
         pre, vis = (0.0, 0.0) if req.reused else (vp.preprocess_ms, vp.vision_ms)
-        ttft = pre + vis + gen.prefill_ms
+        ttft = req.waited_ms + pre + vis + gen.prefill_ms
         measured = {
+            "waited": req.waited_ms,
             "preprocess": pre,
             "vision": vis,
             "prefill": gen.prefill_ms,
             "decode": gen.decode_ms,
             "ttft": ttft,
-            "total": (t_end - req.t_start) * 1e3,
+            "total": req.waited_ms + (t_end - req.t_start) * 1e3,
         }
         pred = choice.prediction
         predicted = {**pred.stages, "ttft": pred.ttft_ms, "total": pred.total_ms} if pred else {}
         t = choice.budget
         if self.policy is not None and not req.reused:
-            self.policy.observe(t, len(ids) - 1, gen.decode_steps, measured)
+            self.policy.observe(t, len(ids) - 1, gen.decode_steps, measured, req.load)
         met = None if opts.latency_ms is None else measured[opts.objective] <= opts.latency_ms
         return Result(
             answer=text.full,
@@ -415,6 +472,7 @@ class Pipeline:
             predicted_ms={k: round(v, 3) for k, v in predicted.items()},
             measured_ms={k: round(v, 3) for k, v in measured.items()},
             vision_reused=req.reused,
+            load=req.load,
         )
 
 

@@ -1,13 +1,18 @@
 """The budget policy: the largest visual-token budget whose predicted time fits the deadline.
 
-Prediction per stage, from the device's profile:
-    preprocess  profile.preprocess_ms
+Prediction per stage, from the device's profile (medians of an uncontended run):
+    preprocess  profile.preprocess_ms (or the time this request already spent on it)
     vision      profile.vision_ms[T].p50
     prefill     intercept + ms_per_token * (text tokens + T)
     decode      decode_ms_per_token * max_new_tokens
-times an online correction per stage: an EWMA of measured / profiled time over the
-requests served so far (so a device that got slower - thermal throttling, another process -
-moves the choice down, and one that got faster moves it back up).
+times a correction learned online: the `quantile` (default p95) of measured / profiled time
+over the last `window` requests, kept separately for the time to first token (vision +
+prefill) and for decoding, and per load level: the number of other requests in flight on
+the same pipeline when this one started (0, 1, 2, 3+). A median prediction misses half of
+its deadlines and an uncontended one misses most of them under load; a high quantile per
+load level keeps the promise the caller asked for. Until a level has MIN_SAMPLES
+observations it borrows the nearest lower level's, scaled by processor sharing ((1 + load)
+/ (1 + that level): k requests sharing a saturated device each run k times slower).
 
     ttft  = preprocess + vision + prefill        (objective "ttft", the default)
     total = ttft + decode                         (objective "total")
@@ -16,13 +21,21 @@ moves the choice down, and one that got faster moves it back up).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from runtime.options import OBJECTIVES
-from runtime.profile import STAGES, Profile
+import numpy as np
 
-RATIO_CLIP = (0.25, 4.0)  # bounds of one observation's measured / profiled ratio
+from runtime.options import OBJECTIVES
+from runtime.profile import Profile
+
+QUANTILE = 0.95  # the fraction of deadlines a prediction is meant to keep
+WINDOW = 64  # recent observations kept per part and load level (old ones age out: drift)
+MIN_SAMPLES = 8  # observations before a load level trusts its own quantile
+MAX_LOAD = 3  # loads of 3 or more other requests share one level
+RATIO_CLIP = (0.1, 20.0)  # bounds of one observation's measured / profiled ratio
+PARTS = {"ttft": ("vision", "prefill"), "decode": ("decode",)}  # corrected together
 
 
 class DeadlineError(RuntimeError):
@@ -58,13 +71,17 @@ class Choice:
 class Policy:
     """Chooses budgets from a profile; `observe` feeds measured stage times back (thread-safe)."""
 
-    def __init__(self, profile: Profile, budgets: Sequence[int], alpha: float = 0.3) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    def __init__(
+        self, profile: Profile, budgets: Sequence[int], quantile: float = QUANTILE, window: int = WINDOW
+    ) -> None:
+        if not 0.5 <= quantile < 1:
+            raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
+        if window < MIN_SAMPLES:
+            raise ValueError(f"window must be >= {MIN_SAMPLES}, got {window}")
         self.profile = profile
         self.budgets = tuple(sorted(budgets, reverse=True))
-        self.alpha = alpha
-        self.correction = dict.fromkeys(STAGES, 1.0)
+        self.quantile = quantile
+        self._seen = {part: [deque[float](maxlen=window) for _ in range(MAX_LOAD + 1)] for part in PARTS}
         self._lock = threading.Lock()
 
     def raw(self, budget: int, text_tokens: int, max_new_tokens: int) -> dict[str, float]:
@@ -77,13 +94,29 @@ class Policy:
             "decode": p.decode_ms_per_token * max_new_tokens,
         }
 
-    def predict(
-        self, budget: int, text_tokens: int, max_new_tokens: int, spent_ms: float | None = None
-    ) -> Prediction:
-        """Corrected ms per stage; `spent_ms`: preprocessing already done and timed (used as is)."""
-        raw = self.raw(budget, text_tokens, max_new_tokens)
+    def ratio(self, part: str, load: int = 0) -> float:
+        """The correction of `part` ("ttft" or "decode") at `load` other requests in flight."""
+        level = min(max(load, 0), MAX_LOAD)
         with self._lock:
-            stages = {s: raw[s] * self.correction[s] for s in STAGES}
+            for lv in range(level, -1, -1):
+                seen = self._seen[part][lv]
+                if len(seen) >= MIN_SAMPLES:
+                    return (
+                        float(np.quantile(np.fromiter(seen, float), self.quantile)) * (1 + level) / (1 + lv)
+                    )
+        return float(1 + level)  # nothing observed yet: the profile, shared by processor sharing
+
+    def predict(
+        self, budget: int, text_tokens: int, max_new_tokens: int, spent_ms: float | None = None, load: int = 0
+    ) -> Prediction:
+        """Corrected ms per stage; `spent_ms`: time this request already spent (preprocessing,
+        a queue), used as is; `load`: other requests in flight on this device."""
+        raw = self.raw(budget, text_tokens, max_new_tokens)
+        stages = dict(raw)
+        for part, names in PARTS.items():
+            r = self.ratio(part, load)
+            for name in names:
+                stages[name] = raw[name] * r
         if spent_ms is not None:
             stages["preprocess"] = spent_ms
         return Prediction(budget, stages)
@@ -96,42 +129,51 @@ class Policy:
         objective: str = "ttft",
         strict: bool = False,
         spent_ms: float | None = None,
+        load: int = 0,
     ) -> Choice:
         """Largest budget predicted to fit; else the smallest (deadline_met=False) or DeadlineError.
 
-        `spent_ms`: time already spent on this request (preprocessing), counted as measured.
+        `spent_ms`: time already spent on this request (preprocessing, queueing), counted as
+        measured; `load`: other requests in flight on this device.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        preds = {t: self.predict(t, text_tokens, max_new_tokens, spent_ms) for t in self.budgets}
+        preds = {t: self.predict(t, text_tokens, max_new_tokens, spent_ms, load) for t in self.budgets}
         times = {t: round(p.time(objective), 3) for t, p in preds.items()}
         if latency_ms is None:
             t = self.budgets[0]
             return Choice(t, preds[t], None, "no latency budget given: the largest budget", times)
+        q = f"p{round(self.quantile * 100):d}"
+        busy = f", {load} other request(s) in flight" if load else ""
         for t in self.budgets:  # largest first
             if times[t] <= latency_ms:
-                why = f"largest budget whose predicted {objective} {times[t]:.1f} ms fits {latency_ms:g} ms"
+                why = f"largest budget whose {q} {objective} {times[t]:.1f} ms fits {latency_ms:g} ms{busy}"
                 return Choice(t, preds[t], True, why, times)
         smallest = self.budgets[-1]
         why = (
-            f"no budget fits {latency_ms:g} ms: the smallest ({smallest}) is predicted at "
-            f"{times[smallest]:.1f} ms {objective}"
+            f"no budget fits {latency_ms:g} ms{busy}: the smallest ({smallest}) is predicted at "
+            f"{times[smallest]:.1f} ms {objective} ({q})"
         )
         if strict:
             raise DeadlineError(why + "; raise the latency budget or drop strict")
         return Choice(smallest, preds[smallest], False, why + ": serving it anyway", times)
 
-    def observe(self, budget: int, text_tokens: int, decoded_tokens: int, measured: dict[str, float]) -> None:
-        """Update the EWMA correction of each measured stage from one request's timings."""
+    def observe(
+        self, budget: int, text_tokens: int, decoded_tokens: int, measured: dict[str, float], load: int = 0
+    ) -> None:
+        """Record one request's measured / profiled ratios (ttft part and decode) at its load."""
         raw = self.raw(budget, text_tokens, decoded_tokens)
+        level = min(max(load, 0), MAX_LOAD)
         with self._lock:
-            for stage in STAGES:
-                if stage not in measured or raw[stage] <= 1e-9:
+            for part, names in PARTS.items():
+                if not all(n in measured for n in names):
                     continue
-                # clipped: one outlier (a page fault, a cold cache) must not swing the policy
-                ratio = min(max(measured[stage] / raw[stage], RATIO_CLIP[0]), RATIO_CLIP[1])
-                self.correction[stage] += self.alpha * (ratio - self.correction[stage])
+                expected = sum(raw[n] for n in names)
+                if expected <= 1e-9:
+                    continue
+                ratio = sum(measured[n] for n in names) / expected
+                self._seen[part][level].append(min(max(ratio, RATIO_CLIP[0]), RATIO_CLIP[1]))
 
-    def corrections(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self.correction)
+    def corrections(self, load: int = 0) -> dict[str, float]:
+        """The current correction per part at `load` (1.0: the profile as measured)."""
+        return {part: self.ratio(part, load) for part in PARTS}

@@ -173,15 +173,17 @@ class Handler(BaseHTTPRequestHandler):
         lim = srv.limiter
         gauges = {"fmvr_requests_admitted": float(lim.admitted), "fmvr_requests_running": float(lim.running)}
         if srv.pipeline.policy is not None:
-            for stage, c in srv.pipeline.policy.corrections().items():
-                gauges[f'fmvr_policy_correction{{stage="{stage}"}}'] = c
+            load = srv.pipeline.inflight
+            gauges["fmvr_requests_inflight"] = float(load)
+            for part, c in srv.pipeline.policy.corrections(load).items():
+                gauges[f'fmvr_policy_correction{{part="{part}"}}'] = c
         return srv.metrics.render(gauges)
 
     def do_POST(self) -> None:  # noqa: N802 (stdlib name)
         if self.path != "/v1/chat/completions":
             self._error(api.ApiError(404, f"no route POST {self.path}", "not_found_error"))
             return
-        srv = self.server
+        srv, arrived = self.server, time.perf_counter()
         try:
             cfg = srv.cfg
             req = api.parse_request(self._body(), cfg.allow_remote_images, cfg.max_new_tokens, cfg.timeout_s)
@@ -194,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(busy, {"Retry-After": "1"})
             return
         try:
-            self._admitted(req)
+            self._admitted(req, arrived)
         except Exception as e:  # the request boundary: report our own failure, keep serving
             log.exception("request failed")
             if not getattr(self, "_started_stream", False):
@@ -202,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             srv.limiter.leave()
 
-    def _admitted(self, req: api.ChatRequest) -> None:
+    def _admitted(self, req: api.ChatRequest, arrived: float) -> None:
         srv, lim = self.server, self.server.limiter
         if not lim.slots.acquire(timeout=srv.cfg.queue_timeout_s):
             srv.metrics.inc("fmvr_rejected_total", reason="queue_timeout")
@@ -212,16 +214,19 @@ class Handler(BaseHTTPRequestHandler):
         with lim.lock:
             lim.running += 1
         try:
-            self._run(req)
+            self._run(req, arrived)
         finally:
             with lim.lock:
                 lim.running -= 1
             lim.slots.release()
 
-    def _run(self, req: api.ChatRequest) -> None:
+    def _run(self, req: api.ChatRequest, arrived: float) -> None:
         srv, cid = self.server, api.new_id()
+        waited_ms = (
+            time.perf_counter() - arrived
+        ) * 1e3  # reading the body + the queue: the deadline counts it
         try:
-            ans = srv.pipeline.stream(req.image, req.turns, req.options)
+            ans = srv.pipeline.stream(req.image, req.turns, req.options, waited_ms=waited_ms)
         except DeadlineError as e:
             self._error(api.ApiError(422, str(e), "deadline_error", "latency_budget_ms"))
             return

@@ -42,7 +42,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from export import build_tiny_bundle
 
     return build_tiny_bundle(
-        tmp_path_factory.mktemp("rt") / "bundle", tokens="all", layout="shared", llm="fp32"
+        tmp_path_factory.mktemp("rt") / "bundle", tokens="all", layout="shared", quant="fp32"
     )
 
 

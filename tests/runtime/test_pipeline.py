@@ -151,3 +151,28 @@ def test_policy_with_a_profile(pipe, image_bytes, synthetic_profile):
     finally:
         pipe.reload_profile()  # back to the session bundle's state: no profile
     assert pipe.policy is None
+
+
+def test_requests_in_flight_are_counted_and_reach_the_policy(pipe, image_bytes):
+    assert pipe.inflight == 0
+    first = pipe.stream(image_bytes[0], PROMPT, tokens=1, max_new_tokens=2)
+    assert pipe.inflight == 1  # started, not yet answered
+    second = pipe.ask(image_bytes[0], PROMPT, tokens=1, max_new_tokens=2)
+    assert second.load == 1 and pipe.inflight == 1
+    first.close()
+    assert pipe.inflight == 0
+    for _ in pipe.stream(image_bytes[0], PROMPT, tokens=1, max_new_tokens=2):
+        pass
+    assert pipe.inflight == 0
+    with pytest.raises(ValueError):  # a request that fails before its answer leaves the count
+        pipe.stream(b"not an image", PROMPT, tokens=1)
+    assert pipe.inflight == 0
+
+
+def test_time_waited_before_the_pipeline_counts_against_the_deadline(pipe, image_bytes):
+    ans = pipe.stream(image_bytes[0], PROMPT, tokens=1, latency_ms=1000, max_new_tokens=2, waited_ms=5000.0)
+    for _ in ans:
+        pass
+    r = ans.result
+    assert r.measured_ms["waited"] == 5000.0 and r.measured_ms["ttft"] >= 5000.0
+    assert r.deadline_met is False

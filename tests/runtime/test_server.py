@@ -187,7 +187,7 @@ def test_cli_server_and_api_build_the_same_options(pipe, tiny_bundle, image_byte
 
     seen = []
 
-    def spy(self, image, prompt, options=None, **kw):
+    def spy(self, image, prompt, options=None, *, waited_ms=0.0, **kw):
         seen.append(AskOptions.of(options, **kw))
         raise Seen  # recorded: nothing needs to run
 
