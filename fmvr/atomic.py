@@ -71,11 +71,13 @@ def swap_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
-    os.replace(path, old)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old, path)  # the previous copy comes back, then the failure is reported
-        raise
-    shutil.rmtree(old.parent, ignore_errors=True)
+        os.replace(path, aside / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(aside / path.name, path)  # the previous copy comes back, then the failure is reported
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -195,7 +195,7 @@ def run_bench(
         "backend": pipe.vision.name,
         "llm_provider": pipe.decoder.provider,
         "bundle": str(pipe.bundle_dir),
-        "llm_quantization": (pipe.manifest.llm.quantization or {}).get("method", "?"),
+        "llm_quant": pipe.manifest.llm.quant,
         "ttft": rows,
         "load": policy_under_load(pipe, image, rows, requests, concurrency),
     }

@@ -232,15 +232,10 @@ def file_entry(bundle_dir: str | Path, rel: str, role: str, **meta: Any) -> File
     )
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """JSON (sorted keys) replacing `path` atomically: fmvr.atomic.write_json."""
-    write_json(path, data, sort_keys=True)
-
-
 def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (also used to add engines to an existing bundle)."""
     path = Path(bundle_dir) / MANIFEST_NAME
-    write_json_atomic(path, manifest.to_dict())
+    write_json(path, manifest.to_dict(), sort_keys=True)
     return path
 
 

@@ -33,7 +33,7 @@ say "3/4 export to a bundle (cached in $OUT/bundle)"
 if [ -f "$OUT/bundle/manifest.json" ] && [ "$OUT/bundle/manifest.json" -nt "$OUT/train/final/model.safetensors" ]; then
     echo "bundle $OUT/bundle is up to date (delete it to export again)"
 else
-    "$PY" -m export --checkpoint "$OUT/train/final" --out "$OUT/bundle" --llm int8 --force
+    "$PY" -m export --checkpoint "$OUT/train/final" --out "$OUT/bundle" --quant int8 --force
 fi
 
 say "4/4 the torch-free runtime picks a budget per latency budget"

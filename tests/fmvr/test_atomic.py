@@ -56,6 +56,7 @@ def test_swap_restores_old_folder_when_rename_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic.swap_into_place(new, d)
     assert (d / "f").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["d", "new"]  # nothing left aside
 
 
 def test_open_atomic_refuses_append():
