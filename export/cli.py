@@ -27,7 +27,7 @@ from export.options import EXPORTERS, QUANTS, TARGETS, LLMOptions, VisionOptions
 from fmvr.cli import renamed_flags
 from runtime.bundle import LAYOUTS
 
-ASK = 'python -m runtime ask --bundle {out} --image photo.jpg --question "What is in the picture?"'
+ASK = 'python -m runtime ask --bundle {out} --image photo.jpg --prompt "What is in the picture?"'
 
 
 # ---- argument groups ---------------------------------------------------------------------------------
