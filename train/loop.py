@@ -22,7 +22,9 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -246,13 +248,14 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     start = 0
     if resume and (ck := latest_checkpoint(cfg.out)) is not None:
         start = load_state(ck, model, opt, sched)
+    run = Run(cfg, ddp, runner, ds, opt, sched, rank, world, device)
     stop = _install_sigint()
     bar = _bar(cfg, rank, total, start)
     log = Path(cfg.out) / "log.jsonl"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for done_here, step in enumerate(range(start, total), start=1):
-        stats = train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device)
+        stats = train_step(run, step)
         if rank == 0:
             rate = done_here * gb / (time.time() - t0)
             _log(log, bar, step, stats, sched, rate, cfg)
@@ -278,7 +281,25 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
     return model, final
 
 
-def train_step(cfg, ddp, runner, ds, opt, sched, step, rank, world, device) -> dict:
+@dataclass(frozen=True)
+class Run:
+    """What every step of one training run uses."""
+
+    cfg: TrainConfig
+    ddp: Any  # the runner, wrapped by DDP/FSDP under torchrun
+    runner: MatryoshkaStep
+    ds: Any  # a dataset with example(i) / image(i)
+    opt: Any
+    sched: Any
+    rank: int
+    world: int
+    device: torch.device
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step (all micro-batches of this rank); returns the loss statistics."""
+    cfg, ddp, runner, ds, opt, sched = run.cfg, run.ddp, run.runner, run.ds, run.opt, run.sched
+    rank, world, device = run.rank, run.world, run.device
     budgets_all = cfg.budget_list(runner.model.cfg.budgets)
     budgets = step_budgets(budgets_all, cfg.budget_mode, random.Random(cfg.seed * 7919 + step))
     gb = cfg.batch_size * cfg.grad_accum * world
