@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="request size limit (413 past it)")
     s.add_argument("--timeout-s", type=float, default=120.0, help="per-request time limit (504 past it)")
+    s.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=30.0,
+        help="longest wait for a slot in the queue (503 past it)",
+    )
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     s.add_argument(
         "--profile-if-missing", action="store_true", help="measure the profile at startup if absent"
@@ -201,8 +207,11 @@ def _profile(pipe, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
-    from runtime.server import ServerConfig, make_server
-
+    try:
+        from runtime.server import ServerConfig, make_server
+    except ImportError as e:  # the serve extra is not installed: say how to get it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if pipe.policy is None and args.profile_if_missing:
         pipe.measure_profile()
     cfg = ServerConfig(
@@ -212,6 +221,7 @@ def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         timeout_s=args.timeout_s,
+        queue_timeout_s=args.queue_timeout_s,
         allow_remote_images=args.allow_remote_images,
     )
     srv = make_server(pipe, cfg)

@@ -1,9 +1,18 @@
-"""OpenAI chat-completions wire format: request parsing and response bodies (stdlib only).
+"""OpenAI chat-completions wire format: the request model (pydantic) and response bodies.
+
+Part of the server extra (`pip install "fmvr-edge[serve]"`): imports pydantic.
+
+A request body is validated by `ChatCompletionRequest` (strict types, unknown fields refused)
+and becomes a ChatRequest holding one AskOptions (runtime.options): the same options, defaults
+and checks as `python -m runtime ask` and `Pipeline.ask`. Every problem is an ApiError (400
+naming the field), never an exception that drops the connection: malformed or too deeply
+nested JSON, a wrong type, an unknown field, or an OpenAI field this server does not implement
+(`tools`, `response_format`, `logprobs`, `n` > 1, ...; each is accepted only at its "off"
+value: null, false, 0, 1 for `n`, an empty list). `model` and `user` are accepted and ignored
+(one model per server).
 
 Request extensions: `latency_budget_ms` (pick the largest budget that fits), `visual_tokens`
 (force a budget), `objective` ("ttft" | "total"), `strict` (error instead of a missed deadline).
-A request becomes a ChatRequest holding one AskOptions (runtime.options): the same options,
-defaults and checks as `python -m runtime ask` and `Pipeline.ask`; a bad field is a 400 naming it.
 Responses carry `usage.visual_tokens`, `usage.timings_ms` (measured and predicted per stage),
 `usage.deadline_met` and `usage.backend`.
 """
@@ -12,11 +21,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fmvr.template import IMAGE_TOKEN
 from runtime.options import AskOptions, OptionsError
@@ -48,6 +60,127 @@ class ChatRequest:
     include_usage: bool = True
 
 
+# ---- the request model ----------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """JSON types as sent (no "5" -> 5), and no field this server does not know."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model has one resolution
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+    name: str | None = None  # accepted and ignored
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = True
+
+
+# OpenAI fields this server does not implement -> the values that leave them off (null always does).
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "n": (1,),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "metadata": (),
+}
+
+
+class ChatCompletionRequest(_Strict):
+    """The chat-completions body this server accepts (OpenAI's schema, less what it refuses)."""
+
+    messages: list[Message]
+    model: str | None = None  # one model per server: accepted and not checked
+    user: str | None = None  # accepted and ignored
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    # extensions (runtime.options.AskOptions)
+    latency_budget_ms: float | None = None
+    visual_tokens: int | None = None
+    objective: str | None = None
+    strict: bool | None = None
+    # declared so that each is refused by name unless off (NOT_IMPLEMENTED)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    n: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+
+
+FIELDS = tuple(n for n in ChatCompletionRequest.model_fields if n not in NOT_IMPLEMENTED)
+# What a top-level field must be, for the error when it is not.
+EXPECTED = {
+    "messages": "a non-empty list of messages",
+    "model": "a string",
+    "user": "a string",
+    "stream": "true or false",
+    "stream_options": 'an object such as {"include_usage": true}',
+    "max_tokens": "an integer",
+    "max_completion_tokens": "an integer",
+    "temperature": "a number",
+    "top_p": "a number",
+    "seed": "an integer",
+    "stop": "a string or a list of strings",
+    "latency_budget_ms": "a number of milliseconds",
+    "visual_tokens": "an integer (a visual-token budget of the bundle)",
+    "objective": 'a string: "ttft" or "total"',
+    "strict": "true or false",
+}
+
 # Our JSON field -> the AskOptions field it sets (OpenAI's names where OpenAI has one).
 OPTION_FIELDS = {
     "latency_budget_ms": "latency_ms",
@@ -64,28 +197,19 @@ OPTION_FIELDS = {
 JSON_NAMES = {v: k for k, v in OPTION_FIELDS.items()}  # max_new_tokens -> max_tokens (the later key)
 
 
-def _num(body: dict[str, Any], key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise ApiError(400, f"'{key}' must be a {kind.__name__}, got {v!r}", param=key)
-    v = kind(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)
-    return v
-
-
 def parse_request(
-    body: Any, allow_remote: bool, max_new_tokens_limit: int, timeout_s: float | None = None
+    raw: bytes | str, allow_remote: bool, max_new_tokens_limit: int, timeout_s: float | None = None
 ) -> ChatRequest:
-    """The request body -> a ChatRequest whose AskOptions carry `timeout_s` (the server's)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
+    """The request body (JSON text) -> a ChatRequest whose AskOptions carry `timeout_s` (the
+    server's). Any problem is an ApiError; the image is decoded (or fetched) here."""
+    try:
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise _invalid(e) from None
+    _refuse_unimplemented(body)
+    if not body.messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns, images = _turns(msgs)
+    turns, images = _turns(body.messages)
     if len(images) != 1:
         raise ApiError(
             400,
@@ -93,33 +217,102 @@ def parse_request(
             "(add one image_url part with a data: URI)",
             param="messages",
         )
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     options = ask_options(body, max_new_tokens_limit, timeout_s)
     image = _image_bytes(images[0], allow_remote)
-    return ChatRequest(
-        turns, image, options, bool(body.get("stream", False)), bool(opts.get("include_usage", True))
-    )
+    usage_too = body.stream_options.include_usage if body.stream_options else True
+    return ChatRequest(turns, image, options, body.stream, usage_too)
+
+
+def _refuse_unimplemented(body: ChatCompletionRequest) -> None:
+    for name, off in NOT_IMPLEMENTED.items():
+        v = getattr(body, name)
+        if v is None or any(type(v) is type(o) and v == o for o in off):
+            continue
+        hint = f"leave it out (or send {' or '.join(map(repr, off))})" if off else "leave it out"
+        raise ApiError(
+            400,
+            f"'{name}' is an OpenAI field this server does not implement (got {_short(v)}); {hint}",
+            param=name,
+        )
+
+
+def _invalid(e: ValidationError) -> ApiError:
+    """The one most useful error of a failed validation, as a 400 naming the field."""
+    errors = e.errors(include_url=False)
+    for err in errors:
+        if err["type"] == "json_invalid":
+            return ApiError(400, f"the request body is not valid JSON ({err['msg']})")
+        if not err["loc"]:
+            return ApiError(400, "the request body must be a JSON object")
+    for err in errors:
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            return ApiError(400, _unknown_field(str(err["loc"][0])), param=str(err["loc"][0]))
+    name = str(errors[0]["loc"][0])
+    mine = [x for x in errors if x["loc"][0] == name]
+    if mine[0]["type"] == "missing":
+        return ApiError(400, f"'{name}' is required: {EXPECTED.get(name, 'a value')}", param=name)
+    if name in EXPECTED and (name not in ("messages", "stream_options") or len(mine[0]["loc"]) == 1):
+        got = _short(min(mine, key=lambda x: len(x["loc"]))["input"])  # the field's whole value
+        return ApiError(400, f"'{name}' must be {EXPECTED[name]}, got {got}", param=name)
+    err = max(mine, key=lambda x: len(x["loc"]))  # the deepest: the most specific
+    path = _path(err["loc"])
+    if path.endswith(".content") and err["type"] in ("string_type", "list_type"):
+        msg = f"'{path}' must be a string or a list of parts (text, image_url), got {_short(err['input'])}"
+        return ApiError(400, msg, param=name)
+    if err["type"] == "extra_forbidden":
+        return ApiError(400, f"'{path}' is not a field this server accepts", param=name)
+    return ApiError(400, f"'{path}': {err['msg']}", param=name)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    """('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url') ->
+    messages[0].content[1].image_url.url (pydantic's union-member labels left out)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        label = not (part.isidentifier() and part.islower()) or part in ("str", "int", "float", "bool")
+        repeat = out == part or out.endswith(f".{part}")  # a union's tag, then the field of that name
+        if not (label or repeat):
+            out += f".{part}" if out else part
+    return out
+
+
+def _unknown_field(name: str) -> str:
+    near = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"'{name}' is not a field this server accepts{hint}; the fields are: {', '.join(FIELDS)}"
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _in_range(name: str, v: float | None, lo: float, hi: float) -> float | None:
+    if v is not None and not lo <= v <= hi:
+        raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", param=name)
+    return v
 
 
 def ask_options(
-    body: dict[str, Any], max_new_tokens_limit: int, timeout_s: float | None = None
+    body: ChatCompletionRequest, max_new_tokens_limit: int, timeout_s: float | None = None
 ) -> AskOptions:
-    """The AskOptions of a request body; a bad field is a 400 naming the JSON field."""
-    given = {
-        "latency_ms": _num(body, "latency_budget_ms", float),
-        "tokens": _num(body, "visual_tokens", int),
-        "max_new_tokens": _num(body, "max_completion_tokens", int, 1, max_new_tokens_limit)
-        or _num(body, "max_tokens", int, 1, max_new_tokens_limit),
-        "temperature": _num(body, "temperature", float, 0.0, 2.0),
-        "top_p": _num(body, "top_p", float),
-        "seed": _num(body, "seed", int),
-        "objective": body.get("objective"),
-        "strict": body.get("strict"),
-        "stop": body.get("stop") or None,
+    """The AskOptions of a request; a bad value is a 400 naming the JSON field."""
+    given: dict[str, Any] = {
+        "latency_ms": body.latency_budget_ms,
+        "tokens": body.visual_tokens,
+        "max_new_tokens": _in_range(
+            "max_completion_tokens", body.max_completion_tokens, 1, max_new_tokens_limit
+        )
+        or _in_range("max_tokens", body.max_tokens, 1, max_new_tokens_limit),
+        "temperature": _in_range("temperature", body.temperature, 0.0, 2.0),
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "objective": body.objective,
+        "strict": body.strict,
+        "stop": body.stop or None,
         "timeout_s": timeout_s,
     }
     try:  # absent fields: AskOptions' defaults, the same as the CLI's and the Python API's
@@ -129,18 +322,29 @@ def ask_options(
         raise ApiError(400, f"'{name}' {e.problem}", param=name) from e
 
 
-def _turns(msgs: list[Any]) -> tuple[list[dict[str, str]], list[str]]:
+def check_context(text_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
+    """A 400 with the numbers when prompt + visual tokens + max_tokens exceed the model's context."""
+    need = text_tokens + visual_tokens + max_new_tokens
+    if need > context:
+        raise ApiError(
+            400,
+            f"this request needs {need} tokens of context ({text_tokens} prompt tokens + {visual_tokens} "
+            f"visual tokens + max_tokens {max_new_tokens}); the model's context is {context} tokens: "
+            "shorten the conversation, or lower max_tokens or visual_tokens",
+            param="messages",
+        )
+
+
+def _turns(msgs: list[Message]) -> tuple[list[dict[str, str]], list[str]]:
     turns: list[dict[str, str]] = []
     images: list[str] = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
-        if m["role"] in ("system", "developer"):
+    for m in msgs:
+        if m.role in ("system", "developer"):
             continue  # the chat template carries its own system prompt
-        text = _content_text(m.get("content"), images, i)
-        if m["role"] == "user" and len(images) == 1 and IMAGE_TOKEN not in "".join(t["value"] for t in turns):
+        text = _content_text(m.content, images)
+        if m.role == "user" and len(images) == 1 and IMAGE_TOKEN not in "".join(t["value"] for t in turns):
             text = f"{IMAGE_TOKEN}\n{text}"
-        turns.append({"from": "human" if m["role"] == "user" else "gpt", "value": text})
+        turns.append({"from": "human" if m.role == "user" else "gpt", "value": text})
     if not turns or turns[-1]["from"] != "human":
         raise ApiError(400, "the last message must be from the user", param="messages")
     for i, t in enumerate(turns):
@@ -149,26 +353,16 @@ def _turns(msgs: list[Any]) -> tuple[list[dict[str, str]], list[str]]:
     return turns, images
 
 
-def _content_text(content: Any, images: list[str], i: int) -> str:
+def _content_text(content: str | list[TextPart | ImagePart], images: list[str]) -> str:
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
     texts = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise ApiError(400, f"messages[{i}]: image_url needs a 'url' string", param="messages")
-            images.append(url)
+        if isinstance(part, TextPart):
+            texts.append(part.text)
         else:
-            raise ApiError(
-                400, f"messages[{i}]: unsupported content part {kind!r} (text, image_url)", param="messages"
-            )
+            url = part.image_url
+            images.append(url.url if isinstance(url, ImageURL) else url)
     return "\n".join(texts)
 
 

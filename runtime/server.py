@@ -1,32 +1,54 @@
-"""An OpenAI-compatible HTTP server over a Pipeline (standard library only: http.server).
+"""An OpenAI-compatible HTTP server over a Pipeline: Starlette on uvicorn (the `serve` extra).
 
+    pip install "fmvr-edge[serve]"
     python -m runtime serve --bundle B --host 127.0.0.1 --port 8000
 
 POST /v1/chat/completions (text + image_url data URI; `stream: true` as server-sent events
-ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
-Limits: request body size (413), concurrency + queue (429 when the queue is full, 503 when a
-queued request waited too long), per-request timeout (504); bad JSON / images -> 400. Every
-error is a JSON answer and the server keeps serving.
+ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (prometheus-client).
 
-Why the standard library: the Jetson install stays numpy + pillow + onnxruntime + tokenizers;
-ThreadingHTTPServer gives one thread per connection, and onnxruntime sessions are thread-safe.
+How a request runs. Its body is read up to max_body_bytes (413 past it) and validated by the
+pydantic model of runtime.api off the event loop (400 naming the field). Admission counts the
+requests running or waiting: past max_concurrency + max_queue a request gets 429 at once; a
+waiting one gets a slot within queue_timeout_s or a 503. The pipeline (synchronous, CPU-bound)
+runs on a pool of max_concurrency threads; its text deltas reach the client through Starlette's
+StreamingResponse. Everything that fails before the first token (bad image or budget, context
+overflow, missed strict deadline, timeout) is a plain HTTP error, for streams too; a timeout
+while decoding is a 504 (or an error event in a stream). Every error is OpenAI-style JSON and
+the server keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+try:
+    import uvicorn
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Summary, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as e:  # the base runtime does not carry the server's dependencies
+    raise ImportError(f'the server needs its extra: pip install "fmvr-edge[serve]" ({e})') from e
 
 from runtime import api
 from runtime.llm import GenerationTimeout
 from runtime.policy import DeadlineError
 
 log = logging.getLogger("runtime.server")
+Event = tuple[str, Any]  # ("delta", str) | ("done", Result) | ("error", ApiError), worker -> loop
 
 
 @dataclass
@@ -43,264 +65,325 @@ class ServerConfig:
     model_name: str = ""
 
 
-class Limiter:
-    """At most `concurrency` running and `queue` waiting; admission and slots are separate."""
-
-    def __init__(self, concurrency: int, queue: int) -> None:
-        self.slots = threading.BoundedSemaphore(concurrency)
-        self.capacity = concurrency + queue
-        self.lock = threading.Lock()
-        self.admitted = 0
-        self.running = 0
-
-    def admit(self) -> bool:
-        with self.lock:
-            if self.admitted >= self.capacity:
-                return False
-            self.admitted += 1
-            return True
-
-    def leave(self) -> None:
-        with self.lock:
-            self.admitted -= 1
-
-
 class Metrics:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counters: dict[str, float] = {}
+    """prometheus-client metrics in a registry of their own (one per server)."""
 
-    def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
-        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-        with self.lock:
-            self.counters[key] = self.counters.get(key, 0.0) + value
+    def __init__(self, server: Server) -> None:
+        r = self.registry = CollectorRegistry()
+        self.responses = Counter("fmvr_http_responses", "HTTP responses by status", ["code"], registry=r)
+        self.rejected = Counter("fmvr_rejected", "requests refused for load", ["reason"], registry=r)
+        self.requests = Counter("fmvr_requests", "answers by visual-token budget", ["budget"], registry=r)
+        self.completion_tokens = Counter("fmvr_completion_tokens", "tokens generated", registry=r)
+        self.deadline = Counter("fmvr_deadline", "answers by latency budget met", ["met"], registry=r)
+        self.stage_ms = Summary("fmvr_stage_ms", "measured time per stage (ms)", ["stage"], registry=r)
+        r.register(_Live(server))
 
-    def render(self, gauges: dict[str, float]) -> str:
-        with self.lock:
-            items = sorted({**self.counters, **gauges}.items())
-        return "".join(f"{k} {v:g}\n" for k, v in items)
+    def record(self, result: Any) -> None:
+        self.requests.labels(budget=str(result.budget)).inc()
+        self.completion_tokens.inc(len(result.token_ids))
+        if result.deadline_met is not None:
+            self.deadline.labels(met=str(result.deadline_met).lower()).inc()
+        for stage, ms in result.measured_ms.items():
+            self.stage_ms.labels(stage=stage).observe(ms)
 
 
-class FMVRServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _Live:
+    """Gauges read when scraped: admission, the pipeline's load and the policy's corrections."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Any:
+        srv, pipe = self.server, self.server.pipeline
+        yield GaugeMetricFamily("fmvr_requests_admitted", "requests running or queued", value=srv.admitted)
+        yield GaugeMetricFamily("fmvr_requests_running", "requests holding a slot", value=srv.running)
+        yield GaugeMetricFamily("fmvr_requests_inflight", "requests in the pipeline", value=pipe.inflight)
+        if pipe.policy is not None:
+            g = GaugeMetricFamily("fmvr_policy_correction", "measured/predicted time", labels=["part"])
+            for part, c in pipe.policy.corrections(pipe.inflight).items():
+                g.add_metric([part], c)
+            yield g
+
+
+class _CountResponses:
+    """ASGI middleware: every response's status into fmvr_http_responses_total."""
+
+    def __init__(self, app: Any, metrics: Callable[[], Metrics]) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics().responses.labels(code=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted if scope["type"] == "http" else send)
+
+
+def error(e: api.ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class Server:
+    """The app, a bound socket (port 0 picks a free one) and uvicorn to serve it."""
 
     def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
         self.pipeline, self.cfg = pipeline, cfg
         self.model = cfg.model_name or f"fmvr-{pipeline.manifest.model.get('name', 'model')}"
-        self.limiter = Limiter(cfg.max_concurrency, cfg.max_queue)
-        self.metrics = Metrics()
         self.started = time.time()
-        super().__init__((cfg.host, cfg.port), Handler)
+        self.admitted = 0  # running + waiting for a slot (touched on the event loop only)
+        self.running = 0
+        self.slots = asyncio.Semaphore(cfg.max_concurrency)
+        self.pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="fmvr-pipeline")
+        self.metrics = Metrics(self)
+        self.app = self._app()
+        config = uvicorn.Config(
+            self.app,
+            host=cfg.host,
+            port=cfg.port,
+            log_config=None,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self.socket = config.bind_socket()
+        self._done = threading.Event()
+
+    def _app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+        ]
+        handlers = {HTTPException: _http_error, Exception: _server_error}
+        middleware = [Middleware(_CountResponses, metrics=lambda: self.metrics)]
+        return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)  # type: ignore[arg-type]
+
+    # ---- running it ---------------------------------------------------------------------------
+    @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self.socket.getsockname()[:2]
+        return host, port
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = host.decode() if isinstance(host, bytes) else host
+        host, port = self.server_address
         return f"http://{host}:{port}"
 
-
-class Handler(BaseHTTPRequestHandler):
-    server: FMVRServer
-    server_version = "fmvr-runtime/0.1"
-    timeout = 30  # seconds a client may stall mid-request before its socket is closed
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        log.info("%s %s", self.address_string(), format % args)
-
-    # ---- plumbing --------------------------------------------------------------------------------
-    def _send(
-        self, status: int, body: Any, ctype: str = "application/json", headers: dict | None = None
-    ) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-        self.server.metrics.inc("fmvr_http_responses_total", code=status)
-
-    def _error(self, e: api.ApiError, headers: dict | None = None) -> None:
-        self._send(e.status, e.body(), headers=headers)
-
-    def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise api.ApiError(411, "a Content-Length header is required")
-        n, limit = int(length), self.server.cfg.max_body_bytes
-        if n > limit:
-            self.close_connection = True
-            if n <= 4 * limit:  # drain so the client sees the answer, not a reset
-                self.rfile.read(n)
-            raise api.ApiError(413, f"request body is {n} bytes; this server accepts at most {limit}")
+    def serve_forever(self) -> None:
         try:
-            return json.loads(self.rfile.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise api.ApiError(400, f"the request body is not valid JSON ({e})") from e
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self._done.set()
 
-    # ---- routes ------------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-        srv = self.server
-        if self.path == "/health":
-            pipe = srv.pipeline
-            health = {
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop serving (from another thread) and wait for serve_forever to return."""
+        self.uvicorn.should_exit = True
+        self._done.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- routes ---------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        pipe = self.pipeline
+        return JSONResponse(
+            {
                 "status": "ok",
-                "model": srv.model,
+                "model": self.model,
                 "backend": pipe.vision.name,
                 "llm_provider": pipe.decoder.provider,
                 "budgets": list(pipe.budgets),
                 "profile": pipe.profile_note,
-                "uptime_s": round(time.time() - srv.started, 1),
+                "uptime_s": round(time.time() - self.started, 1),
             }
-            self._send(200, health)
-        elif self.path == "/v1/models":
-            card = {
-                "id": srv.model,
-                "object": "model",
-                "created": int(srv.started),
-                "owned_by": "fmvr",
-                "visual_token_budgets": list(srv.pipeline.budgets),
-            }
-            self._send(200, {"object": "list", "data": [card]})
-        elif self.path == "/metrics":
-            self._send(200, self._metrics().encode(), "text/plain; version=0.0.4")
-        else:
-            self._error(api.ApiError(404, f"no route GET {self.path}", "not_found_error"))
+        )
 
-    def _metrics(self) -> str:
-        srv = self.server
-        lim = srv.limiter
-        gauges = {"fmvr_requests_admitted": float(lim.admitted), "fmvr_requests_running": float(lim.running)}
-        if srv.pipeline.policy is not None:
-            load = srv.pipeline.inflight
-            gauges["fmvr_requests_inflight"] = float(load)
-            for part, c in srv.pipeline.policy.corrections(load).items():
-                gauges[f'fmvr_policy_correction{{part="{part}"}}'] = c
-        return srv.metrics.render(gauges)
+    async def models(self, request: Request) -> Response:
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": "fmvr",
+            "visual_token_budgets": list(self.pipeline.budgets),
+        }
+        return JSONResponse({"object": "list", "data": [card]})
 
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-        if self.path != "/v1/chat/completions":
-            self._error(api.ApiError(404, f"no route POST {self.path}", "not_found_error"))
-            return
-        srv, arrived = self.server, time.perf_counter()
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def chat(self, request: Request) -> Response:
+        arrived, cfg = time.perf_counter(), self.cfg
         try:
-            cfg = srv.cfg
-            req = api.parse_request(self._body(), cfg.allow_remote_images, cfg.max_new_tokens, cfg.timeout_s)
+            body = await self._body(request)
+            req = await run_in_threadpool(
+                api.parse_request, body, cfg.allow_remote_images, cfg.max_new_tokens, cfg.timeout_s
+            )
         except api.ApiError as e:
-            self._error(e)
-            return
-        if not srv.limiter.admit():
-            srv.metrics.inc("fmvr_rejected_total", reason="queue_full")
+            return error(e)
+        if self.admitted >= cfg.max_concurrency + cfg.max_queue:
+            self.metrics.rejected.labels(reason="queue_full").inc()
             busy = api.ApiError(429, "the server is busy (queue full); retry shortly", "rate_limit_error")
-            self._error(busy, {"Retry-After": "1"})
-            return
+            return error(busy, {"Retry-After": "1"})
+        self.admitted += 1
         try:
-            self._admitted(req, arrived)
-        except Exception as e:  # the request boundary: report our own failure, keep serving
-            log.exception("request failed")
-            if not getattr(self, "_started_stream", False):
-                self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
-        finally:
-            srv.limiter.leave()
-
-    def _admitted(self, req: api.ChatRequest, arrived: float) -> None:
-        srv, lim = self.server, self.server.limiter
-        if not lim.slots.acquire(timeout=srv.cfg.queue_timeout_s):
-            srv.metrics.inc("fmvr_rejected_total", reason="queue_timeout")
+            await asyncio.wait_for(self.slots.acquire(), cfg.queue_timeout_s)
+        except asyncio.TimeoutError:
+            self.admitted -= 1
+            self.metrics.rejected.labels(reason="queue_timeout").inc()
             msg = "the server is overloaded (waited too long for a slot); retry later"
-            self._error(api.ApiError(503, msg, "overloaded_error"), {"Retry-After": "2"})
-            return
-        with lim.lock:
-            lim.running += 1
-        try:
-            self._run(req, arrived)
-        finally:
-            with lim.lock:
-                lim.running -= 1
-            lim.slots.release()
+            return error(api.ApiError(503, msg, "overloaded_error"), {"Retry-After": "2"})
+        except BaseException:
+            self.admitted -= 1
+            raise
+        return await self._answer(req, arrived)
 
-    def _run(self, req: api.ChatRequest, arrived: float) -> None:
-        srv, cid = self.server, api.new_id()
+    async def _body(self, request: Request) -> bytes:
+        """The body, at most max_body_bytes (413). A too-large body is read on (up to 4x the
+        limit) before the answer, so that the client sees the 413 rather than a reset."""
+        limit = self.cfg.max_body_bytes
+        length = request.headers.get("content-length", "")
+        declared = int(length) if length.isdigit() else 0
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit and declared <= limit:
+                chunks.append(chunk)
+            elif size > 4 * limit or declared > 4 * limit:
+                break
+        if size <= limit and declared <= limit:
+            return b"".join(chunks)
+        got = f"{declared} bytes" if declared > limit else f"over {limit} bytes"
+        raise api.ApiError(413, f"request body is {got}; this server accepts at most {limit}")
+
+    # ---- one admitted request ----------------------------------------------------------------
+    async def _answer(self, req: api.ChatRequest, arrived: float) -> Response:
+        """Run `req` on a pipeline thread (it holds a slot); answer JSON or a stream."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        stop = threading.Event()  # set when the client is gone: the worker stops decoding
+
+        def put(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self.running += 1
+        job = loop.run_in_executor(self.pool, self._work, req, arrived, put, stop)
+        job.add_done_callback(self._release)
+        kind, value = await events.get()
+        if kind == "error":
+            return error(value)
+        cid = api.new_id()
+        if not req.stream:
+            self.metrics.record(value)
+            return JSONResponse(api.completion(cid, self.model, value))
+        sse = self._sse(cid, req.include_usage, (kind, value), events, stop)
+        return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _release(self, _job: Any) -> None:
+        self.running -= 1
+        self.admitted -= 1
+        self.slots.release()
+
+    async def _sse(
+        self, cid: str, include_usage: bool, first: Event, events: asyncio.Queue[Event], stop: threading.Event
+    ) -> AsyncIterator[str]:
+        model, (kind, value) = self.model, first
+        try:
+            yield _event(api.chunk(cid, model, {"role": "assistant", "content": ""}))
+            while kind == "delta":
+                yield _event(api.chunk(cid, model, {"content": value}))
+                kind, value = await events.get()
+            if kind == "done":
+                self.metrics.record(value)
+                yield _event(api.chunk(cid, model, {}, value.finish_reason, value if include_usage else None))
+            else:
+                yield _event({"error": value.body()["error"]})
+            yield "data: [DONE]\n\n"
+        finally:
+            stop.set()
+
+    def _work(self, req: api.ChatRequest, arrived: float, put: Callable[[Event], None], stop: Any) -> None:
+        """On a pipeline thread: start the answer, then send its deltas (streams) and the result."""
         waited_ms = (
             time.perf_counter() - arrived
-        ) * 1e3  # reading the body + the queue: the deadline counts it
+        ) * 1e3  # reading, parsing, queueing: the deadline counts it
         try:
-            ans = srv.pipeline.stream(req.image, req.turns, req.options, waited_ms=waited_ms)
-        except DeadlineError as e:
-            self._error(api.ApiError(422, str(e), "deadline_error", "latency_budget_ms"))
+            ans = self._start(req, waited_ms)
+        except api.ApiError as e:
+            put(("error", e))
             return
-        except ValueError as e:  # bad image, budget, prompt, profile missing
-            self._error(api.ApiError(400, str(e)))
+        except Exception as e:  # the request boundary: report our own failure, keep serving
+            log.exception("request failed")
+            put(("error", api.ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
             return
-        self._started_stream = False
         try:
-            if req.stream:
-                self._stream(cid, ans, req.include_usage)
-            else:
-                for _ in ans:
-                    pass
-                self._send(200, api.completion(cid, srv.model, ans.result))
+            for delta in ans:
+                if stop.is_set():
+                    return
+                if req.stream:
+                    put(("delta", delta))
+            put(("done", ans.result))
         except GenerationTimeout as e:
-            if req.stream:
-                self._event({"error": api.ApiError(504, str(e), "timeout_error").body()["error"]})
-                self._event("[DONE]")
-            else:
-                self._error(api.ApiError(504, f"{e} (limit {srv.cfg.timeout_s:g} s)", "timeout_error"))
-            return
+            put(("error", api.ApiError(504, f"{e} (limit {self.cfg.timeout_s:g} s)", "timeout_error")))
         except Exception as e:  # onnxruntime's errors are plain Exceptions: report, and go on
-            log.exception("request %s failed", cid)
-            if self._started_stream:
-                self._event({"error": api.ApiError(500, str(e), "server_error").body()["error"]})
-                self._event("[DONE]")
-            else:
-                self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
-            return
+            log.exception("request failed while decoding")
+            put(("error", api.ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
         finally:
             ans.close()
-        self._record(ans.result)
 
-    def _event(self, data: Any) -> None:
-        payload = data if isinstance(data, str) else json.dumps(data)
-        self.wfile.write(f"data: {payload}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream(self, cid: str, ans: Any, include_usage: bool) -> None:
-        model = self.server.model
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        self._started_stream = True
-        self.server.metrics.inc("fmvr_http_responses_total", code=200)
-        self._event(api.chunk(cid, model, {"role": "assistant", "content": ""}))
-        for delta in ans:
-            self._event(api.chunk(cid, model, {"content": delta}))
-        r = ans.result
-        self._event(api.chunk(cid, model, {}, r.finish_reason, r if include_usage else None))
-        self._event("[DONE]")
-
-    def _record(self, r: Any) -> None:
-        if r is None:
-            return
-        m = self.server.metrics
-        m.inc("fmvr_requests_total", budget=r.budget)
-        m.inc("fmvr_completion_tokens_total", len(r.token_ids))
-        if r.deadline_met is not None:
-            m.inc("fmvr_deadline_total", met=str(r.deadline_met).lower())
-        for stage, ms in r.measured_ms.items():
-            m.inc("fmvr_stage_ms_sum", ms, stage=stage)
-        m.inc("fmvr_stage_ms_count")
+    def _start(self, req: api.ChatRequest, waited_ms: float) -> Any:
+        """Pipeline.stream, with the context checked before (at the smallest or forced budget)
+        and after (at the budget chosen): an answer, or an ApiError."""
+        pipe, opts = self.pipeline, req.options
+        text_tokens, context = len(pipe.prompt_ids(req.turns)) - 1, pipe.decoder.max_len
+        if opts.tokens is None or opts.tokens in pipe.budgets:
+            api.check_context(text_tokens, opts.tokens or min(pipe.budgets), opts.max_new_tokens, context)
+        try:
+            ans = pipe.stream(req.image, req.turns, opts, waited_ms=waited_ms)
+        except DeadlineError as e:
+            raise api.ApiError(422, str(e), "deadline_error", "latency_budget_ms") from e
+        except ValueError as e:  # bad image, budget, profile missing
+            raise api.ApiError(400, str(e)) from e
+        try:
+            api.check_context(text_tokens, ans.budget, opts.max_new_tokens, context)
+        except api.ApiError:
+            ans.close()
+            raise
+        return ans
 
 
-def make_server(pipeline: Any, cfg: ServerConfig) -> FMVRServer:
-    """A bound server (port 0 picks a free one); call serve_forever() or start_in_thread()."""
-    return FMVRServer(pipeline, cfg)
+def _event(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
 
-def start_in_thread(server: FMVRServer) -> threading.Thread:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        e = api.ApiError(404, f"no route {request.method} {request.url.path}", "not_found_error")
+    else:
+        e = api.ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    return error(e, dict(exc.headers or {}))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
+
+
+def make_server(pipeline: Any, cfg: ServerConfig) -> Server:
+    """A bound server; call serve_forever() or start_in_thread()."""
+    return Server(pipeline, cfg)
+
+
+def start_in_thread(server: Server, timeout: float = 30.0) -> threading.Thread:
+    """Serve on a daemon thread; returns once it accepts connections."""
     t = threading.Thread(target=server.serve_forever, name="fmvr-server", daemon=True)
     t.start()
+    give_up = time.monotonic() + timeout
+    while not server.uvicorn.started:
+        if not t.is_alive() or time.monotonic() > give_up:
+            raise RuntimeError(f"the server on {server.url} did not start")
+        time.sleep(0.01)
     return t
