@@ -120,7 +120,11 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
 
 
 class ChatCompletionRequest(_Strict):
-    """The chat-completions body this server accepts (OpenAI's schema, less what it refuses)."""
+    """The chat-completions body this server accepts (OpenAI's schema, less what it refuses).
+
+    Other fields are kept aside (`model_extra`) to be refused by name: see _refuse_extras."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     messages: list[Message]
     model: str | None = None  # one model per server: accepted and not checked
@@ -138,30 +142,9 @@ class ChatCompletionRequest(_Strict):
     visual_tokens: int | None = None
     objective: str | None = None
     strict: bool | None = None
-    # declared so that each is refused by name unless off (NOT_IMPLEMENTED)
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    n: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
-    service_tier: Any = None
-    store: Any = None
-    metadata: Any = None
 
 
-FIELDS = tuple(n for n in ChatCompletionRequest.model_fields if n not in NOT_IMPLEMENTED)
+FIELDS = tuple(ChatCompletionRequest.model_fields)
 # What a top-level field must be, for the error when it is not.
 EXPECTED = {
     "messages": "a non-empty list of messages",
@@ -206,7 +189,7 @@ def parse_request(
         body = ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as e:
         raise _invalid(e) from None
-    _refuse_unimplemented(body)
+    _refuse_extras(body)
     if not body.messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     turns, images = _turns(body.messages)
@@ -223,17 +206,18 @@ def parse_request(
     return ChatRequest(turns, image, options, body.stream, usage_too)
 
 
-def _refuse_unimplemented(body: ChatCompletionRequest) -> None:
-    for name, off in NOT_IMPLEMENTED.items():
-        v = getattr(body, name)
+def _refuse_extras(body: ChatCompletionRequest) -> None:
+    """A 400 naming the first field this server does not know, or does not implement (unless
+    it is off: null or its NOT_IMPLEMENTED value)."""
+    for name, v in (body.model_extra or {}).items():
+        if name not in NOT_IMPLEMENTED:
+            raise ApiError(400, _unknown_field(name), param=name)
+        off = NOT_IMPLEMENTED[name]
         if v is None or any(type(v) is type(o) and v == o for o in off):
             continue
         hint = f"leave it out (or send {' or '.join(map(repr, off))})" if off else "leave it out"
-        raise ApiError(
-            400,
-            f"'{name}' is an OpenAI field this server does not implement (got {_short(v)}); {hint}",
-            param=name,
-        )
+        msg = f"'{name}' is an OpenAI field this server does not implement (got {_short(v)}); {hint}"
+        raise ApiError(400, msg, param=name)
 
 
 def _invalid(e: ValidationError) -> ApiError:
@@ -244,9 +228,6 @@ def _invalid(e: ValidationError) -> ApiError:
             return ApiError(400, f"the request body is not valid JSON ({err['msg']})")
         if not err["loc"]:
             return ApiError(400, "the request body must be a JSON object")
-    for err in errors:
-        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-            return ApiError(400, _unknown_field(str(err["loc"][0])), param=str(err["loc"][0]))
     name = str(errors[0]["loc"][0])
     mine = [x for x in errors if x["loc"][0] == name]
     if mine[0]["type"] == "missing":
