@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fmvr.config import FMVRConfig
 from fmvr.preprocess import Preprocessor
 from fmvr.template import IMAGE_TOKEN, Turn, render, user_turn
 from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
+from runtime.answer import Answer, Request, Result, VisionPass
 from runtime.bundle import BundleError, Manifest, verify_bundle
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, OptionsError
@@ -35,92 +36,6 @@ from runtime.profile import Profile, ProfileError, device_info, load_profile, sa
 from runtime.vision import VisionBackend, load_backend
 
 log = logging.getLogger("runtime")
-
-
-@dataclass
-class VisionPass:
-    """One image through the vision backend: visual tokens per budget (batch 1)."""
-
-    features: dict[int, np.ndarray]  # T -> [T, D]
-    preprocess_ms: float
-    vision_ms: float
-    backend: str
-
-
-@dataclass
-class Result:
-    answer: str
-    token_ids: list[int]
-    budget: int
-    backend: str
-    llm_provider: str
-    finish_reason: str
-    prompt_tokens: int  # text + visual tokens
-    latency_ms: float | None
-    objective: str
-    deadline_met: bool | None  # measured against latency_ms (None: no deadline)
-    predicted_deadline_met: bool | None
-    reason: str
-    candidates_ms: dict[int, float] = field(default_factory=dict)  # budget -> predicted objective time
-    predicted_ms: dict[str, float] = field(default_factory=dict)
-    measured_ms: dict[str, float] = field(default_factory=dict)
-    vision_reused: bool = False
-    load: int = 0  # other requests in flight on this pipeline when this one started
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class _Request:
-    """One request as it runs: what was asked, the vision pass, and the budget chosen."""
-
-    vp: VisionPass
-    ids: list[int]  # the rendered prompt, one image placeholder
-    choice: Choice
-    opts: AskOptions
-    t_start: float  # perf_counter when the request began
-    reused: bool = False  # the vision pass was charged to an earlier answer
-    load: int = 0  # other requests in flight when it started
-    waited_ms: float = 0.0  # spent before the pipeline saw it (a server's queue)
-
-
-class Answer:
-    """A streaming answer: iterate for text deltas; `.result` once exhausted.
-
-    It owns its generator, which yields the deltas and returns the Result; `close()` stops
-    decoding early. `options` and `budget` are known before the first delta."""
-
-    def __init__(
-        self,
-        run: Generator[str, None, Result],
-        options: AskOptions,
-        budget: int,
-        on_done: Callable[[], None] | None = None,
-    ) -> None:
-        self._run = run
-        self.options, self.budget = options, budget
-        self.result: Result | None = None
-        self._on_done = on_done  # called once: exhausted, closed or dropped
-
-    def __iter__(self) -> Iterator[str]:
-        if self.result is None:
-            try:
-                self.result = yield from self._run
-            finally:
-                self._done()
-
-    def close(self) -> None:
-        self._run.close()
-        self._done()
-
-    def __del__(self) -> None:
-        self._done()
-
-    def _done(self) -> None:
-        done, self._on_done = self._on_done, None
-        if done is not None:
-            done()
 
 
 class Pipeline:
@@ -350,7 +265,7 @@ class Pipeline:
         except BaseException:
             self._leave()
             raise
-        req = _Request(vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms)
+        req = Request(vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms)
         return Answer(self._answer(req), opts, choice.budget, on_done=self._leave)
 
     @property
@@ -384,7 +299,7 @@ class Pipeline:
             raise ValueError(f"this vision pass holds budgets {sorted(vp.features)}, not {tokens}")
         ids = self.prompt_ids(prompt)
         choice = self.choose(opts, len(ids) - 1)
-        ans = Answer(self._answer(_Request(vp, ids, choice, opts, time.perf_counter(), True)), opts, tokens)
+        ans = Answer(self._answer(Request(vp, ids, choice, opts, time.perf_counter(), True)), opts, tokens)
         for _ in ans:
             pass
         assert ans.result is not None
@@ -426,7 +341,7 @@ class Pipeline:
             opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, stops, opts.stop
         ).check()
 
-    def _answer(self, req: _Request) -> Generator[str, None, Result]:
+    def _answer(self, req: Request) -> Generator[str, None, Result]:
         """Decode at the chosen budget: yields text deltas, returns the Result."""
         t = req.choice.budget
         embeds = self.embeddings(req.ids, req.vp.features[t])  # [1, S, D]
@@ -436,7 +351,7 @@ class Pipeline:
         yield from text
         return self._result(req, gen, text, time.perf_counter())
 
-    def _result(self, req: _Request, gen: Generation, text: TextStream, t_end: float) -> Result:
+    def _result(self, req: Request, gen: Generation, text: TextStream, t_end: float) -> Result:
         vp, ids, choice, opts = req.vp, req.ids, req.choice, req.opts
         pre, vis = (0.0, 0.0) if req.reused else (vp.preprocess_ms, vp.vision_ms)
         ttft = req.waited_ms + pre + vis + gen.prefill_ms
