@@ -6,10 +6,11 @@ Entry points: `python -m export` (everything), `python -m export.onnx`, `python 
 For other packages' tests (torch needed, imported lazily):
 
     build_tiny_bundle(out_dir, *, tokens="all", layout="shared", quant="fp32",
-                      force=False, seed=0) -> pathlib.Path
+                      force=False, seed=0, preprocess="graph") -> pathlib.Path
 
 builds the untrained tiny preset with a fixed seed and exports it into `out_dir`
-(all budgets, fp32 vision, fp32 decoder unless quant="int8"|"int4"|None for none).
+(all budgets, fp32 vision, fp32 decoder unless quant="int8"|"int4"|None for none;
+preprocess="graph": uint8 frames in, preprocessing in the graph; "host": pixels in).
 `llm=` is the old name of `quant=` (kept for one release, with a FutureWarning).
 """
 
@@ -27,6 +28,7 @@ def build_tiny_bundle(
     quant: str | None = "fp32",
     force: bool = False,
     seed: int = 0,
+    preprocess: str = "graph",
     **renamed: str,
 ) -> Path:
     """An untrained tiny bundle (fixed seed) at out_dir; see export.build.build_bundle."""
@@ -43,4 +45,6 @@ def build_tiny_bundle(
             stacklevel=2,
         )
         quant = renamed["llm"]
-    return build_tiny(out_dir, tokens=tokens, layout=layout, quant=quant, force=force, seed=seed)
+    return build_tiny(
+        out_dir, tokens=tokens, layout=layout, quant=quant, force=force, seed=seed, preprocess=preprocess
+    )

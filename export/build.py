@@ -21,7 +21,6 @@ from export.common import (
     Source,
     human_bytes,
     parity_images,
-    pixels_for,
     tiny_source,
     tool_versions,
 )
@@ -90,20 +89,20 @@ def build_bundle(
     steps = Progress(4 if llm else 3)
     build = build_record(src.flags, out, tokens, vision, llm)
     with atomic_bundle(out, force=force) as tmp:
-        steps.start("preprocess parity images (real photos + built-in)")
+        steps.start("parity images (real photos + built-in)")
         images, names = parity_images()
-        pixels = pixels_for(src.model.cfg, images)  # [N, 3, S, S]
         steps.done(f"{len(names)} images")
+        where = "in the graph, frames in" if vision.frame_input else "on the host, pixels in"
         steps.start(
-            f"vision ONNX ({vision.layout}, budgets {', '.join(map(str, tokens))}, {vision.precision})"
+            f"vision ONNX ({vision.layout}, budgets {', '.join(map(str, tokens))}, {vision.precision}, "
+            f"preprocessing {where})"
         )
         section, files = write_vision(src.model, tmp, tokens, vision)
         files.append(write_tokenizer(src, tmp))
         write_manifest(tmp, Manifest(vision=section, files=files, **base_manifest(src, tokens, build)))
-        m = gates.vision_gate(tmp, src.model, pixels, names)
+        m = gates.vision_gate(tmp, src.model, images, names)
         write_manifest(tmp, m)
-        worst = max(r["max_abs"] for f in m.files for r in f.parity.values())
-        steps.done(f"parity through runtime.vision ok, worst max abs error {worst:.2e}")
+        steps.done(vision_note(m))
         if llm:
             steps.start(f"LLM decoder ({llm.quant}, {llm.target}, exporter {llm.exporter})")
             llm_section, llm_files = write_llm(src.model, src.tokenizer, tmp, llm)
@@ -118,6 +117,15 @@ def build_bundle(
         verify_bundle(tmp)
         steps.done()
     return out, verify_bundle(out)
+
+
+def vision_note(m: Manifest) -> str:
+    worst = max(r["max_abs"] for f in m.files for r in f.parity.values())
+    note = f"parity through runtime.vision ok, worst max abs error {worst:.2e}"
+    if m.vision.preprocess is None:
+        return note
+    cos = min(r["frames"]["min_cosine"] for f in m.files for r in f.parity.values() if "frames" in r)
+    return f"{note}; in-graph preprocessing: {m.vision.preprocess.parity['summary']}, feature cosine >= {cos:.6f}"
 
 
 def write_tokenizer(src: Source, root: Path) -> FileEntry:
@@ -197,6 +205,7 @@ def build_tiny(
     quant: str | None = "fp32",
     force: bool = False,
     seed: int = 0,
+    preprocess: str = "graph",
 ) -> Path:
     """An untrained tiny bundle (see export.build_tiny_bundle)."""
     from export.common import parse_tokens
@@ -205,7 +214,12 @@ def build_tiny(
     budgets = parse_tokens(tokens, tuple(src.model.cfg.budgets))
     llm = None if quant in (None, "none") else LLMOptions(quant=quant)
     out, _ = build_bundle(
-        src, out_dir, tokens=budgets, vision=VisionOptions(layout=layout), llm=llm, force=force
+        src,
+        out_dir,
+        tokens=budgets,
+        vision=VisionOptions(layout=layout, preprocess=preprocess),
+        llm=llm,
+        force=force,
     )
     return out
 

@@ -5,7 +5,8 @@
     python -m export.llm   --checkpoint CKPT --out BUNDLE [llm] [--force]
     python -m export.trt   --tokens 36 [--bundle BUNDLE | --checkpoint CKPT] [--fp16 | --int8 ...]
 
-    vision: --layout shared|per-budget  --fp16  --opset 18             -> VisionOptions
+    vision: --layout shared|per-budget  --fp16  --opset 18
+            --preprocess graph|host  --max-frame 1920x1920              -> VisionOptions
     llm:    --quant int4|int8|fp16|fp32  --target cpu|cuda
             --exporter auto|genai|dynamo  --block-size 32               -> LLMOptions
 
@@ -23,7 +24,7 @@ import argparse
 from pathlib import Path
 
 from export.common import USER_ERRORS, ExportError, Source, load_source, parse_tokens
-from export.options import EXPORTERS, QUANTS, TARGETS, LLMOptions, VisionOptions
+from export.options import EXPORTERS, PREPROCESS, QUANTS, TARGETS, LLMOptions, VisionOptions
 from fmvr.cli import renamed_flags
 from runtime.bundle import LAYOUTS
 
@@ -57,6 +58,20 @@ def add_vision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", default="shared", choices=LAYOUTS, help="one shared graph or one per budget")
     g.add_argument("--fp16", action="store_true", help="export the vision graphs in float16 (input too)")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset of the vision graphs (default 18)")
+    g.add_argument(
+        "--preprocess",
+        default="graph",
+        choices=PREPROCESS,
+        help="graph (default): the graphs take uint8 RGB frames [B,H,W,3] at their own size and pad, "
+        "resize (PIL bicubic) and normalise themselves, on the accelerator too; host: they take "
+        "pixels [B,3,S,S] from fmvr.preprocess",
+    )
+    g.add_argument(
+        "--max-frame",
+        default="1920x1920",
+        help="largest frame WIDTHxHEIGHT a --preprocess graph bundle takes (default 1920x1920; "
+        "sets the TensorRT profile's maximum)",
+    )
 
 
 def add_llm_args(p: argparse.ArgumentParser, allow_none: bool) -> None:
@@ -79,7 +94,13 @@ def add_llm_args(p: argparse.ArgumentParser, allow_none: bool) -> None:
 
 
 def vision_options(args: argparse.Namespace) -> VisionOptions:
-    return VisionOptions(layout=args.layout, precision="fp16" if args.fp16 else "fp32", opset=args.opset)
+    return VisionOptions(
+        layout=args.layout,
+        precision="fp16" if args.fp16 else "fp32",
+        opset=args.opset,
+        preprocess=args.preprocess,
+        max_frame=args.max_frame,
+    )
 
 
 def llm_options(args: argparse.Namespace) -> LLMOptions | None:
@@ -226,6 +247,11 @@ def trt_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default 1)")
     g.add_argument("--max-batch", type=int, default=4, help="largest batch of the profile (default 4)")
     g.add_argument(
+        "--opt-frame",
+        help="frame WIDTHxHEIGHT TensorRT tunes a frame-input bundle for (default 1280x720 within its "
+        "--max-frame; the profile spans 1x1 to --max-frame)",
+    )
+    g.add_argument(
         "--workspace-gb", type=float, default=2.0, help="builder workspace limit in GiB (default 2)"
     )
     g.add_argument(
@@ -249,6 +275,7 @@ def trt_main(argv: list[str] | None = None) -> int:
             timing_cache=args.timing_cache,
             calib_images=args.calib_images,
             calib_batch=args.calib_batch,
+            opt_frame=opt_frame(args.opt_frame),
         )
         trt.check_options(opts)
         trt_module, gpu = trt.require_tensorrt(), trt.require_gpu()
@@ -261,6 +288,15 @@ def trt_main(argv: list[str] | None = None) -> int:
     print(trt.engines_summary(m))
     print(f"next: python -m runtime profile --bundle {bundle}")
     return 0
+
+
+def opt_frame(text: str | None) -> tuple[int, int] | None:
+    from export.framegraph import parse_frame_size
+
+    try:
+        return None if text is None else parse_frame_size(text)
+    except ValueError as e:
+        raise ExportError(f"--opt-frame: {e}") from None
 
 
 def prepare_bundle(args: argparse.Namespace) -> Path:

@@ -116,6 +116,22 @@ def parity_images() -> tuple[list[Any], list[str]]:
     return images, names
 
 
+def frame_parity_images() -> tuple[list[Any], list[str]]:
+    """parity_images() plus odd aspect ratios cut from the photos: a 640x360 (16:9) crop and a
+    200x500 portrait crop (width x height), for the in-graph preprocessing's parity."""
+    from PIL import Image
+
+    images, names = parity_images()
+    photos = [im for im, n in zip(images, names) if n.startswith("sklearn:")]
+    if photos:
+        images.append(photos[0].crop((0, 0, 640, 360)))
+        names.append("sklearn:china.jpg[crop 640x360]")
+        portrait = photos[-1].transpose(Image.Transpose.ROTATE_90)  # 427 x 640
+        images.append(portrait.crop((100, 60, 300, 560)))
+        names.append("sklearn:flower.jpg[rotated, crop 200x500]")
+    return images, names
+
+
 def pixels_for(cfg: Any, images: list[Any]) -> np.ndarray:
     """Images through fmvr.preprocess with the model's settings: float32 [N, 3, S, S]."""
     from fmvr.preprocess import Preprocessor

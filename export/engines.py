@@ -1,7 +1,9 @@
 """TensorRT engines for the vision graphs, built on the device that will run them.
 
 From the bundle's ONNX: TensorRT 10 Python API, explicit-batch network, OnnxParser (failing
-nodes listed, exit non-zero), one optimization profile over the batch, precision flags, INT8
+nodes listed, exit non-zero), one optimization profile over the batch (and, for a frame-input
+graph, over the frame's height and width up to the bundle's --max-frame, its preprocessing
+layers kept in fp32), precision flags, INT8
 entropy calibration over a folder of images, a persistent timing cache. Each engine is gated
 (export.gates.engine_gate: runtime.vision.TrtVision vs the runtime's onnxruntime backend)
 before it replaces anything; then the plain serialized engine (no header) and a sidecar JSON
@@ -22,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,8 +37,18 @@ if TYPE_CHECKING:
 
 from export import gates
 from export.common import ExportError, parse_tokens
+from export.engine_inputs import (  # calibration_files/_batches, make_calibrator: also used as et.*
+    calibration_batches,
+    calibration_files,
+    calibration_input,
+    calibration_profile,
+    frame_profile,
+    keep_preprocessing_fp32,
+    make_calibrator,
+    profile_record,
+)
 from fmvr.atomic import write_bytes, write_json
-from runtime.bundle import EngineEntry, Manifest, file_entry, verify_bundle, write_manifest
+from runtime.bundle import EngineEntry, GraphPreprocess, Manifest, file_entry, verify_bundle, write_manifest
 
 INSTALL_HELP = (
     "TensorRT is not installed in this Python environment. On Jetson it ships with JetPack "
@@ -46,7 +58,6 @@ INSTALL_HELP = (
     "them on the device that runs them. The ONNX bundle runs anywhere with onnxruntime meanwhile."
 )
 OOM_MARKERS = ("out of memory", "outofmemory", "insufficient memory", "cudaerrormemoryallocation", "oom")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class BuildOptions:
     timing_cache: str | None = None
     calib_images: str | None = None
     calib_batch: int = 8
+    opt_frame: tuple[int, int] | None = None  # (W, H) for frame-input graphs; None: DEFAULT_OPT_FRAME
 
 
 # ---- pure logic (unit-tested without TensorRT) -----------------------------------------------------
@@ -93,33 +105,17 @@ def profile_shapes(opts: BuildOptions, size: int) -> dict[str, tuple[int, int, i
     }
 
 
+def input_profile(
+    opts: BuildOptions, size: int, frames: GraphPreprocess | None
+) -> dict[str, tuple[int, int, int, int]]:
+    """The graph input's profile: pixels (B, 3, S, S), or frames (B, H, W, 3) up to the bundle's maximum."""
+    shapes = profile_shapes(opts, size)
+    return shapes if frames is None else frame_profile(shapes, opts.opt_frame, frames)
+
+
 def engine_paths(tokens: int, precision: str) -> tuple[str, str]:
     engine = f"vision/t{tokens}.{precision}.engine"
     return engine, engine + ".json"
-
-
-def calibration_files(folder: str | None) -> list[Path]:
-    if not folder:
-        raise ExportError(
-            "--int8 needs --calib-images DIR: a folder of representative images (100-500 is typical)"
-        )
-    d = Path(folder)
-    if not d.is_dir():
-        raise ExportError(f"--calib-images {folder}: not a directory")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ExportError(f"--calib-images {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return files
-
-
-def calibration_batches(
-    files: list[Path], batch: int, preprocess: Callable[[list[Path]], np.ndarray]
-) -> Iterator[np.ndarray]:
-    """Full batches [batch, 3, S, S] of preprocessed images; a short remainder is dropped."""
-    if len(files) < batch:
-        raise ExportError(f"INT8 calibration needs at least {batch} images (one batch); found {len(files)}")
-    for i in range(0, len(files) - batch + 1, batch):
-        yield np.ascontiguousarray(preprocess(files[i : i + batch]), dtype=np.float32)  # [batch, 3, S, S]
 
 
 def parser_errors(parser: Any) -> list[str]:
@@ -143,14 +139,21 @@ def build_failure(messages: list[str], opts: BuildOptions) -> ExportError:
 
 
 def sidecar(
-    opts: BuildOptions, trt_version: str, gpu: tuple[str, str], engine_sha: str, onnx_rel: str, onnx_sha: str
+    opts: BuildOptions,
+    trt_version: str,
+    gpu: tuple[str, str],
+    engine_sha: str,
+    onnx_rel: str,
+    onnx_sha: str,
+    profile: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    batches = {"min_batch": opts.min_batch, "opt_batch": opts.opt_batch, "max_batch": opts.max_batch}
     return {
         "trt_version": trt_version,
         "gpu_name": gpu[0],
         "compute_capability": gpu[1],
         "precision": opts.precision,
-        "profile": {"min_batch": opts.min_batch, "opt_batch": opts.opt_batch, "max_batch": opts.max_batch},
+        "profile": profile or batches,
         "workspace_gb": opts.workspace_gb,
         "engine_sha256": engine_sha,
         "onnx": onnx_rel,
@@ -227,37 +230,16 @@ def make_logger() -> Any:
     return CaptureLogger()
 
 
-def make_calibrator(batches: Iterator[np.ndarray], batch: int, cache: Path) -> Any:
-    """IInt8EntropyCalibrator2 over preprocessed batches; the cache file skips recalibration."""
-    import tensorrt as trt
-    import torch
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.current: torch.Tensor | None = None
-
-        def get_batch_size(self) -> int:
-            return batch
-
-        def get_batch(self, names: list[str]) -> list[int]:
-            arr = next(batches, None)
-            if arr is None:
-                return []
-            self.current = torch.from_numpy(arr).cuda()  # [batch, 3, S, S] on the GPU
-            return [int(self.current.data_ptr())]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache.read_bytes() if cache.is_file() else None
-
-        def write_calibration_cache(self, data: Any) -> None:
-            cache.write_bytes(bytes(data))
-
-    return Calibrator()
-
-
-def build_engine(onnx_path: Path, input_name: str, opts: BuildOptions, size: int, calib: Any) -> bytes:
-    """Parse, configure, build: the serialized engine bytes (raises ExportError with the reason)."""
+def build_engine(
+    onnx_path: Path,
+    input_name: str,
+    opts: BuildOptions,
+    size: int,
+    calib: Any,
+    frames: GraphPreprocess | None = None,
+) -> bytes:
+    """Parse, configure, build: the serialized engine bytes (raises ExportError with the reason).
+    `frames`: the bundle's vision.preprocess when the graph takes frames (profile over H and W)."""
     import tensorrt as trt
 
     logger = make_logger()
@@ -274,7 +256,9 @@ def build_engine(onnx_path: Path, input_name: str, opts: BuildOptions, size: int
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if opts.precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
-    shapes = profile_shapes(opts, size)
+    elif frames is not None:
+        keep_preprocessing_fp32(network, config)
+    shapes = input_profile(opts, size, frames)
     profile = builder.create_optimization_profile()
     profile.set_shape(
         input_name,
@@ -285,7 +269,9 @@ def build_engine(onnx_path: Path, input_name: str, opts: BuildOptions, size: int
     config.add_optimization_profile(profile)
     if calib is not None:
         config.int8_calibrator = calib
-        config.set_calibration_profile(profile)
+        config.set_calibration_profile(
+            calibration_profile(builder, input_name, opts.calib_batch, size, frames, profile)
+        )
     cache = load_timing_cache(config, opts.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -334,16 +320,21 @@ def build_one(
                 f"{onnx_rel} uses ops TensorRT does not list as supported: {', '.join(missing)}"
             )
         calib = None
+        frames = m.vision.preprocess
         if opts.precision == "int8":
-            batches = calibration_batches(
-                calibration_files(opts.calib_images), opts.calib_batch, _preprocessor(m)
-            )
+            dtype = np.uint8 if frames else np.float32
+            files = calibration_files(opts.calib_images)
+            batches = calibration_batches(files, opts.calib_batch, calibration_input(m), dtype)
             calib = make_calibrator(batches, opts.calib_batch, bundle / f"vision/t{tokens}.int8.calib")
+        size = m.vision.image_size
+        profile = profile_record(input_profile(opts, size, frames), frames is not None)
         t0 = time.perf_counter()
-        engine = build_engine(onnx_path, m.vision.input_name, opts, m.vision.image_size, calib)
+        engine = build_engine(onnx_path, m.vision.input_name, opts, size, calib, frames)
         build_s = time.perf_counter() - t0
         engine_sha = hashlib.sha256(engine).hexdigest()
-        record = sidecar(opts, str(trt.__version__), gpu, engine_sha, onnx_rel, m.file(onnx_rel).sha256)
+        record = sidecar(
+            opts, str(trt.__version__), gpu, engine_sha, onnx_rel, m.file(onnx_rel).sha256, profile
+        )
         record["build_seconds"] = round(build_s, 2)
         entry = EngineEntry(
             file=rel,
@@ -406,10 +397,3 @@ def build_engines(
 
 def engines_summary(m: Manifest) -> str:
     return json.dumps({t: dataclasses.asdict(e) for t, e in m.vision.engines.items()}, indent=1)
-
-
-def _preprocessor(m: Manifest) -> Callable[[list[Path]], np.ndarray]:
-    from fmvr.preprocess import Preprocessor, load_image
-
-    pre = Preprocessor.from_dict(m.preprocessing)
-    return lambda paths: pre([load_image(p) for p in paths])

@@ -1,7 +1,10 @@
 """The export gates: every check runs the bundle through the code that ships in runtime/.
 
 - vision_gate: runtime.vision's onnxruntime backend (as `python -m runtime` loads it, after
-  verify_bundle) vs PyTorch fp32 on real images, per budget.
+  verify_bundle) vs PyTorch fp32 on real images, per budget. A frame-input bundle is checked
+  twice: on the host's pad + resize (its graph then reproduces fmvr.preprocess exactly, so the
+  fp32 tolerance holds) and on the frames themselves at their own size (the in-graph
+  preprocessing vs the PIL path: feature cosine per budget, and pixel error in grey levels).
 - engine_gate: runtime.vision.TrtVision vs runtime.vision's onnxruntime backend on the same
   ONNX, plus latency.
 - llm_gate: runtime.llm.Decoder (its IO check, its prefill and its greedy decode loop) vs
@@ -29,6 +32,14 @@ FP32_MAX_ABS = 1e-4
 FP32_MIN_COSINE = 0.99999
 FP16_MIN_COSINE = 0.999
 ENGINE_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}  # TensorRT vs onnxruntime
+# In-graph preprocessing vs fmvr.preprocess (PIL) on frames at their own size. Measured on the
+# frame parity images (tiny and small presets): pixel MAE <= 0.0006 grey levels, max 1 level
+# (a few pixels in 10^4 round the other way), 1 - feature cosine <= 5e-8 at every budget. A
+# float resize without PIL's rounding after each pass (ONNX Resize antialias, torch's antialias
+# bicubic) is at MAE 0.09, plain bicubic at 4.5: the pixel bound below tells them apart.
+FRAME_MIN_COSINE = 0.9999
+FRAME_MAX_PIXEL_MAE = 0.05  # mean abs error in 0..255 units
+FRAME_MAX_PIXEL_ERROR = 1.0  # one grey level
 LATENCY_RUNS = 50
 GREEDY_TOKENS = 20
 QUESTIONS = (
@@ -75,25 +86,33 @@ def tolerance(fp16: bool) -> str:
     return f"max_abs <= {FP32_MAX_ABS} x max(1, max|ref|), cosine >= {FP32_MIN_COSINE}"
 
 
-def vision_gate(root: Path, model: Any, pixels: np.ndarray, images: list[str]) -> Manifest:
+def vision_gate(root: Path, model: Any, images: list[Any], names: list[str]) -> Manifest:
     """Verify the bundle at `root`, load its vision graphs with runtime.vision (onnxruntime CPU)
-    and compare every budget with PyTorch. Returns the manifest with each graph's parity
-    recorded (the caller writes it); ExportError listing every budget out of tolerance."""
+    and compare every budget with PyTorch on `images` (PIL) through fmvr.preprocess. Returns the
+    manifest with each graph's parity recorded (the caller writes it); ExportError listing every
+    budget out of tolerance."""
+    from export.common import frame_parity_images, pixels_for
+    from fmvr.preprocess import Preprocessor
     from runtime import vision
 
     m = verify_bundle(root)
     tokens = tuple(m.budgets)
+    pre = Preprocessor.from_dict(m.preprocessing)
+    fp16 = any(f.precision == "fp16" for f in m.files if f.role == "vision-onnx")
     try:
         backend = vision.load_backend(root, m, "ort-cpu")
-        got = backend.encode(pixels, tokens)  # {T: [B, T, D]}
+        x = pre.resized(images) if m.vision.frame_input else pixels_for(model.cfg, images)
+        got = backend.encode(x, tokens)  # {T: [B, T, D]}
+        frames = frame_gate(backend, m, model, fp16, *frame_parity_images()) if m.vision.frame_input else {}
     except runtime_errors() as e:
         raise ExportError(f"the runtime cannot run the exported vision graphs: {e}") from e
-    ref = reference(model, pixels, tokens)
-    fp16 = m.vision.input_dtype == "float16"
+    ref = reference(model, pixels_for(model.cfg, images), tokens)
+    runtime = f"runtime.vision {backend.name} ({backend.provider})"
     failures = []
     for f in m.files:
         if f.role != "vision-onnx":
             continue
+        fp16 = f.precision == "fp16"
         for t in f.budgets:
             stats = compare(ref[t], got[t])
             ok = judge(stats, fp16)
@@ -101,21 +120,80 @@ def vision_gate(root: Path, model: Any, pixels: np.ndarray, images: list[str]) -
                 **stats,
                 "ok": ok,
                 "tolerance": tolerance(fp16),
-                "images": images,
+                "images": names,
                 "reference": "pytorch fp32",
-                "runtime": f"runtime.vision {backend.name} ({backend.provider})",
+                "runtime": runtime + (", host pad + resize as frames" if m.vision.frame_input else ""),
             }
             if not ok:
                 failures.append(
                     f"{f.path} T={t}: max_abs {stats['max_abs']:.3g}, cosine {stats['cosine']:.6f} "
                     f"({tolerance(fp16)})"
                 )
+            if t in frames:
+                f.parity[str(t)]["frames"] = frames[t]
+                if not frames[t]["ok"]:
+                    failures.append(f"{f.path} T={t} on frames: cosine {frames[t]['min_cosine']:.6f}")
+    if m.vision.preprocess is not None and not m.vision.preprocess.parity.get("ok", True):
+        failures.append(f"in-graph preprocessing vs fmvr.preprocess: {m.vision.preprocess.parity['summary']}")
     if failures:
         raise ExportError(
             "the runtime's output differs from PyTorch past tolerance (no bundle written):\n  "
             + "\n  ".join(failures)
         )
     return m
+
+
+def frame_gate(
+    backend: Any, m: Manifest, model: Any, fp16: bool, images: list[Any], names: list[str]
+) -> dict[int, Any]:
+    """Frames at their own size through the graph's own preprocessing vs PyTorch on fmvr.preprocess's
+    pixels: {T: parity record}; the pixel-level record goes into m.vision.preprocess.parity."""
+    from export.common import pixels_for
+    from fmvr.preprocess import Preprocessor
+    from runtime.frame_input import frame_batch
+
+    spec = m.vision.preprocess
+    assert spec is not None
+    pre = Preprocessor.from_dict(m.preprocessing)
+    host = pixels_for(model.cfg, images)  # [N, 3, S, S]
+    ref = reference(model, host, tuple(m.budgets))
+    feats: dict[int, list[np.ndarray]] = {t: [] for t in m.budgets}
+    errors = []
+    for i, im in enumerate(images):
+        x = frame_batch(im, pre, spec)  # [1, H, W, 3]
+        for t, y in backend.encode(x, m.budgets).items():
+            feats[t].append(y[0])
+        grey = np.abs(backend.pixels(x)[0] - host[i]) * np.asarray(pre.std, np.float32)[:, None, None] * 255
+        errors.append(grey)  # [3, S, S] in 0..255 units
+    mae = [float(e.mean()) for e in errors]
+    worst = max(float(e.max()) for e in errors)
+    ok = max(mae) <= FRAME_MAX_PIXEL_MAE and worst <= FRAME_MAX_PIXEL_ERROR + 1e-3
+    spec.parity = {
+        "mean_abs_error": float(np.mean(mae)),
+        "max_abs_error": worst,
+        "exact_fraction": float(np.mean([(e < 1e-3).mean() for e in errors])),
+        "per_image_mae": dict(zip(names, mae)),
+        "images": names,
+        "units": "grey levels (0..255), vs fmvr.preprocess",
+        "tolerance": f"per-image MAE <= {FRAME_MAX_PIXEL_MAE}, max <= {FRAME_MAX_PIXEL_ERROR}",
+        "ok": ok,
+        "summary": f"worst image MAE {max(mae):.4f}, max {worst:.2f} grey levels",
+    }
+    out, floor = {}, FP16_MIN_COSINE if fp16 else FRAME_MIN_COSINE
+    for t, ys in feats.items():
+        per = [compare(ref[t][i], y)["cosine"] for i, y in enumerate(ys)]
+        stats = compare(ref[t], np.stack(ys))
+        out[t] = {
+            "cosine": stats["cosine"],
+            "min_cosine": min(per),
+            "max_abs": stats["max_abs"],
+            "ok": min(per) >= floor,
+            "tolerance": f"cosine >= {floor} on every image",
+            "images": names,
+            "reference": "pytorch fp32 on fmvr.preprocess (PIL) pixels",
+            "runtime": f"runtime.vision {backend.name}, frames at their own size, in-graph preprocessing",
+        }
+    return out
 
 
 # ---- vision (TensorRT) ----------------------------------------------------------------------------
@@ -142,26 +220,36 @@ def latency_ms(
 
 def engine_gate(bundle: Path, m: Manifest, tokens: int, max_batch: int, opt_batch: int) -> dict[str, Any]:
     """The engine m.vision.engines[tokens] (on disk, listed in `m`) run by runtime.vision.TrtVision
-    vs runtime.vision's onnxruntime backend on the bundle's ONNX, on real images:
-    {"parity": max abs/cosine, "latency_ms": at the opt batch}."""
-    from export.common import parity_images, pixels_for
+    vs runtime.vision's onnxruntime backend on the bundle's ONNX, on real images (a frame-input
+    bundle: frames at their own size, one at a time): {"parity": max abs/cosine, "latency_ms"}."""
+    from export.common import frame_parity_images, parity_images, pixels_for
     from fmvr.config import FMVRConfig
+    from fmvr.preprocess import Preprocessor
+    from runtime.frame_input import frame_batch
     from runtime.vision import OrtVision, TrtVision
 
-    images, names = parity_images()
-    pixels = pixels_for(FMVRConfig.from_dict(m.model["config"]), images)[:max_batch]  # [N, 3, S, S]
+    spec = m.vision.preprocess
+    if spec is None:
+        images, names = parity_images()
+        inputs = [pixels_for(FMVRConfig.from_dict(m.model["config"]), images)[:max_batch]]  # [N, 3, S, S]
+        names = names[: len(inputs[0])]
+    else:
+        images, names = frame_parity_images()
+        pre = Preprocessor.from_dict(m.preprocessing)
+        inputs = [frame_batch(im, pre, spec) for im in images]  # each [1, H, W, 3]
     engine = TrtVision(bundle, m, budgets=[tokens])
-    got = engine.encode(pixels, [tokens])[tokens]
-    ref = OrtVision(bundle, m, "ort-cpu").encode(pixels, [tokens])[tokens]
-    batch = np.repeat(pixels[:1], opt_batch, axis=0)  # [opt, 3, S, S]
+    onnx = OrtVision(bundle, m, "ort-cpu")
+    got = np.concatenate([engine.encode(x, [tokens])[tokens] for x in inputs])  # [N, T, D]
+    ref = np.concatenate([onnx.encode(x, [tokens])[tokens] for x in inputs])
+    batch = np.repeat(inputs[0][:1], opt_batch, axis=0)  # [opt, 3, S, S] or [opt, H, W, 3]
     return {
         "parity": {
             **compare(ref, got),
-            "images": names[: len(pixels)],
+            "images": names,
             "reference": "runtime.vision ort-cpu (same ONNX)",
-            "runtime": "runtime.vision tensorrt",
+            "runtime": "runtime.vision tensorrt" + (", frames at their own size" if spec else ""),
         },
-        "latency_ms": latency_ms(lambda x: engine.encode(x, [tokens]), batch),
+        "latency_ms": {**latency_ms(lambda x: engine.encode(x, [tokens]), batch), "input": list(batch.shape)},
     }
 
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from export.common import ExportError
+from export.framegraph import parse_frame_size
 from export.quant import QUANTS, TARGETS, Quantization, quantization
 from runtime.bundle import LAYOUTS
 
 VISION_PRECISIONS = ("fp32", "fp16")
+PREPROCESS = ("graph", "host")  # where preprocessing runs: inside the vision graph, or before it
+DEFAULT_MAX_FRAME = (1920, 1920)  # (W, H): the largest frame a frame-input graph declares
 EXPORTERS = ("auto", "genai", "dynamo")
 EXPORTER_NAMES = {"genai": "onnxruntime-genai", "dynamo": "torch-dynamo"}  # as the manifest records them
 GENAI_ARCHS = ("llama", "mistral", "qwen2")
@@ -24,11 +27,15 @@ GENAI_ARCHS = ("llama", "mistral", "qwen2")
 
 @dataclass(frozen=True)
 class VisionOptions:
-    """The vision graphs: one shared graph or one per budget, fp32 or fp16, ONNX opset."""
+    """The vision graphs: one shared graph or one per budget, fp32 or fp16, ONNX opset, and
+    where preprocessing runs: "graph" (uint8 frames up to max_frame (W, H) in, export.framegraph)
+    or "host" (pixels in, fmvr.preprocess before the graph)."""
 
     layout: str = "shared"
     precision: str = "fp32"
     opset: int = 18
+    preprocess: str = "graph"
+    max_frame: tuple[int, int] = DEFAULT_MAX_FRAME
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -37,14 +44,28 @@ class VisionOptions:
             raise ExportError(f"vision precision {self.precision!r}: choose one of {VISION_PRECISIONS}")
         if self.opset < 17:
             raise ExportError(f"--opset {self.opset}: the vision graphs need opset 17 or newer")
+        if self.preprocess not in PREPROCESS:
+            raise ExportError(f"--preprocess {self.preprocess!r}: choose one of {', '.join(PREPROCESS)}")
+        try:
+            object.__setattr__(self, "max_frame", parse_frame_size(self.max_frame))
+        except ValueError as e:
+            raise ExportError(f"--max-frame: {e}") from None
 
     @property
     def fp16(self) -> bool:
         return self.precision == "fp16"
 
+    @property
+    def frame_input(self) -> bool:
+        return self.preprocess == "graph"
+
     def flags(self) -> list[str]:
         """The `python -m export` flags that ask for these options."""
-        return ["--layout", self.layout, *(["--fp16"] if self.fp16 else []), "--opset", str(self.opset)]
+        flags = ["--layout", self.layout, *(["--fp16"] if self.fp16 else []), "--opset", str(self.opset)]
+        flags += ["--preprocess", self.preprocess]
+        if self.frame_input:
+            flags += ["--max-frame", "x".join(map(str, self.max_frame))]
+        return flags
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +140,8 @@ def build_record(
 def options_from_build(build: dict[str, Any]) -> tuple[VisionOptions, LLMOptions | None]:
     """The options a manifest's `build` section records."""
     llm = build.get("llm")
-    return VisionOptions(**build["vision"]), LLMOptions(**llm) if llm else None
+    vision = {"preprocess": "host", **build["vision"]}  # recorded before frame input existed: host
+    return VisionOptions(**vision), LLMOptions(**llm) if llm else None
 
 
-__all__ = ["EXPORTERS", "QUANTS", "TARGETS", "LLMOptions", "VisionOptions", "rebuild_command"]
+__all__ = ["EXPORTERS", "PREPROCESS", "QUANTS", "TARGETS", "LLMOptions", "VisionOptions", "rebuild_command"]

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-DEFAULT_FILES = ("export/engines.py", "export/gates.py", "runtime/vision.py")
+DEFAULT_FILES = ("export/engines.py", "export/engine_inputs.py", "export/gates.py", "runtime/vision.py")
 STUB_DIRS = ("tensorrt", "tensorrt_bindings")
 # Our files strict enough to catch misuse of the API; the stubs' own remaining flaws are not ours to report.
 MYPY_INI = """[mypy]

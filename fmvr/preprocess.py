@@ -221,11 +221,17 @@ def preprocess(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """One image (any source load_image accepts) -> float32 [3, size, size], LLaVA-1.5 "pad"."""
+    return normalize(square_resized(image, size, mean, max_pixels=max_pixels), mean, std)
+
+
+def square_resized(
+    image: ImageSource, size: int, mean: Sequence[float], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Load, pad to a square with the mean colour, bicubic resize: the RGB image before normalise."""
     bg = pad_color(mean)
     img = load_image(image, max_pixels=max_pixels, background=bg)
     img = expand2square(img, bg)
-    img = img.resize((size, size), Image.Resampling.BICUBIC)  # [size, size] RGB
-    return normalize(img, mean, std)
+    return img.resize((size, size), Image.Resampling.BICUBIC)  # [size, size] RGB
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,18 @@ class Preprocessor:
             raise ValueError("no images given")
         arrays = [preprocess(im, self.size, self.mean, self.std, max_pixels=self.max_pixels) for im in images]
         return np.stack(arrays)  # [B, 3, S, S]
+
+    def resized(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """The same pad + resize, not normalised: uint8 [B, S, S, 3] (what a frame-input vision
+        graph takes to reproduce this path exactly: it pads nothing, its resize is the identity)."""
+        if isinstance(images, SINGLE):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        arrays = [
+            np.asarray(square_resized(im, self.size, self.mean, max_pixels=self.max_pixels)) for im in images
+        ]
+        return np.stack(arrays)  # [B, S, S, 3]
 
 
 def _rgb(values: Sequence[float]) -> tuple[float, float, float]:

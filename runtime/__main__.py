@@ -1,4 +1,4 @@
-"""`python -m runtime ask|profile|serve|bench`: the torch-free runtime's command line."""
+"""`python -m runtime ask|profile|serve|bench|card`: the torch-free runtime's command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from fmvr.cli import renamed_flags
+from runtime.card import add_arguments as add_card_arguments
+from runtime.frame_input import PREPROCESS
 from runtime.options import OBJECTIVES, AskOptions, OptionsError
 from runtime.vision import BACKENDS
 
@@ -23,6 +25,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--backend", default="auto", choices=BACKENDS, help="vision backend (auto: from manifest + device)"
     )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        choices=PREPROCESS,
+        help="auto: as the bundle's graphs do; graph: frames straight into a frame-input graph; "
+        "host: fmvr.preprocess (PIL) pad + resize first, the exact path",
+    )
     p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
 
 
@@ -92,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=5, help="timed runs per budget")
     b.add_argument("--requests", type=int, default=40, help="requests in the policy-under-load run")
     b.add_argument("--concurrency", type=int, default=2, help="parallel clients in the load run")
+    c = sub.add_parser("card", help="this device's budget card: p50/p95 ms per stage, accuracy per category")
+    _common(c)
+    add_card_arguments(c)
     return ap
 
 
@@ -118,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             profile_if_missing=getattr(args, "profile_if_missing", False),
             warmup=args.cmd != "profile",
+            preprocess=args.preprocess,
         )
-        return {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench}[args.cmd](pipe, args)
+        commands = {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench, "card": _card}
+        return commands[args.cmd](pipe, args)
     except (BundleError, ValueError) as e:  # ProfileError, OptionsError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -241,6 +255,12 @@ def _bench(pipe, args) -> int:  # type: ignore[no-untyped-def]
 
     run_bench(pipe, Path(args.out), runs=args.runs, requests=args.requests, concurrency=args.concurrency)
     return 0
+
+
+def _card(pipe, args) -> int:  # type: ignore[no-untyped-def]
+    from runtime.card import run
+
+    return run(pipe, args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
    TTFT(T)/TTFT(576) comes to the compute ratio (the physical limit).
 2. The policy under load: N requests from `concurrency` clients at each of three deadlines;
    the fraction that met it and the mean budget, against each fixed budget.
+3. Preprocessing on the host (fmvr.preprocess, PIL) vs in the vision graph (a frame-input
+   bundle, --preprocess graph): ms per request on the host and in the graph, and TTFT at 36
+   tokens, for a JPEG request and a raw camera frame (numpy).
 
 Writes runtime_bench.json, runtime_bench.md and runtime_bench.png under --out.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fmvr.atomic import open_atomic, write_json, write_text
-from runtime.measure import synthetic_image
+from runtime.measure import _time, synthetic_image
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
 
@@ -106,6 +109,41 @@ def policy_under_load(pipe: Any, image: Any, rows: list[dict[str, Any]], n: int,
     return out
 
 
+def preprocess_comparison(pipe: Any, runs: int) -> dict[str, Any]:
+    """Host (PIL) vs graph preprocessing per request: host ms (decode / pad + resize on the CPU),
+    in-graph ms (the graph's pixels output alone, onnxruntime backends), TTFT at 36 tokens."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    t = 36 if 36 in pipe.budgets else pipe.budgets[len(pipe.budgets) // 2]
+    camera = np.asarray(Image.open(io.BytesIO(synthetic_image(1280, 720))).convert("RGB"))  # [720, 1280, 3]
+    inputs = {"jpeg 640x480 (bytes)": synthetic_image(), "frame 1280x720 (numpy)": camera}
+    graph = pipe.manifest.vision.frame_input
+    modes = ("host", "graph") if graph else ("host",)
+    rows, before = [], pipe.preprocess_mode
+    try:
+        for name, image in inputs.items():
+            for mode in modes:
+                pipe.preprocess_mode = mode
+                rows.append({"input": name, "preprocess": mode, **_preprocess_times(pipe, image, t, runs)})
+    finally:
+        pipe.preprocess_mode = before
+    note = "" if graph else "this bundle's graphs take pixels (exported with --preprocess host): host only"
+    return {"budget": t, "rows": rows, "note": note}
+
+
+def _preprocess_times(pipe: Any, image: Any, tokens: int, runs: int) -> dict[str, Any]:
+    host = statistics.median(_time(lambda: pipe.prepare(image), 2, runs))
+    x = pipe.prepare(image)  # what the graph takes
+    pixels = getattr(pipe.vision, "pixels", None) if pipe.manifest.vision.frame_input else None
+    in_graph = statistics.median(_time(lambda: pixels(x), 2, runs)) if pixels else None
+    rs = [pipe.ask(image, PROMPT, tokens=tokens, max_new_tokens=1) for _ in range(runs + 1)][1:]
+    ttft = statistics.median(r.measured_ms["ttft"] for r in rs)
+    return {"host_ms": host, "in_graph_ms": in_graph, f"ttft_{tokens}_ms": ttft}
+
+
 def to_markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# Runtime benchmark ({rep['device']['key']}, vision {rep['backend']}, LLM {rep['llm_provider']})",
@@ -137,7 +175,27 @@ def to_markdown(rep: dict[str, Any]) -> str:
             f"| {r['deadline_ms']:.1f} | {r['config']} | {r['met_fraction']:.0%} | {r['mean_budget']:.1f} | "
             f"{r['p50_ttft_ms']:.2f} | {r['throughput_rps']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + preprocess_markdown(rep.get("preprocess"))) + "\n"
+
+
+def preprocess_markdown(pre: dict[str, Any] | None) -> list[str]:
+    if not pre:
+        return []
+    t = pre["budget"]
+    lines = [
+        "",
+        f"## Preprocessing: host (PIL) vs in the vision graph, median ms per request, TTFT at {t} tokens",
+        "",
+        *([pre["note"], ""] if pre["note"] else []),
+        f"| input | preprocess | host ms | in-graph ms | TTFT {t} ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in pre["rows"]:
+        graph = "-" if r["in_graph_ms"] is None else f"{r['in_graph_ms']:.2f}"
+        lines.append(
+            f"| {r['input']} | {r['preprocess']} | {r['host_ms']:.2f} | {graph} | {r[f'ttft_{t}_ms']:.2f} |"
+        )
+    return lines
 
 
 def plot(rep: dict[str, Any], path: Path) -> bool:
@@ -198,6 +256,7 @@ def run_bench(
         "llm_quant": pipe.manifest.llm.quant,
         "ttft": rows,
         "load": policy_under_load(pipe, image, rows, requests, concurrency),
+        "preprocess": preprocess_comparison(pipe, runs),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "runtime_bench.json", rep, sort_keys=True)

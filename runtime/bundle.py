@@ -7,14 +7,15 @@ Layout of a bundle directory (all paths in the manifest are relative to it, POSI
     manifest.json
     vision/all.onnx                       layout "shared": one graph, every budget an output
     vision/t36.onnx ...                   layout "per-budget": one graph per budget
+    vision/preprocess.onnx                frame-input bundles: the in-graph preprocessing alone
     vision/t36.fp16.engine + .engine.json TensorRT engine (plain bytes) + its sidecar
     llm/decoder.onnx (+ decoder.onnx.data) decoder over inputs_embeds + KV cache
     llm/embed_tokens.npy                  token-embedding table [vocab, hidden], dtype = inputs_embeds
     tokenizer/tokenizer.json
 
-manifest.json (schema_version 2), keys:
+manifest.json (schema_version 3; version 2 bundles, without vision.preprocess, still load), keys:
 
-- schema_version: int, == SCHEMA_VERSION or the runtime refuses the bundle.
+- schema_version: int, one of READABLE_VERSIONS or the runtime refuses the bundle.
 - created: ISO-8601 UTC time of the export.
 - model: {name, config: FMVRConfig.to_dict(), config_hash: FMVRConfig.hash(), source: label}.
 - budgets: [576, 144, 36, 9, 1] (the budgets this bundle serves, largest first).
@@ -27,7 +28,15 @@ manifest.json (schema_version 2), keys:
     budgets: {"36": {file: "vision/all.onnx", output: "tokens_36"}, ...} (keys are str(T));
     engines: {"36": EngineEntry{file, sidecar, precision, trt_version, gpu_name,
     compute_capability "8.7", profile {min_batch, opt_batch, max_batch}}} (possibly empty).
-    Every ONNX graph: input pixel_values [batch, 3, S, S] -> output tokens_<T> [batch, T, D].
+    Every ONNX graph: input pixel_values [batch, 3, S, S] -> output tokens_<T> [batch, T, D],
+    or with vision.preprocess set: input frames uint8 [batch, height, width, 3] -> tokens_<T>.
+    preprocess (GraphPreprocess, or null/absent: the host preprocesses with fmvr.preprocess):
+    {where: "graph", input_name: "frames", dtype: "uint8", layout: "NHWC", channels: "RGB",
+    max_height, max_width (the declared maximum frame), method (in words), graph:
+    "vision/preprocess.onnx" (the same preprocessing alone: frames -> pixels_output
+    "pixel_values" [batch, 3, S, S] float32), parity: {mean_abs_error, max_abs_error (0..255
+    units), exact_fraction, per_image_mae, images, ok} of those pixels vs fmvr.preprocess at
+    export}. Feature parity vs the PIL path per budget is each graph file's parity[T]["frames"].
 - llm (LLMSection, or null for a vision-only bundle):
     decoder: "llm/decoder.onnx"; external_data: ["llm/decoder.onnx.data"] or [];
     embed_tokens: "llm/embed_tokens.npy" (its dtype is the decoder's inputs_embeds dtype);
@@ -53,7 +62,8 @@ manifest.json (schema_version 2), keys:
 - tools: {"torch": "2.13.0", "onnx": ..., "onnxruntime": ..., "python": ...}.
 - build: {command: the `python -m export` command that rebuilds this bundle (generated
   from the options below), checkpoint: the source flags ("--checkpoint PATH" or
-  "--demo-tiny"), vision: {layout, precision, opset} (export.options.VisionOptions),
+  "--demo-tiny"), vision: {layout, precision, opset, preprocess, max_frame}
+  (export.options.VisionOptions),
   llm: {quant, target, exporter, block_size} (export.options.LLMOptions) or null}.
 
 A TensorRT sidecar (vision/t36.fp16.engine.json) holds: trt_version, gpu_name,
@@ -80,7 +90,8 @@ from typing import Any
 
 from fmvr.atomic import atomic_dir, write_json
 
-SCHEMA_VERSION = 2  # 2: llm.quant; llm.inputs/outputs/has_position_ids/kv_dtype dropped; build options
+SCHEMA_VERSION = 3  # 3: vision.preprocess (frame input); 2: llm.quant, build options
+READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a version 3 one without vision.preprocess
 MANIFEST_NAME = "manifest.json"
 REBUILD_HINT = "python -m export --checkpoint CKPT --out BUNDLE --force"
 LAYOUTS = ("shared", "per-budget")
@@ -98,7 +109,7 @@ class FileEntry:
     path: str
     sha256: str
     bytes: int
-    role: str  # vision-onnx | vision-engine | engine-sidecar | llm-decoder | llm-data | embed | tokenizer
+    role: str  # vision-onnx | vision-preprocess | vision-engine | engine-sidecar | llm-* | embed | tokenizer
     precision: str = ""
     budgets: list[int] = field(default_factory=list)
     shapes: dict[str, list[Any]] = field(default_factory=dict)
@@ -123,6 +134,23 @@ class EngineEntry:
 
 
 @dataclass
+class GraphPreprocess:
+    """Preprocessing inside the vision graphs: what they take and how they turn it into pixels."""
+
+    input_name: str  # "frames"
+    max_height: int
+    max_width: int
+    method: str
+    dtype: str = "uint8"
+    layout: str = "NHWC"
+    channels: str = "RGB"
+    pixels_output: str = "pixel_values"
+    graph: str = ""  # "vision/preprocess.onnx": the preprocessing alone, frames -> pixels_output
+    where: str = "graph"
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class VisionSection:
     layout: str
     input_name: str
@@ -131,6 +159,12 @@ class VisionSection:
     hidden_size: int
     budgets: dict[str, VisionOutput]
     engines: dict[str, EngineEntry] = field(default_factory=dict)
+    preprocess: GraphPreprocess | None = None  # None: pixels in, fmvr.preprocess on the host
+
+    @property
+    def frame_input(self) -> bool:
+        """The graphs take uint8 frames and preprocess them themselves."""
+        return self.preprocess is not None
 
     def output_for(self, tokens: int) -> VisionOutput:
         """The graph file and output name serving `tokens` (BundleError listing valid ones)."""
@@ -187,7 +221,10 @@ class Manifest:
         return self.build.get("command") or REBUILD_HINT
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["vision"]["preprocess"] is None:  # host preprocessing: written as version 2 wrote it
+            del d["vision"]["preprocess"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -196,6 +233,8 @@ class Manifest:
             v = dict(d.pop("vision"))
             v["budgets"] = {k: VisionOutput(**x) for k, x in v["budgets"].items()}
             v["engines"] = {k: EngineEntry(**x) for k, x in v.get("engines", {}).items()}
+            pre = v.pop("preprocess", None)
+            v["preprocess"] = GraphPreprocess(**pre) if pre else None
             llm = d.pop("llm", None)
             files = [FileEntry(**f) for f in d.pop("files")]
             return cls(
@@ -251,10 +290,11 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     except json.JSONDecodeError as e:
         raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle: {REBUILD_HINT}") from e
     version = d.get("schema_version") if isinstance(d, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         cmd = (d.get("build") or {}).get("command") if isinstance(d, dict) else None
         raise BundleError(
-            f"{path} has schema_version {version!r}; this runtime reads {SCHEMA_VERSION}. "
+            f"{path} has schema_version {version!r}; this runtime reads {SCHEMA_VERSION} "
+            f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != SCHEMA_VERSION)}). "
             f"Re-export with the matching toolkit: {cmd or REBUILD_HINT}"
         )
     return Manifest.from_dict(d)
@@ -293,6 +333,8 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
 def referenced_paths(m: Manifest) -> list[str]:
     """Every file a section points to (each must also be in m.files)."""
     refs = [o.file for o in m.vision.budgets.values()]
+    if m.vision.preprocess is not None and m.vision.preprocess.graph:
+        refs.append(m.vision.preprocess.graph)
     refs += [p for e in m.vision.engines.values() for p in (e.file, e.sidecar)]
     if m.llm is not None:
         refs += [m.llm.decoder, m.llm.embed_tokens, *m.llm.external_data]

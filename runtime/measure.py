@@ -64,8 +64,8 @@ def _decode_ms_per_token(pipe: Any, embeds: np.ndarray, tokens: int) -> float:
 def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, image: Any = None) -> Profile:
     """A Profile of `pipe` (a runtime.pipeline.Pipeline) on this device."""
     image = synthetic_image() if image is None else image
-    pre = _time(lambda: pipe.preprocess(image), warmup, runs)
-    pixels = pipe.preprocess(image)  # [1, 3, S, S]
+    pre = _time(lambda: pipe.prepare(image), warmup, runs)
+    pixels = pipe.prepare(image)  # [1, 3, S, S] pixels, or frames [1, H, W, 3] for in-graph preprocessing
     ids = pipe.prompt_ids(PROFILE_PROMPT)
     feats = {t: f[0] for t, f in pipe.vision.encode(pixels, list(pipe.budgets)).items()}  # T -> [T, D]
     embeds = {t: pipe.embeddings(ids, feats[t]) for t in pipe.budgets}  # T -> [1, S, D]

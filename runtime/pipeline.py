@@ -29,6 +29,7 @@ from fmvr.template import IMAGE_TOKEN, Turn, render, user_turn
 from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
 from runtime.answer import Answer, Request, Result, VisionPass
 from runtime.bundle import BundleError, Manifest, verify_bundle
+from runtime.frame_input import blank_input, resolve, vision_input
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, OptionsError
 from runtime.policy import QUANTILE, Choice, Policy
@@ -48,8 +49,10 @@ class Pipeline:
         tokenizer: Any,
         profile_if_missing: bool = False,
         quantile: float = QUANTILE,
+        preprocess: str = "auto",
     ) -> None:
         self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.preprocess_mode = resolve(preprocess, manifest.vision.preprocess)  # graph | host
         self.cfg = FMVRConfig.from_dict(manifest.model["config"])
         self.budgets = tuple(t for t in sorted(manifest.budgets, reverse=True) if t in vision.budgets)
         if not self.budgets:
@@ -78,11 +81,13 @@ class Pipeline:
         profile_if_missing: bool = False,
         quantile: float = QUANTILE,
         warmup: bool = False,
+        preprocess: str = "auto",
     ) -> Pipeline:
         """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
 
         quantile: the fraction of deadlines the policy plans to keep (runtime.policy).
-        warmup: run every budget once so the first request is not a cold start."""
+        warmup: run every budget once so the first request is not a cold start.
+        preprocess: auto | graph (frames into a frame-input graph) | host (PIL first: exact)."""
         root = Path(bundle)
         m = verify_bundle(root)
         if m.llm is None:
@@ -100,7 +105,7 @@ class Pipeline:
         decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
         log.info("LLM provider: %s", decoder.provider)
         tok = load_tokenizer(root / m.tokenizer)
-        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile)
+        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile, preprocess)
         if warmup:
             pipe.warmup()
         return pipe
@@ -151,6 +156,10 @@ class Pipeline:
         """Path, bytes or PIL image -> pixels [1, 3, S, S] (fmvr.preprocess.ImageError if unreadable)."""
         return self.preprocessor(image)  # [1, 3, S, S]
 
+    def prepare(self, image: Any) -> np.ndarray:
+        """The graphs' input: frames [1, H, W, 3] uint8 or pixels [1, 3, S, S] (runtime.frame_input)."""
+        return vision_input(image, self.preprocess_mode, self.preprocessor, self.manifest.vision.preprocess)
+
     def encode(self, image: Any, budgets: Sequence[int]) -> VisionPass:
         """Preprocess + one vision pass for every budget in `budgets`."""
         for t in budgets:
@@ -160,8 +169,8 @@ class Pipeline:
 
     def _timed_preprocess(self, image: Any) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        pixels = self.preprocess(image)  # [1, 3, S, S]
-        return pixels, (time.perf_counter() - t0) * 1e3
+        x = self.prepare(image)  # [1, 3, S, S] pixels or [1, H, W, 3] frames
+        return x, (time.perf_counter() - t0) * 1e3
 
     def _vision_pass(self, pixels: np.ndarray, budgets: Sequence[int], pre_ms: float) -> VisionPass:
         t0 = time.perf_counter()
@@ -171,8 +180,8 @@ class Pipeline:
 
     def warmup(self) -> None:
         """One untimed pass through every budget and the decoder (first runs allocate)."""
-        pixels = np.zeros((1, 3, self.preprocessor.size, self.preprocessor.size), dtype=np.float32)
-        feats = self.vision.encode(pixels, list(self.budgets))
+        blank = blank_input(self.preprocessor, self.manifest.vision.preprocess)
+        feats = self.vision.encode(blank, list(self.budgets))
         ids = self.prompt_ids("warm-up")
         for _ in self.decoder.start(self.embeddings(ids, feats[self.budgets[0]][0]), SamplingParams(2)):
             pass

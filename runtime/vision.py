@@ -1,4 +1,8 @@
-"""Vision backends behind one small protocol: pixels [B,3,S,S] -> {T: visual tokens [B,T,D]}.
+"""Vision backends behind one small protocol: the graph's input -> {T: visual tokens [B,T,D]}.
+
+The input is pixels [B,3,S,S] float (fmvr.preprocess on the host), or for a bundle whose
+manifest has vision.preprocess, uint8 RGB frames [B,H,W,3] at their own size that the graph
+pads, resizes and normalises itself (runtime.frame_input checks them first).
 
 - OrtVision: onnxruntime with the CPU, CUDA or TensorRT execution provider, over the
   bundle's shared graph (one pass, every budget an output) or per-budget graphs.
@@ -19,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.bundle import BundleError, Manifest, engine_mismatch, trt_rebuild_command
+from runtime.bundle import BundleError, Manifest, VisionSection, engine_mismatch, trt_rebuild_command
+from runtime.frame_input import check_frames
 
 log = logging.getLogger("runtime")
 
@@ -29,7 +34,15 @@ ORT_PROVIDERS = {
     "ort-cuda": "CUDAExecutionProvider",
     "ort-tensorrt": "TensorrtExecutionProvider",
 }
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
+
+
+def graph_input(x: Any, section: VisionSection) -> np.ndarray:
+    """`x` checked and laid out as the bundle's graphs take it: frames (uint8, refused otherwise)
+    or pixels (any float, cast to the graph's dtype)."""
+    if section.preprocess is not None:
+        return check_frames(x, section.preprocess)  # [B, H, W, 3] uint8
+    return np.ascontiguousarray(x, dtype=NP_DTYPES[section.input_dtype])  # [B, 3, S, S]
 
 
 class VisionBackend(Protocol):
@@ -39,7 +52,8 @@ class VisionBackend(Protocol):
     budgets: tuple[int, ...]  # the budgets this backend serves, largest first
 
     def encode(self, pixels: np.ndarray, budgets: Sequence[int]) -> dict[int, np.ndarray]:
-        """pixels [B,3,S,S] float32 -> {T: [B, T, D] float32} for each requested budget."""
+        """pixels [B,3,S,S] float32 (or frames [B,H,W,3] uint8, see graph_input) -> {T: [B, T, D]
+        float32} for each requested budget."""
         ...
 
 
@@ -49,8 +63,8 @@ class OrtVision:
 
         self.name, self.provider = name, ORT_PROVIDERS[name]
         self.shared = m.vision.layout == "shared"
+        self.section = m.vision
         self.input_name = m.vision.input_name
-        self.dtype = NP_DTYPES[m.vision.input_dtype]
         self.outputs = {int(t): o for t, o in m.vision.budgets.items()}
         self.budgets = tuple(sorted(self.outputs, reverse=True))
         opts = ort.SessionOptions()
@@ -65,6 +79,12 @@ class OrtVision:
             f: ort.InferenceSession(str(bundle_dir / f), sess_options=opts, providers=providers)
             for f in sorted({o.file for o in self.outputs.values()})
         }
+        spec = m.vision.preprocess
+        self.pre_session = (
+            ort.InferenceSession(str(bundle_dir / spec.graph), sess_options=opts, providers=providers)
+            if spec is not None and spec.graph
+            else None
+        )
 
     def encode(self, pixels: np.ndarray, budgets: Sequence[int]) -> dict[int, np.ndarray]:
         by_file: dict[str, list[int]] = {}
@@ -72,12 +92,21 @@ class OrtVision:
             if t not in self.outputs:
                 raise ValueError(f"budget {t} not in this bundle's {sorted(self.outputs, reverse=True)}")
             by_file.setdefault(self.outputs[t].file, []).append(t)
-        x = np.ascontiguousarray(pixels, dtype=self.dtype)  # [B, 3, S, S]
+        x = graph_input(pixels, self.section)  # [B, 3, S, S] or frames [B, H, W, 3]
         out: dict[int, np.ndarray] = {}
         for f, ts in by_file.items():  # shared layout: one file, one pass
             res = self.sessions[f].run([self.outputs[t].output for t in ts], {self.input_name: x})
             out.update({t: np.asarray(r, dtype=np.float32) for t, r in zip(ts, res)})  # [B, T, D]
         return out
+
+    def pixels(self, frames: np.ndarray) -> np.ndarray:
+        """The in-graph preprocessing of `frames` alone (the bundle's vision.preprocess.graph):
+        float32 [B, 3, S, S]."""
+        spec = self.section.preprocess
+        if spec is None or self.pre_session is None:
+            raise BundleError("this bundle's vision graphs take pixels: there is no in-graph preprocessing")
+        x = graph_input(frames, self.section)  # [B, H, W, 3]
+        return np.asarray(self.pre_session.run([spec.pixels_output], {self.input_name: x})[0], np.float32)
 
 
 class TrtVision:
@@ -107,6 +136,7 @@ class TrtVision:
                 )
             self.engines[int(t)] = engine
         self.budgets = tuple(sorted(self.engines, reverse=True))
+        self.section = m.vision
 
     def _check(self, err: Any) -> None:
         if int(err) != 0:
@@ -124,7 +154,8 @@ class TrtVision:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         outn = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        x = np.ascontiguousarray(pixels, dtype=trt.nptype(engine.get_tensor_dtype(inp)))  # [B, 3, S, S]
+        x = graph_input(pixels, self.section)  # [B, 3, S, S] or frames [B, H, W, 3] uint8
+        x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(inp)))
         ctx.set_input_shape(inp, tuple(x.shape))
         shape = tuple(ctx.get_tensor_shape(outn))  # [B, T, D]
         y = np.empty(shape, dtype=trt.nptype(engine.get_tensor_dtype(outn)))

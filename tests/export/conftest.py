@@ -28,26 +28,40 @@ def pixels(src, real_images):
 
 @pytest.fixture(scope="session")
 def shared_bundle(src, tmp_path_factory):
-    """`python -m export --demo-tiny --quant fp32`: all five budgets in one shared graph + an fp32
-    decoder (genai builder). Returns (path, manifest)."""
+    """`python -m export --demo-tiny --quant fp32 --preprocess host`: all five budgets in one shared
+    graph taking pixels + an fp32 decoder (genai builder). Returns (path, manifest).
+    (The default, --preprocess graph, is `frame_bundle`; tests/export/test_framegraph.py.)"""
     from export.cli import export_main
     from runtime.bundle import verify_bundle
 
     out = tmp_path_factory.mktemp("export") / "shared"
+    assert export_main(["--demo-tiny", "--out", str(out), "--quant", "fp32", "--preprocess", "host"]) == 0
+    return out, verify_bundle(out)
+
+
+@pytest.fixture(scope="session")
+def frame_bundle(src, tmp_path_factory):
+    """`python -m export --demo-tiny --quant fp32`, the default: the shared graph takes uint8 frames
+    [B, H, W, 3] and preprocesses them itself. Returns (path, manifest)."""
+    from export.cli import export_main
+    from runtime.bundle import verify_bundle
+
+    out = tmp_path_factory.mktemp("export") / "frames"
     assert export_main(["--demo-tiny", "--out", str(out), "--quant", "fp32"]) == 0
     return out, verify_bundle(out)
 
 
 @pytest.fixture(scope="session")
 def per_budget_bundle(src, tmp_path_factory):
-    """Budgets 36 and 1, one graph each, then an int8 decoder added by `python -m export.llm`."""
+    """Budgets 36 and 1, one graph each (pixels in), then an int8 decoder added by `python -m export.llm`."""
     from export.build import build_bundle
     from export.cli import llm_main
     from export.options import VisionOptions
     from runtime.bundle import verify_bundle
 
     out = tmp_path_factory.mktemp("export") / "per-budget"
-    build_bundle(src, out, tokens=(36, 1), vision=VisionOptions(layout="per-budget"), llm=None)
+    vision = VisionOptions(layout="per-budget", preprocess="host")
+    build_bundle(src, out, tokens=(36, 1), vision=vision, llm=None)
     assert llm_main(["--demo-tiny", "--quant", "int8", "--out", str(out)]) == 0
     return out, verify_bundle(out)
 

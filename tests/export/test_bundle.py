@@ -40,8 +40,14 @@ def test_manifest_holds_what_a_torch_free_runtime_needs(src, shared_bundle):
     assert {"torch", "onnx", "onnxruntime"} <= set(m.tools)
     cmd = m.build["command"]
     assert cmd.startswith("python -m export --demo-tiny") and cmd.endswith("--force")
-    assert "--layout shared --opset 18 --quant fp32 --target cpu --exporter auto --block-size 32" in cmd
-    assert m.build["vision"] == {"layout": "shared", "precision": "fp32", "opset": 18}
+    assert "--layout shared --opset 18 --preprocess host --quant fp32 --target cpu --exporter auto" in cmd
+    assert m.build["vision"] == {
+        "layout": "shared",
+        "precision": "fp32",
+        "opset": 18,
+        "preprocess": "host",
+        "max_frame": [1920, 1920],
+    }
     assert m.build["llm"] == {"quant": "fp32", "target": "cpu", "exporter": "auto", "block_size": 32}
     assert m.llm.quant == "fp32" and m.file("llm/decoder.onnx").precision == "fp32"
     roles = {f.path: f.role for f in m.files}
@@ -184,14 +190,18 @@ def test_build_tiny_bundle_helper(shared_bundle, tmp_path):
     assert m.budgets == [36] and m.llm is None and m.vision.output_for(36).file == "vision/all.onnx"
 
 
-def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, capsys):
-    """--checkpoint: the saved model and its tokenizer go into the bundle, parity against it."""
+def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, real_images, capsys):
+    """--checkpoint: the saved model and its tokenizer go into the bundle, parity against it
+    (its graph takes frames: the host's pad + resize reproduces the pixels exactly)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     from export.cli import onnx_main as main
     from fmvr.checkpoint import save_checkpoint
+    from fmvr.preprocess import Preprocessor
+
+    frames = Preprocessor.from_config(src.model.cfg).resized(real_images)  # [2, 336, 336, 3] uint8
 
     ckpt = save_checkpoint(src.model, tmp_path / "ckpt", tokenizer=src.tokenizer)
     assert main(["--checkpoint", str(ckpt), "--tokens", "9", "--out", str(tmp_path / "b")]) == 0
@@ -200,7 +210,7 @@ def test_export_from_a_saved_checkpoint(src, tmp_path, pixels, capsys):
     sess = ort.InferenceSession(str(tmp_path / "b/vision/all.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = src.model.encode_image(torch.from_numpy(pixels), 9).numpy()
-    assert np.abs(sess.run(None, {"pixel_values": pixels})[0] - ref).max() <= 1e-4
+    assert np.abs(sess.run(["tokens_9"], {"frames": frames})[0] - ref).max() <= 1e-4
     (ckpt / "tokenizer.json").unlink()
     assert main(["--checkpoint", str(ckpt), "--tokens", "9", "--out", str(tmp_path / "c")]) == 2
     assert "no tokenizer.json" in capsys.readouterr().out

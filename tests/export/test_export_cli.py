@@ -98,7 +98,7 @@ def test_rebuild_command_is_generated_from_the_options_and_parses_back():
 
 def test_build_record_round_trips(shared_bundle):
     vision, llm = options_from_build(shared_bundle[1].build)
-    assert vision == VisionOptions() and llm == LLMOptions(quant="fp32")
+    assert vision == VisionOptions(preprocess="host") and llm == LLMOptions(quant="fp32")
 
 
 def test_quantizations_table_is_the_one_value_set():

@@ -44,7 +44,7 @@ def test_fp32_dynamo_greedy_equals_transformers(src, dynamo_decoders):
 def test_llm_added_to_a_bundle_updates_its_rebuild_command(per_budget_bundle):
     m = per_budget_bundle[1]
     cmd = m.build["command"]
-    assert "--tokens 36,1 --layout per-budget --opset 18 --quant int8 --target cpu --exporter auto" in cmd
+    assert "--tokens 36,1 --layout per-budget --opset 18 --preprocess host --quant int8 --target cpu" in cmd
     assert cmd.endswith("--block-size 32 --force") and m.build["llm"]["quant"] == "int8"
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.common import ExportError, parse_tokens
+from export.options import VisionOptions
 
 
 def run(path, x):
@@ -92,6 +93,9 @@ def test_cli_unknown_budget_and_missing_checkpoint(tmp_path, capsys):
     assert "not found" in capsys.readouterr().out
 
 
+PIXELS_PER_BUDGET = VisionOptions(layout="per-budget", preprocess="host")  # the graphs reuse_graph copies
+
+
 def reuse_graph(per_budget_bundle, corrupt=None):
     """An export_graph that copies an already exported t36 graph (speed), then corrupts it."""
     import shutil
@@ -111,12 +115,11 @@ def test_parity_failure_exits_nonzero_and_leaves_no_bundle(src, per_budget_bundl
     import export.gates as eg
     import export.graphs as eo
     from export.build import build_bundle
-    from export.options import VisionOptions
 
     monkeypatch.setattr(eo, "export_graph", reuse_graph(per_budget_bundle))
     monkeypatch.setattr(eg, "FP32_MAX_ABS", 1e-12)
     with pytest.raises(ExportError, match=r"vision/t36.onnx T=36: max_abs"):
-        build_bundle(src, tmp_path / "b", tokens=(36,), vision=VisionOptions(layout="per-budget"), llm=None)
+        build_bundle(src, tmp_path / "b", tokens=(36,), vision=PIXELS_PER_BUDGET, llm=None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -149,14 +152,13 @@ def test_a_graph_corrupted_after_export_fails_the_gate_in_the_runtime_loader(
     import export.graphs as eo
     import runtime.vision as rv
     from export.build import build_bundle
-    from export.options import VisionOptions
 
     loads = []
     real = rv.load_backend
     monkeypatch.setattr(rv, "load_backend", lambda *a, **kw: loads.append(a[2]) or real(*a, **kw))
     monkeypatch.setattr(eo, "export_graph", reuse_graph(per_budget_bundle, corrupt))
     with pytest.raises(ExportError, match=message):
-        build_bundle(src, tmp_path / "b", tokens=(36,), vision=VisionOptions(layout="per-budget"), llm=None)
+        build_bundle(src, tmp_path / "b", tokens=(36,), vision=PIXELS_PER_BUDGET, llm=None)
     assert loads == ["ort-cpu"] and list(tmp_path.iterdir()) == []
 
 
@@ -164,9 +166,9 @@ def test_fp16_graph_close_to_pytorch(src, pixels, tmp_path):
     """--fp16: float16 graph (input too), cosine vs PyTorch fp32 recorded and within tolerance."""
     from export.build import build_bundle
     from export.gates import FP16_MIN_COSINE
-    from export.options import VisionOptions
 
-    out, m = build_bundle(src, tmp_path / "b", tokens=(9,), vision=VisionOptions(precision="fp16"), llm=None)
+    vision = VisionOptions(precision="fp16", preprocess="host")
+    out, m = build_bundle(src, tmp_path / "b", tokens=(9,), vision=vision, llm=None)
     assert m.vision.input_dtype == "float16" and m.files[0].path == "vision/all.fp16.onnx"
     rec = m.files[0].parity["9"]
     assert rec["ok"] and rec["cosine"] >= FP16_MIN_COSINE and rec["max_abs"] > 0

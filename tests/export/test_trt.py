@@ -190,7 +190,7 @@ def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
             self.logger = logger
 
         def create_network(self, flags):
-            return "network"
+            return FakeNetwork()
 
         def create_builder_config(self):
             return Config()
@@ -221,11 +221,131 @@ def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
             )
 
     trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, Parser
+    trt.float32, trt.int64 = "FLOAT", "INT64"
     trt.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (), {"__init__": lambda self: None})
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
+    trt.BuilderFlag = types.SimpleNamespace(
+        FP16="FP16", INT8="INT8", TF32="TF32", PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS"
+    )
     trt.Dims = tuple
     return trt
+
+
+class FakeLayer:
+    def __init__(self, name, dtypes):
+        self.name, self.precision, self.out_types = name, None, {}
+        self.outputs = [types.SimpleNamespace(dtype=d) for d in dtypes]
+        self.num_outputs = len(dtypes)
+
+    def get_output(self, j):
+        return self.outputs[j]
+
+    def set_output_type(self, j, dtype):
+        self.out_types[j] = dtype
+
+
+class FakeNetwork:
+    """What the ONNX parser makes of a frame-input graph, in miniature (layer names = node names)."""
+
+    def __init__(self):
+        self.layers = [
+            FakeLayer("preprocess/shape_1", ["INT64"]),
+            FakeLayer("preprocess/matmul_40", ["FLOAT"]),
+            FakeLayer("preprocess/normalize_table", ["FLOAT"]),
+            FakeLayer("/model/vision_tower/conv", ["FLOAT"]),
+        ]
+        self.num_layers = len(self.layers)
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+def frame_spec(width=1920, height=1920):
+    from runtime.bundle import GraphPreprocess
+
+    return GraphPreprocess(input_name="frames", max_height=height, max_width=width, method="test")
+
+
+def test_frame_input_profile_spans_1x1_to_the_declared_maximum():
+    spec = frame_spec(1920, 1080)
+    shapes = et.input_profile(opts(max_batch=2), 336, spec)
+    assert shapes == {"min": (1, 1, 1, 3), "opt": (1, 720, 1280, 3), "max": (2, 1080, 1920, 3)}
+    small = et.input_profile(opts(), 336, frame_spec(640, 480))  # the default opt frame, cut to fit
+    assert small["opt"] == (1, 480, 640, 3) and small["max"] == (4, 480, 640, 3)
+    assert et.input_profile(opts(opt_frame=(320, 240)), 336, spec)["opt"] == (1, 240, 320, 3)
+    assert et.input_profile(opts(), 336, None) == et.profile_shapes(opts(), 336)  # pixels: as before
+    with pytest.raises(
+        ExportError, match=r"--opt-frame 2000x100 lies outside .*1x1 to 1920x1080.*--max-frame"
+    ):
+        et.input_profile(opts(opt_frame=(2000, 100)), 336, spec)
+    with pytest.raises(ExportError, match="--min-batch <= --opt-batch"):
+        et.input_profile(opts(min_batch=3, opt_batch=2), 336, spec)
+    rec = et.profile_record(shapes, frames=True)
+    assert rec == {
+        "min_batch": 1,
+        "opt_batch": 1,
+        "max_batch": 2,
+        "min_height": 1,
+        "min_width": 1,
+        "opt_height": 720,
+        "opt_width": 1280,
+        "max_height": 1080,
+        "max_width": 1920,
+    }
+    assert et.profile_record(et.profile_shapes(opts(), 336), frames=False) == {
+        "min_batch": 1,
+        "opt_batch": 1,
+        "max_batch": 4,
+    }
+
+
+def test_build_engine_for_frames_with_fake_tensorrt(monkeypatch, tmp_path):
+    """The profile is over (B, H, W, 3); under fp16 the preprocessing layers with float outputs are
+    asked to stay fp32 (PREFER_PRECISION_CONSTRAINTS), the tower's and the integer ones are not."""
+    trt = fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    networks = []
+    real = trt.Builder.create_network
+    monkeypatch.setattr(
+        trt.Builder, "create_network", lambda self, f: networks.append(real(self, f)) or networks[-1]
+    )
+    spec = frame_spec(1280, 720)
+    assert (
+        et.build_engine(tmp_path / "g.onnx", "frames", opts(opt_frame=(640, 360)), 336, None, spec)
+        == b"ENGINE"
+    )
+    assert trt.calls["profile"] == ("frames", (1, 1, 1, 3), (1, 360, 640, 3), (4, 720, 1280, 3))
+    assert "PREFER_PRECISION_CONSTRAINTS" in trt.calls["flags"]
+    layers = {layer.name: layer for layer in networks[-1].layers}
+    assert layers["preprocess/matmul_40"].precision == "FLOAT" and layers[
+        "preprocess/matmul_40"
+    ].out_types == {0: "FLOAT"}
+    assert layers["preprocess/normalize_table"].precision == "FLOAT"
+    assert layers["preprocess/shape_1"].precision is None  # integer shape arithmetic: left alone
+    assert layers["/model/vision_tower/conv"].precision is None  # the tower follows --fp16
+    et.build_engine(tmp_path / "g.onnx", "frames", opts(precision="fp32"), 336, None, spec)
+    assert all(layer.precision is None for layer in networks[-1].layers)  # fp32: nothing to keep
+
+
+def test_int8_calibration_of_a_frame_graph_with_fake_tensorrt(
+    monkeypatch, tmp_path, frame_bundle, real_images
+):
+    """INT8 on frames: calibration batches are the host's pad + resize as uint8 [B, S, S, 3], at a
+    calibration profile of that one shape."""
+    trt = fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    for i, im in enumerate(real_images * 2):
+        im.save(tmp_path / f"{i}.jpg")
+    m = frame_bundle[1]
+    files = et.calibration_files(str(tmp_path))
+    (batch,) = list(et.calibration_batches(files, 4, et.calibration_input(m), np.uint8))
+    assert batch.shape == (4, 336, 336, 3) and batch.dtype == np.uint8
+    calib = et.make_calibrator(iter(()), 4, tmp_path / "c.calib")
+    et.build_engine(
+        tmp_path / "g.onnx", "frames", opts(precision="int8", calib_batch=4), 336, calib, frame_spec()
+    )
+    assert trt.calls["calib"].shapes == ("frames", (4, 336, 336, 3), (4, 336, 336, 3), (4, 336, 336, 3))
+    assert trt.calls["flags"][:2] == ["INT8", "FP16"]
 
 
 def test_build_engine_with_fake_tensorrt(monkeypatch, tmp_path):
@@ -315,7 +435,7 @@ def test_trt_code_typechecks_against_tensorrt_stubs():
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "export.typecheck"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "Success: no issues found in 3 source files" in res.stdout
+    assert "Success: no issues found in 4 source files" in res.stdout
 
 
 # ---- the real thing ----------------------------------------------------------------------------------------
@@ -390,6 +510,70 @@ def test_cli_builds_engines_into_the_bundle_with_fake_tensorrt(fake_build, bundl
     assert "differs from onnxruntime" in capsys.readouterr().out
     assert "1" not in verify_bundle(bundle_copy).vision.engines
     assert not [p for p in bundle_copy.iterdir() if p.name.startswith(".trt-")]
+
+
+def test_cli_builds_a_frame_engine_with_fake_tensorrt(fake_build, frame_bundle, tmp_path, capsys):
+    """A frame-input bundle: the shared graph pruned from `frames` to one budget, the profile over
+    the frame size recorded in the sidecar and the manifest."""
+    import onnx as onnx_lib
+
+    from export.cli import trt_main
+    from runtime.bundle import verify_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(frame_bundle[0], bundle)
+    args = ["--bundle", str(bundle), "--tokens", "36", "--fp16", "--opt-frame", "640x360", "--max-batch", "2"]
+    assert trt_main(args) == 0, capsys.readouterr().out
+    e = verify_bundle(bundle).vision.engines["36"]
+    side = json.loads((bundle / e.sidecar).read_text())
+    assert (
+        side["profile"]
+        == e.profile
+        == {
+            "min_batch": 1,
+            "opt_batch": 1,
+            "max_batch": 2,
+            "min_height": 1,
+            "min_width": 1,
+            "opt_height": 360,
+            "opt_width": 640,
+            "max_height": 1920,
+            "max_width": 1920,
+        }
+    )
+    one, _ = et.single_budget_graph(bundle, verify_bundle(bundle), 36, tmp_path)
+    g = onnx_lib.load(str(one)).graph
+    assert [i.name for i in g.input] == ["frames"] and [o.name for o in g.output] == ["tokens_36"]
+    assert et.unsupported_ops(one) == []
+    assert trt_main(["--bundle", str(bundle), "--tokens", "9", "--opt-frame", "4000x10"]) == 2
+    assert "--opt-frame 4000x10 lies outside" in capsys.readouterr().out
+    assert trt_main(["--bundle", str(bundle), "--tokens", "9", "--opt-frame", "wide"]) == 2
+    assert "--opt-frame: frame size 'wide'" in capsys.readouterr().out
+
+
+def test_engine_gate_feeds_frames_at_their_own_size(frame_bundle, monkeypatch):
+    """engine_gate on a frame-input bundle, TensorRT stood in for by the onnxruntime backend: each
+    parity image goes in as its own frame (odd crops included); latency at the opt batch."""
+    import export.gates as eg
+    import runtime.vision as rv
+
+    seen = []
+
+    class StandIn(rv.OrtVision):
+        def __init__(self, bundle, m, budgets=None):
+            super().__init__(bundle, m, "ort-cpu")
+
+        def encode(self, x, budgets):
+            seen.append(x.shape)
+            return super().encode(x, budgets)
+
+    monkeypatch.setattr(rv, "TrtVision", StandIn)
+    monkeypatch.setattr(eg, "LATENCY_RUNS", 2)
+    root, m = frame_bundle
+    rec = eg.engine_gate(root, m, 36, max_batch=2, opt_batch=2)
+    assert rec["parity"]["cosine"] > 0.999999 and len(rec["parity"]["images"]) == 6
+    assert (1, 360, 640, 3) in seen and (1, 500, 200, 3) in seen and (2, 427, 640, 3) in seen
+    assert rec["latency_ms"]["input"] == [2, 427, 640, 3]
 
 
 def engines_listed(m, tokens):
