@@ -18,7 +18,10 @@ DOCS = ("README.md", "train/README.md")
 # `python -m mod args` or `torchrun ... -m mod args`, up to the end of the line or code span,
 # a pipe, a ; or && chain, or a shell comment
 COMMAND = re.compile(r"(?:python3?|torchrun)\b[^`\n]*?\s-m\s+([\w.]+)([^`\n|;#&]*)")
-SUBCOMMANDS = {"runtime": ("ask", "profile", "serve", "bench"), "fmvr.importers": ("llava-hf", "authors")}
+SUBCOMMANDS = {
+    "runtime": ("ask", "profile", "serve", "bench", "card"),
+    "fmvr.importers": ("llava-hf", "authors"),
+}
 
 
 def readme_commands() -> list[tuple[str, int, str, str]]:
