@@ -217,6 +217,11 @@ class FMVRConfig:
     # the authors' release); mlp2x_gelu uses the text width, as LLaVA-1.5 does.
     projector_hidden: int = 0
     pyramid: str = "fmvr"
+    # RMS-normalise every visual token after the pyramid, with a learnable gain that starts at
+    # the LM's word-embedding RMS (fmvr.model.VisualNorm). Off for the released LLaVA/FMVR
+    # layouts; on for `small`, whose FMVR outputs otherwise drift to norms ~1e4 (word
+    # embeddings: ~3), where bf16 cannot add the LM's layer updates to them.
+    visual_norm: bool = False
     # Declared budgets; each must be in the cascade of the grid (validated, never rounded).
     budgets: tuple[int, ...] = (576, 144, 36, 9, 1)
     image_token_id: int = 32000
@@ -337,8 +342,12 @@ class FMVRConfig:
         return cls.from_json(Path(path).read_text())
 
     def hash(self) -> str:
-        """sha256 of the canonical JSON: identifies the architecture in a bundle."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON: identifies the architecture in a bundle. Fields added
+        later are left out while they hold their old behaviour, so older hashes stay valid."""
+        d = self.to_dict()
+        if not d["visual_norm"]:
+            del d["visual_norm"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> FMVRConfig:
         return dataclasses.replace(self, **changes).validate()

@@ -166,7 +166,8 @@ def param_counts(cfg: FMVRConfig) -> dict[str, int]:
     t_layer = 2 * dt * dt + 2 * dt * kv + qkv_bias + 3 * dt * t.intermediate_size + 2 * dt
     head = 0 if t.tie_word_embeddings else t.vocab_size * dt
     lm = t.vocab_size * dt + t.num_layers * t_layer + dt + head
-    return {"vision_tower": vision, "projector": proj, "pyramid": pyr, "language_model": lm}
+    counts = {"vision_tower": vision, "projector": proj, "pyramid": pyr, "language_model": lm}
+    return counts | ({"visual_norm": dt} if cfg.visual_norm else {})
 
 
 def _vision_params(cfg: FMVRConfig) -> int:

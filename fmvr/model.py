@@ -63,6 +63,25 @@ class Projector(nn.Module):
         return self.mlp(feats)
 
 
+class VisualNorm(nn.Module):
+    """RMS norm of each visual token with a learnable gain [D], initialised (`reset`) to the
+    LM's word-embedding RMS, so visual tokens enter the LM at the scale of text tokens."""
+
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    @torch.no_grad()
+    def reset(self, word_embeddings: torch.Tensor) -> None:
+        """Gain = the RMS of the word-embedding table [V, D] (one number for every channel)."""
+        self.weight.fill_(float(word_embeddings.float().pow(2).mean().sqrt()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        rms = x.float().pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()  # [B, T, 1]
+        return (x.float() * rms).to(x.dtype) * self.weight.to(x.dtype)
+
+
 class FMVRLlava(nn.Module):
     def __init__(self, cfg: FMVRConfig) -> None:
         super().__init__()
@@ -75,6 +94,13 @@ class FMVRLlava(nn.Module):
         self.projector = Projector(cfg)
         self.pyramid = Pyramid(cfg)
         self.language_model = AutoModelForCausalLM.from_config(text_config(cfg.text, cfg))
+        self.visual_norm = VisualNorm(cfg.text.hidden_size) if cfg.visual_norm else None
+        self.reset_visual_norm()
+
+    def reset_visual_norm(self) -> None:
+        """Start the visual-norm gain at the LM's current word-embedding scale (no-op without it)."""
+        if self.visual_norm is not None:
+            self.visual_norm.reset(self.language_model.get_input_embeddings().weight)
 
     # ---- vision ------------------------------------------------------------------------
     def encode_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -84,11 +110,18 @@ class FMVRLlava(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, tokens: int) -> torch.Tensor:
         """pixels [B,3,H,W] -> visual tokens [B, tokens, D] at one budget."""
         self.pyramid.check(tokens)
-        return self.pyramid(self.encode_grid(pixel_values), tokens)
+        return self.visual_tokens(self.encode_grid(pixel_values), (tokens,))[tokens]
 
     def encode_budgets(self, pixel_values: torch.Tensor, budgets: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """One tower pass, every requested budget: {T: [B, T, D]}."""
-        return self.pyramid.forward_many(self.encode_grid(pixel_values), budgets)
+        return self.visual_tokens(self.encode_grid(pixel_values), budgets)
+
+    def visual_tokens(self, grid: torch.Tensor, budgets: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Projected grid [B, N, D] -> {T: [B, T, D]}: the pyramid, then the visual norm if configured."""
+        out = self.pyramid.forward_many(grid, budgets)  # {T: [B, T, D]}
+        if self.visual_norm is not None:
+            out = {t: self.visual_norm(v) for t, v in out.items()}
+        return out
 
     # ---- language ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
@@ -199,7 +232,8 @@ def build_model(cfg: FMVRConfig, seed: int = 0, pretrained: bool = True) -> FMVR
 
 def load_pretrained(model: FMVRLlava) -> list[str]:
     """Load the packaged weights the config names (`vision.weights`, `text.weights`); returns
-    the parts loaded. Projector and pyramid keep their fresh initialisation."""
+    the parts loaded. Projector and pyramid keep their fresh initialisation; the visual norm's
+    gain starts at the loaded word embeddings' scale."""
     loaded = []
     v, t = model.cfg.vision, model.cfg.text
     if v.weights:
@@ -219,5 +253,6 @@ def load_pretrained(model: FMVRLlava) -> list[str]:
             )
         if t.tie_word_embeddings:
             lm.tie_weights()
+        model.reset_visual_norm()
         loaded.append("language_model")
     return loaded

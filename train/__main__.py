@@ -19,15 +19,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fmvr.cli import renamed_flags
-from train.stages import RENAMED_KEYS, STAGES, TrainConfig
+from fmvr.config import PYRAMIDS
+from train.stages import BENCH_KINDS, RENAMED_KEYS, STAGES, TrainConfig
 
 RENAMED_FLAGS = {"--budgets": "--tokens"}  # renamed in 0.2 (old -> new), accepted for one release
 
+CHOICES = {  # argparse choices, from the tables that define them
+    "stage": tuple(STAGES),
+    "pyramid": PYRAMIDS,
+    "bench_kind": BENCH_KINDS,
+    "template": ("plain", "chat"),
+    "bench_qa": ("independent", "conversation"),
+    "schedule": ("cosine", "constant"),
+    "budget_mode": ("mean", "random"),
+}
 HELP = {
-    "stage": f"training stage: {', '.join(STAGES)}",
+    "stage": "training stage",
     "out": "run directory (checkpoints, log.jsonl, final/)",
     "preset": "model preset for a fresh model (ignored with --init)",
-    "pyramid": "visual-token cascade of a fresh model: fmvr, m3 or none",
+    "pyramid": "visual-token cascade of a fresh model",
     "init": "checkpoint directory to start from (required for finetune)",
     "tokenizer": "tokenizer.json (default: the --init checkpoint's, or the tiny in-process one)",
     "data": "LLaVA-format JSON list or JSON Lines file (default: the built-in benchmark)",
@@ -36,6 +46,9 @@ HELP = {
     "bench_seed": "built-in benchmark seed",
     "bench_qa": "built-in stage-2 questions: independent (blocks sharing the image, each seeing only the image; "
     "as evaluated) or conversation (one multi-turn chat, where later answers can be read off earlier ones)",
+    "bench_kind": "built-in records: caption (stage 1's default), qa (the others'), or mix (every question plus a "
+    "'Describe the image.' block answered by the caption, as independent blocks)",
+    "template": "conversation template: plain (stage 1's default) or chat (the model's own; the others' default)",
     "strict_data": "fail on a missing/corrupt image instead of skipping it with a warning",
     "max_length": "max tokens per sample, counted with the image at its largest budget",
     "lr": "peak learning rate (0: the stage's default)",
@@ -83,7 +96,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default {f.default!r})")
+            choices = CHOICES.get(f.name)
+            what = f"{HELP[f.name]}: {', '.join(choices)}" if choices else HELP[f.name]
+            p.add_argument(
+                flag, type=kind, default=None, choices=choices, help=f"{what} (default {f.default!r})"
+            )
     return p.parse_args(renamed_flags(argv, RENAMED_FLAGS))
 
 

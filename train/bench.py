@@ -55,6 +55,7 @@ CELL_NAMES = {  # every cell of the layout grid, for captions
     for c, col in enumerate(("left", "", "right"))
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
+DESCRIBE = "Describe the image."  # the question of a caption block (training kind "mix")
 CATEGORIES = ("colour", "count", "region", "exist", "digit")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
@@ -311,7 +312,8 @@ def llava_records(scene: Scene, image: str, kind: str) -> list[dict]:
     "questions" (one record per question, with category/answer for scoring) or "caption"."""
     sid = f"bench-{scene.seed}"
     if kind == "caption":
-        conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]
+        # "plain" drops the human text (the image alone); a chat template asks for the caption
+        conv = [{"from": "human", "value": f"<image>\n{DESCRIBE}"}, {"from": "gpt", "value": caption(scene)}]
         return [{"id": sid, "image": image, "conversations": conv}]
     if kind == "questions":
         return [

@@ -181,7 +181,8 @@ class LlavaDataset(_Base):
 class BenchDataset(_Base):
     """The built-in benchmark generated on the fly: kind "qa" (stage 2: every question a scene
     supports, as independent blocks sharing the image, or with independent=False one multi-turn
-    conversation, where later answers can be read off earlier ones) or "caption" (stage 1)."""
+    conversation, where later answers can be read off earlier ones), "caption" (stage 1), or "mix"
+    (the qa blocks plus one "Describe the image." block answered by the caption)."""
 
     def __init__(
         self,
@@ -199,10 +200,16 @@ class BenchDataset(_Base):
         from train import bench
 
         super().__init__(strict=True)
+        if kind not in ("qa", "caption", "mix"):
+            raise ValueError(f"unknown bench kind {kind!r}; choose qa, caption or mix")
+        if kind == "mix" and not independent:
+            raise ValueError("bench kind 'mix' is built from independent question blocks")
         self.scenes = list(bench.scenes(split, n, seed))
-        self.records = [bench.llava_records(s, f"scene-{s.seed}", kind)[0] for s in self.scenes]
+        record_kind = "qa" if kind == "mix" else kind
+        self.records = [bench.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]
         self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
-        self.independent = independent and kind == "qa"
+        self.kind = kind
+        self.independent = independent and kind in ("qa", "mix")
         self.pre = Preprocessor.from_config(cfg)
 
     def __len__(self) -> int:
@@ -210,9 +217,11 @@ class BenchDataset(_Base):
 
     def example(self, i: int) -> Example | None:
         if self.independent:
-            from train.bench import training_questions
+            from train.bench import DESCRIBE, caption, training_questions
 
             qas = [(q, a) for _, q, a in training_questions(self.scenes[i])]
+            if self.kind == "mix":  # the caption first: it is never dropped by max_length
+                qas.insert(0, (DESCRIBE, caption(self.scenes[i])))
             ids, target, blocks = tokenize_blocks(self.tok, self.cfg, self.template, qas, self.max_length)
             return Example(tuple(ids), tuple(target), f"bench-{self.scenes[i].seed}", i, tuple(blocks))
         out = tokenize(self.tok, self.cfg, self.template, self.records[i]["conversations"], self.max_length)

@@ -111,8 +111,7 @@ def add_lora(model, cfg: TrainConfig) -> None:
 def make_dataset(cfg: TrainConfig, model, tok):
     from train.data import BenchDataset, LlavaDataset, read_records
 
-    st = cfg.stage_def()
-    template = model.cfg.template if st.template == "chat" else st.template
+    template = cfg.template_for(model.cfg.template)
     if cfg.data:
         return LlavaDataset(
             read_records(cfg.data),
@@ -129,7 +128,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
         tok,
         model.cfg,
         template,
-        st.kind,
+        cfg.data_kind,
         cfg.bench_seed,
         cfg.max_length,
         independent=cfg.bench_qa == "independent",
@@ -141,7 +140,7 @@ def part_lr(cfg: TrainConfig, name: str) -> float:
     part = name.split(".")[0]
     if part == "vision_tower":
         return cfg.tower_lr
-    if part in ("projector", "pyramid"):
+    if part in ("projector", "pyramid", "visual_norm"):
         return cfg.projector_lr or cfg.learning_rate
     return cfg.learning_rate
 

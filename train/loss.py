@@ -1,7 +1,7 @@
 """The Matryoshka loss: encode the image once, then one LM pass per budget.
 
     pixels -> tower (frozen; features optionally cached) -> projector -> grid [B, N, D]
-           -> pyramid.forward_many(grid, budgets) -> {T: [B, T, D]}
+           -> model.visual_tokens(grid, budgets) (pyramid + visual norm) -> {T: [B, T, D]}
            -> per budget: LM over the prompt with T visual tokens -> summed CE on targets
 
 loss = mean over the step's budgets of (sum of target CE / number of target tokens), i.e.
@@ -103,7 +103,7 @@ class MatryoshkaStep(nn.Module):
         self, batch: Batch, budgets: tuple[int, ...], normaliser: float
     ) -> tuple[torch.Tensor, dict[int, float]]:
         grid = self.grid(batch)  # [B, N, D]
-        visual = self.model.pyramid.forward_many(grid, budgets)  # {T: [B, T, D]}
+        visual = self.model.visual_tokens(grid, budgets)  # {T: [B, T, D]}
         total = grid.new_zeros(())
         parts: dict[int, float] = {}
         for t in budgets:

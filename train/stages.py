@@ -2,7 +2,7 @@
 
 | stage    | trainable                         | template  | lr   | start from            |
 |----------|-----------------------------------|-----------|------|-----------------------|
-| stage1   | projector, pyramid                | plain     | 1e-3 | fresh (or --init)     |
+| stage1   | projector, pyramid, visual_norm   | plain     | 1e-3 | fresh (or --init)     |
 | stage2   | projector, pyramid, language_model| the model's (vicuna_v1, chatml) | 2e-5 | --init stage-1 output |
 | finetune | projector, pyramid, language_model| the model's | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
 
@@ -21,6 +21,7 @@ from typing import Any
 
 from fmvr.cli import parse_tokens
 
+BENCH_KINDS = ("caption", "qa", "mix")  # mix: every question + a "Describe the image." caption block
 RENAMED_KEYS = {"budgets": "tokens"}  # config-file keys renamed in 0.2 (old -> new), accepted for one release
 
 
@@ -35,9 +36,11 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "stage1": Stage("stage1", ("projector", "pyramid"), "plain", 1e-3, "caption"),
-    "stage2": Stage("stage2", ("projector", "pyramid", "language_model"), "chat", 2e-5, "qa"),
-    "finetune": Stage("finetune", ("projector", "pyramid", "language_model"), "chat", 2e-5, "qa", True),
+    "stage1": Stage("stage1", ("projector", "pyramid", "visual_norm"), "plain", 1e-3, "caption"),
+    "stage2": Stage("stage2", ("projector", "pyramid", "visual_norm", "language_model"), "chat", 2e-5, "qa"),
+    "finetune": Stage(
+        "finetune", ("projector", "pyramid", "visual_norm", "language_model"), "chat", 2e-5, "qa", True
+    ),
 }
 
 
@@ -57,6 +60,8 @@ class TrainConfig:
     bench_n: int = 800  # built-in benchmark training scenes (when no --data)
     bench_seed: int = 0
     bench_qa: str = "independent"  # independent (question blocks sharing the image) | conversation
+    bench_kind: str = ""  # "": the stage's (caption for stage1, qa otherwise) | caption | qa | mix
+    template: str = ""  # "": the stage's (plain for stage1, the model's otherwise) | plain | chat
     strict_data: bool = False
     max_length: int = 2048
     # optimisation
@@ -103,6 +108,12 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r}: choose cosine or constant")
         if self.bench_qa not in ("independent", "conversation"):
             raise ValueError(f"bench qa {self.bench_qa!r}: choose independent or conversation")
+        if self.bench_kind not in ("", *BENCH_KINDS):
+            raise ValueError(f"bench kind {self.bench_kind!r}: choose one of {BENCH_KINDS}")
+        if self.template not in ("", "plain", "chat"):
+            raise ValueError(f"template {self.template!r}: choose plain or chat (the model's own template)")
+        if self.bench_kind == "mix" and self.bench_qa != "independent":
+            raise ValueError("--bench-kind mix needs --bench-qa independent (the caption is one more block)")
         if self.budget_mode not in ("mean", "random"):
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:
@@ -122,6 +133,16 @@ class TrainConfig:
     def budget_list(self, model_budgets: tuple[int, ...]) -> tuple[int, ...]:
         """The budgets a step draws from (--tokens), each checked against the model's."""
         return parse_tokens(self.tokens, model_budgets)
+
+    @property
+    def data_kind(self) -> str:
+        """Built-in benchmark records this run trains on."""
+        return self.bench_kind or self.stage_def().kind
+
+    def template_for(self, model_template: str) -> str:
+        """The conversation template of this run's data."""
+        which = self.template or self.stage_def().template
+        return model_template if which == "chat" else which
 
     @property
     def learning_rate(self) -> float:

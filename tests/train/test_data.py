@@ -109,3 +109,36 @@ def test_bad_data_file(tmp_path):
         read_records(tmp_path / "x.json")
     with pytest.raises(DataError, match="not found"):
         read_records(tmp_path / "nope.json")
+
+
+def test_mix_kind_adds_one_caption_block_per_scene(tiny_cfg, tiny_tokenizer):
+    """kind "mix": the qa blocks plus a "Describe the image." block answered by the caption,
+    first (never cut by max_length), each block its own independent question."""
+    from train import bench
+    from train.data import BenchDataset
+
+    qa = BenchDataset("train", 2, tiny_tokenizer, tiny_cfg, tiny_cfg.template, kind="qa")
+    mix = BenchDataset("train", 2, tiny_tokenizer, tiny_cfg, tiny_cfg.template, kind="mix")
+    a, b = qa.example(0), mix.example(0)
+    assert max(b.blocks) == max(a.blocks) + 1
+    first = [i for i, k in zip(b.ids, b.blocks) if k == 1]
+    text = tiny_tokenizer.decode(first)
+    assert bench.DESCRIBE.lower().rstrip(".") in text.lower()
+    assert bench.caption(mix.scenes[0]).lower().rstrip(".") in text.lower()
+    with pytest.raises(ValueError, match="independent"):
+        BenchDataset("train", 1, tiny_tokenizer, tiny_cfg, tiny_cfg.template, kind="mix", independent=False)
+
+
+def test_bench_kind_and_template_flags_are_checked():
+    from train.stages import TrainConfig
+
+    assert TrainConfig(stage="stage1").data_kind == "caption"
+    assert TrainConfig(stage="stage1", bench_kind="mix").data_kind == "mix"
+    assert TrainConfig(stage="stage1").template_for("chatml") == "plain"
+    assert TrainConfig(stage="stage1", template="chat").template_for("chatml") == "chatml"
+    with pytest.raises(ValueError, match="bench kind"):
+        TrainConfig(bench_kind="pictures").check()
+    with pytest.raises(ValueError, match="template"):
+        TrainConfig(template="vicuna").check()
+    with pytest.raises(ValueError, match="independent"):
+        TrainConfig(bench_kind="mix", bench_qa="conversation").check()
