@@ -40,16 +40,20 @@ def render(template: str, turns: Sequence[Turn], add_generation_prompt: bool = F
     raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
 
-def prompt_text(template: str, question: str) -> str:
-    """The inference prompt for one question about one image, as one string."""
-    return "".join(text for text, _ in render(template, [user_turn(question)], add_generation_prompt=True))
+def prompt_text(template: str, question: str, images: int = 1) -> str:
+    """The inference prompt for one question about `images` images, as one string."""
+    turns = [user_turn(question, images)]
+    return "".join(text for text, _ in render(template, turns, add_generation_prompt=True))
 
 
-def user_turn(question: str) -> Turn:
-    """A human turn that carries the image, laid out as LLaVA's preprocess_multimodal does:
-    any `<image>` is removed from the text and one `<image>\\n` is put in front."""
+def user_turn(question: str, images: int = 1) -> Turn:
+    """A human turn that carries `images` images, laid out as LLaVA's preprocess_multimodal does:
+    any `<image>` is removed from the text and one `<image>\\n` per image is put in front, in
+    order (the LLaVA multi-image layout: `<image>\\n<image>\\nquestion`)."""
+    if images < 1:
+        raise ValueError(f"a turn that carries images needs at least one, got images={images}")
     text = question.replace(IMAGE_TOKEN, "").strip()
-    return {"from": "human", "value": f"{IMAGE_TOKEN}\n{text}"}
+    return {"from": "human", "value": f"{IMAGE_TOKEN}\n" * images + text}
 
 
 def _split_system(turns: Sequence[Turn]) -> tuple[str | None, Sequence[Turn]]:
@@ -96,8 +100,8 @@ def _plain(turns: Sequence[Turn], add_generation_prompt: bool) -> list[Segment]:
     # LLaVA pretraining: the human text is replaced by the image alone, then the caption.
     segs: list[Segment] = []
     for turn in turns:
-        if turn["from"] == "human":
-            segs.append((IMAGE_TOKEN, False))
+        if turn["from"] == "human":  # one placeholder per image it carries (at least one)
+            segs.append((IMAGE_TOKEN * max(1, turn["value"].count(IMAGE_TOKEN)), False))
         else:
             segs.append((f"{turn['value']}\n", True))
     return segs

@@ -3,7 +3,8 @@
 - `build_tiny_tokenizer()`: a byte-level BPE trained in-process on a fixed corpus, so the
   tiny preset needs no download. Deterministic: the same vocabulary on every machine.
 - `encode_segments`: template segments -> ids + target mask, one placeholder per image.
-- `expand_image_tokens`: one placeholder -> exactly T placeholder positions.
+- `expand_image_tokens`: each image placeholder -> exactly its image's T placeholder positions
+  (one budget for all, or one per image in order).
 """
 
 from __future__ import annotations
@@ -107,14 +108,28 @@ def encode_segments(
     return ids, target
 
 
-def expand_image_tokens(ids: Sequence[int], image_token_id: int, tokens: int, images: int = 1) -> list[int]:
-    """Replace each image placeholder by `tokens` copies; the count must equal `images`."""
+def expand_image_tokens(
+    ids: Sequence[int], image_token_id: int, tokens: int | Sequence[int], images: int | None = None
+) -> list[int]:
+    """Replace each image placeholder by its image's visual tokens: `tokens` copies each (an int),
+    or tokens[i] copies for the i-th placeholder (a list, one budget per image, in prompt order).
+    The number of placeholders must equal `images` (default: 1 for an int, len(tokens) for a list)."""
+    per_image = [tokens] * (1 if images is None else images) if isinstance(tokens, int) else list(tokens)
+    if images is not None and len(per_image) != images:
+        raise ValueError(f"{len(per_image)} per-image budgets {per_image} for {images} image(s)")
     found = sum(1 for i in ids if i == image_token_id)
-    if found != images:
-        raise ValueError(f"prompt has {found} image placeholders ({IMAGE_TOKEN}) but {images} image(s) given")
+    if found != len(per_image):
+        raise ValueError(
+            f"prompt has {found} image placeholders ({IMAGE_TOKEN}) but {len(per_image)} image(s) given"
+        )
     out: list[int] = []
+    k = 0  # the next image
     for i in ids:
-        out += [i] * tokens if i == image_token_id else [i]
+        if i == image_token_id:
+            out += [i] * per_image[k]
+            k += 1
+        else:
+            out.append(i)
     return out
 
 

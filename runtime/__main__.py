@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fmvr.cli import renamed_flags
+from fmvr.video import COLLAGE_FRAMES, VIDEO_MODES
 from runtime.card import add_arguments as add_card_arguments
 from runtime.frame_input import PREPROCESS
 from runtime.options import OBJECTIVES, AskOptions, OptionsError
@@ -35,6 +36,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
 
 
+def _tokens(text: str) -> int | list[int]:
+    """--tokens 36 (every image) or --tokens 9,9,144 (one per image, in order)."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a budget such as 36, or one per image such as 9,144"
+        ) from None
+    return values if "," in text else values[0]
+
+
 def _budget_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",")]
@@ -45,14 +57,28 @@ def _budget_list(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("ask", help="answer a question about an image within a latency budget")
+    a = sub.add_parser("ask", help="answer a question about images or a video within a latency budget")
     _common(a)
-    a.add_argument("--image", required=True, help="image file (jpg/png/...)")
-    a.add_argument("--prompt", required=True, help="the question about the image")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--image", action="append", help="image file (jpg/png/...); repeat for several, oldest first"
+    )
+    src.add_argument("--video", help="video file (GIF, animated WebP, APNG; others need imageio)")
+    a.add_argument("--frames", type=int, help=f"--video: frames sampled uniformly (default {COLLAGE_FRAMES})")
+    a.add_argument(
+        "--video-mode",
+        choices=VIDEO_MODES,
+        help="--video: frames (default): an image and a budget each; collage: one 2-per-row image",
+    )
+    a.add_argument("--prompt", required=True, help="the question about the image(s)")
     a.add_argument(
         "--latency-ms", type=float, nargs="+", help="latency budget(s) in ms; several: one answer each"
     )
-    a.add_argument("--tokens", type=int, help="force a visual-token budget (skips the policy)")
+    a.add_argument(
+        "--tokens",
+        type=_tokens,
+        help="force a visual-token budget (skips the policy): one for every image, or one per image (9,144)",
+    )
     a.add_argument(
         "--objective", choices=OBJECTIVES, default=DEFAULTS.objective, help="what must fit the latency budget"
     )
@@ -118,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             args.options = ask_options(args)
         except OptionsError as e:
             ap.error(f"--{e.field.replace('_', '-')} {e.problem}")
+        try:  # the video is read and sampled before the bundle loads, too
+            args.inputs = _inputs(args)
+        except ValueError as e:  # fmvr.video.VideoError: unreadable, or no reader for the container
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from runtime.bundle import BundleError
     from runtime.llm import GenerationTimeout
     from runtime.pipeline import Pipeline
@@ -148,6 +179,13 @@ def ask_options(args: argparse.Namespace) -> list[AskOptions]:
         raise OptionsError(
             "escalate", "answers at the budgets it lists: drop --latency-ms, --tokens, --strict"
         )
+    if args.escalate and (args.video or len(args.image) > 1):
+        raise OptionsError("escalate", "answers about one image: give one --image and no --video")
+    for name in ("frames", "video_mode"):
+        if getattr(args, name) is not None and not args.video:
+            raise OptionsError(name, "applies to --video only")
+    if args.frames is not None and args.frames < 1:
+        raise OptionsError("frames", f"must be >= 1, got {args.frames}")
     common = dict(
         tokens=args.tokens,
         objective=args.objective,
@@ -162,14 +200,25 @@ def ask_options(args: argparse.Namespace) -> list[AskOptions]:
     return [AskOptions(latency_ms=lat, **common) for lat in args.latency_ms or [None]]
 
 
+def _inputs(args: argparse.Namespace) -> tuple[list[object], str]:
+    """The images and the prompt of `runtime ask`: the --image files, or --video sampled."""
+    if args.video:
+        from fmvr.video import read_video, video_images
+
+        n = args.frames or COLLAGE_FRAMES
+        frames = read_video(args.video, n)  # oldest first
+        return video_images(frames, args.prompt, n, args.video_mode or "frames")
+    return [Path(p).read_bytes() if Path(p).is_file() else p for p in args.image], args.prompt
+
+
 def _ask(pipe, args) -> int:  # type: ignore[no-untyped-def]
-    image = Path(args.image).read_bytes() if Path(args.image).is_file() else args.image
+    images, prompt = args.inputs
     if args.escalate:
-        results = pipe.escalate(image, args.prompt, args.escalate, args.options[0])
+        results = pipe.escalate(images[0], prompt, args.escalate, args.options[0])
     else:
         results = []
         for opts in args.options:
-            ans = pipe.stream(image, args.prompt, opts)
+            ans = pipe.stream(images, prompt, opts)
             for delta in ans:
                 if args.stream and not args.json:
                     print(delta, end="", flush=True)
@@ -192,7 +241,8 @@ def _print_result(r) -> None:  # type: ignore[no-untyped-def]
     key = "total" if r.objective == "total" else "ttft"
     pred = r.predicted_ms.get(key)
     pred_s = "-" if pred is None else f"{pred:.1f}"
-    print(f"[latency budget {lat}] -> {r.budget} visual tokens ({r.reason})")
+    per_image = f" (per image, newest last: {', '.join(map(str, r.budgets))})" if len(r.budgets) > 1 else ""
+    print(f"[latency budget {lat}] -> {r.budget} visual tokens{per_image} ({r.reason})")
     if r.candidates_ms:
         cands = ", ".join(f"{t}: {ms:.1f}" for t, ms in r.candidates_ms.items())
         print(f"  predicted {r.objective} per budget (ms): {cands}")

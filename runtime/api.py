@@ -11,10 +11,15 @@ nested JSON, a wrong type, an unknown field, or an OpenAI field this server does
 value: null, false, 0, 1 for `n`, an empty list). `model` and `user` are accepted and ignored
 (one model per server).
 
-Request extensions: `latency_budget_ms` (pick the largest budget that fits), `visual_tokens`
-(force a budget), `objective` ("ttft" | "total"), `strict` (error instead of a missed deadline).
-Responses carry `usage.visual_tokens`, `usage.timings_ms` (measured and predicted per stage),
-`usage.deadline_met` and `usage.backend`.
+Images: one or more `image_url` parts in the user message(s), in order (the last is the
+newest); each becomes one `<image>` placeholder in front of its message's text, unless the text
+already holds one `<image>` per image (then they stay where they are).
+
+Request extensions: `latency_budget_ms` (pick the largest budgets that fit), `visual_tokens`
+(force a budget: one for every image, or a list with one per image), `objective` ("ttft" |
+"total"), `strict` (error instead of a missed deadline). Responses carry `usage.visual_tokens`
+(the newest image's budget), `usage.visual_token_budgets` (every image's, in order),
+`usage.timings_ms` (measured and predicted per stage), `usage.deadline_met` and `usage.backend`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fmvr.template import IMAGE_TOKEN
+from runtime.images import MAX_IMAGES, visual_text
 from runtime.options import AskOptions, OptionsError
 
 MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
@@ -54,7 +60,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class ChatRequest:
     turns: list[dict[str, str]]
-    image: bytes
+    images: list[bytes]  # in order, the last the newest; one <image> placeholder each in `turns`
     options: AskOptions  # everything Pipeline.stream is asked for, checked
     stream: bool = False
     include_usage: bool = True
@@ -139,7 +145,7 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     # extensions (runtime.options.AskOptions)
     latency_budget_ms: float | None = None
-    visual_tokens: int | None = None
+    visual_tokens: int | list[int] | None = None
     objective: str | None = None
     strict: bool | None = None
 
@@ -159,7 +165,7 @@ EXPECTED = {
     "seed": "an integer",
     "stop": "a string or a list of strings",
     "latency_budget_ms": "a number of milliseconds",
-    "visual_tokens": "an integer (a visual-token budget of the bundle)",
+    "visual_tokens": "an integer (a visual-token budget of the bundle) or a list of them, one per image",
     "objective": 'a string: "ttft" or "total"',
     "strict": "true or false",
 }
@@ -192,18 +198,18 @@ def parse_request(
     _refuse_extras(body)
     if not body.messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns, images = _turns(body.messages)
-    if len(images) != 1:
+    turns, urls = _turns(body.messages)
+    if not 1 <= len(urls) <= MAX_IMAGES:
         raise ApiError(
             400,
-            f"this model answers about exactly one image per conversation; got {len(images)} "
-            "(add one image_url part with a data: URI)",
+            f"this model answers about 1 to {MAX_IMAGES} images per conversation; got {len(urls)} "
+            "(send each as an image_url part with a data: URI, in the user message(s), oldest first)",
             param="messages",
         )
     options = ask_options(body, max_new_tokens_limit, timeout_s)
-    image = _image_bytes(images[0], allow_remote)
+    images = [_image_bytes(u, allow_remote) for u in urls]
     usage_too = body.stream_options.include_usage if body.stream_options else True
-    return ChatRequest(turns, image, options, body.stream, usage_too)
+    return ChatRequest(turns, images, options, body.stream, usage_too)
 
 
 def _refuse_extras(body: ChatCompletionRequest) -> None:
@@ -303,35 +309,59 @@ def ask_options(
         raise ApiError(400, f"'{name}' {e.problem}", param=name) from e
 
 
-def check_context(text_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
-    """A 400 with the numbers when prompt + visual tokens + max_tokens exceed the model's context."""
-    need = text_tokens + visual_tokens + max_new_tokens
+def check_context(text_tokens: int, budgets: list[int], max_new_tokens: int, context: int) -> None:
+    """A 400 with the numbers when prompt + every image's visual tokens (`budgets`: one per image)
+    + max_tokens exceed the model's context."""
+    need = text_tokens + sum(budgets) + max_new_tokens
     if need > context:
+        fewer = ", send fewer images" if len(budgets) > 1 else ""
         raise ApiError(
             400,
-            f"this request needs {need} tokens of context ({text_tokens} prompt tokens + {visual_tokens} "
-            f"visual tokens + max_tokens {max_new_tokens}); the model's context is {context} tokens: "
-            "shorten the conversation, or lower max_tokens or visual_tokens",
+            f"this request needs {need} tokens of context ({text_tokens} prompt tokens + "
+            f"{visual_text(budgets)} + max_tokens {max_new_tokens}); the model's context is {context} "
+            f"tokens: shorten the conversation{fewer}, or lower max_tokens or visual_tokens",
             param="messages",
         )
 
 
 def _turns(msgs: list[Message]) -> tuple[list[dict[str, str]], list[str]]:
+    """LLaVA turns and the image URLs in order; each user message's images become `<image>`
+    placeholders in front of its text, unless the texts already hold one per image."""
     turns: list[dict[str, str]] = []
     images: list[str] = []
-    for m in msgs:
+    counts: list[int] = []  # images per turn
+    for i, m in enumerate(msgs):
         if m.role in ("system", "developer"):
             continue  # the chat template carries its own system prompt
+        before = len(images)
         text = _content_text(m.content, images)
-        if m.role == "user" and len(images) == 1 and IMAGE_TOKEN not in "".join(t["value"] for t in turns):
-            text = f"{IMAGE_TOKEN}\n{text}"
+        if m.role != "user" and len(images) > before:
+            raise ApiError(400, f"messages[{i}]: only user messages may carry images", param="messages")
         turns.append({"from": "human" if m.role == "user" else "gpt", "value": text})
+        counts.append(len(images) - before)
+    _place_images(turns, counts, len(images))
     if not turns or turns[-1]["from"] != "human":
         raise ApiError(400, "the last message must be from the user", param="messages")
     for i, t in enumerate(turns):
         if t["from"] != ("human" if i % 2 == 0 else "gpt"):
             raise ApiError(400, "user and assistant messages must alternate, user first", param="messages")
     return turns, images
+
+
+def _place_images(turns: list[dict[str, str]], counts: list[int], n: int) -> None:
+    """Put counts[i] `<image>\\n` in front of turn i, unless the texts hold n placeholders already."""
+    found = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if found == n:
+        return
+    if found:
+        raise ApiError(
+            400,
+            f"the messages' text holds {found} {IMAGE_TOKEN} placeholder(s) for {n} image_url part(s): "
+            f"write one {IMAGE_TOKEN} per image, or none (each image then goes before its message's text)",
+            param="messages",
+        )
+    for t, k in zip(turns, counts):
+        t["value"] = f"{IMAGE_TOKEN}\n" * k + t["value"]
 
 
 def _content_text(content: str | list[TextPart | ImagePart], images: list[str]) -> str:
@@ -395,7 +425,8 @@ def usage(result: Any) -> dict[str, Any]:
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": len(result.token_ids),
         "total_tokens": result.prompt_tokens + len(result.token_ids),
-        "visual_tokens": result.budget,
+        "visual_tokens": result.budget,  # the newest (last) image's budget
+        "visual_token_budgets": result.budgets,  # every image's, in order
         "backend": result.backend,
         "deadline_met": result.deadline_met,
         "budget_reason": result.reason,

@@ -7,6 +7,8 @@
 3. Preprocessing on the host (fmvr.preprocess, PIL) vs in the vision graph (a frame-input
    bundle, --preprocess graph): ms per request on the host and in the graph, and TTFT at 36
    tokens, for a JPEG request and a raw camera frame (numpy).
+4. Several frames per request (N = 1, 2, 4, 6 camera frames at 36 tokens each): one batched
+   vision pass vs N single passes, and the N-frame request's TTFT (runtime.batching).
 
 Writes runtime_bench.json, runtime_bench.md and runtime_bench.png under --out.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fmvr.atomic import open_atomic, write_json, write_text
+from runtime.batching import batching as _batching
+from runtime.batching import to_markdown as to_markdown_batching
 from runtime.measure import _time, synthetic_image
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
@@ -144,6 +148,12 @@ def _preprocess_times(pipe: Any, image: Any, tokens: int, runs: int) -> dict[str
     return {"host_ms": host, "in_graph_ms": in_graph, f"ttft_{tokens}_ms": ttft}
 
 
+def multi_frame(pipe: Any, runs: int) -> dict[str, Any]:
+    """N = 1, 2, 4, 6 camera frames 640x480: batched vs single vision passes, N-frame TTFT."""
+    t = 36 if 36 in pipe.budgets else pipe.budgets[len(pipe.budgets) // 2]
+    return {"tokens": t, "rows": _batching(pipe, [1, 2, 4, 6], runs, t, 640, 480)}
+
+
 def to_markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# Runtime benchmark ({rep['device']['key']}, vision {rep['backend']}, LLM {rep['llm_provider']})",
@@ -175,7 +185,16 @@ def to_markdown(rep: dict[str, Any]) -> str:
             f"| {r['deadline_ms']:.1f} | {r['config']} | {r['met_fraction']:.0%} | {r['mean_budget']:.1f} | "
             f"{r['p50_ttft_ms']:.2f} | {r['throughput_rps']:.1f} |"
         )
-    return "\n".join(lines + preprocess_markdown(rep.get("preprocess"))) + "\n"
+    lines += preprocess_markdown(rep.get("preprocess"))
+    if rep.get("multi_frame"):
+        mf = rep["multi_frame"]
+        lines += [
+            "",
+            "## Several frames per request",
+            "",
+            to_markdown_batching(mf["rows"], mf["tokens"], rep["backend"]),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def preprocess_markdown(pre: dict[str, Any] | None) -> list[str]:
@@ -257,6 +276,7 @@ def run_bench(
         "ttft": rows,
         "load": policy_under_load(pipe, image, rows, requests, concurrency),
         "preprocess": preprocess_comparison(pipe, runs),
+        "multi_frame": multi_frame(pipe, runs),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "runtime_bench.json", rep, sort_keys=True)

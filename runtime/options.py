@@ -5,7 +5,8 @@ Python API (`pipe.ask(image, prompt, latency_ms=120)`: keyword arguments build t
 all produce one `AskOptions`, and the pipeline reads only that. Standard library only.
 
     latency_ms      the latency budget: the largest visual-token budget predicted to fit it
-    tokens          force a visual-token budget instead (the policy is skipped)
+    tokens          force a visual-token budget instead (the policy is skipped): one int for
+                    every image, or a list with one budget per image (in order; stored as a tuple)
     objective       what must fit latency_ms: "ttft" (time to first token) or "total"
     strict          no budget fits latency_ms -> DeadlineError (else the smallest, marked missed)
     max_new_tokens, temperature, top_p, seed, stop    sampling and stop strings
@@ -57,7 +58,7 @@ def _integer(name: str, v: Any) -> int:
 @dataclass(frozen=True, kw_only=True)
 class AskOptions:
     latency_ms: float | None = None
-    tokens: int | None = None
+    tokens: int | tuple[int, ...] | None = None  # one budget for every image, or one per image
     objective: str = "ttft"
     strict: bool = False
     max_new_tokens: int = 64
@@ -76,9 +77,7 @@ class AskOptions:
             if self.latency_ms <= 0:
                 raise OptionsError("latency_ms", f"must be > 0 ms, got {self.latency_ms:g}")
         if self.tokens is not None:
-            put(self, "tokens", _integer("tokens", self.tokens))
-            if self.tokens < 1:
-                raise OptionsError("tokens", f"must be a visual-token budget >= 1, got {self.tokens}")
+            put(self, "tokens", _tokens(self.tokens))
         if self.objective not in OBJECTIVES:
             raise OptionsError("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not isinstance(self.strict, bool):
@@ -123,6 +122,19 @@ class AskOptions:
 NAMES = tuple(f.name for f in fields(AskOptions))
 
 
+def _tokens(v: Any) -> int | tuple[int, ...]:
+    """A budget >= 1 (int), or a non-empty list of them (-> tuple)."""
+    many = isinstance(v, (list, tuple))
+    values = list(v) if many else [v]
+    if many and not values:
+        raise OptionsError("tokens", "must be a visual-token budget or a non-empty list of them, got []")
+    out = [_integer("tokens", t) for t in values]
+    bad = [t for t in out if t < 1]
+    if bad:
+        raise OptionsError("tokens", f"must be a visual-token budget >= 1, got {bad[0]}")
+    return tuple(out) if many else out[0]
+
+
 def _stops(stop: Any) -> tuple[str, ...]:
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
@@ -136,3 +148,11 @@ def _unknown_message(unknown: list[str]) -> str:
         ours = _SPELLINGS.get(name) or next(iter(difflib.get_close_matches(name, NAMES, n=1)), None)
         hints.append(f"{name} (did you mean {ours}?)" if ours else name)
     return f"unknown option(s) {', '.join(hints)}; the options are: {', '.join(NAMES)}"
+
+
+def at_budget(opts: AskOptions, tokens: int | None, where: str) -> AskOptions:
+    """`opts` for an answer at given budget(s): a latency budget or strict cannot apply there."""
+    for name in ("latency_ms", "strict") + (("tokens",) if tokens is None else ()):
+        if getattr(opts, name) not in (None, False):
+            raise OptionsError(name, f"does not apply to {where}: it answers at the budgets it is given")
+    return opts if tokens is None else replace(opts, tokens=tokens)

@@ -1,7 +1,8 @@
-"""The torch-free pipeline: image + question -> answer, at the budget the deadline allows.
+"""The torch-free pipeline: image(s) + question -> answer, at the budgets the deadline allows.
 
 pipe = Pipeline.load("bundle/")                     # verifies hashes, picks a backend
 r = pipe.ask(image, "What is this?", latency_ms=120)  # r.answer, r.budget, r.deadline_met
+r = pipe.ask([older, newer], "What changed?", latency_ms=120)  # r.budgets: one per image, newest last
 for delta in (s := pipe.stream(image, "Describe it.")):  # text deltas; s.result at the end
     print(delta, end="")
 small, large = pipe.escalate(image, "Count the cars.", budgets=(9, 144))  # one vision pass
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,22 @@ import numpy as np
 
 from fmvr.config import FMVRConfig
 from fmvr.preprocess import Preprocessor
-from fmvr.template import IMAGE_TOKEN, Turn, render, user_turn
-from fmvr.tokenizer import encode_segments, expand_image_tokens, load_tokenizer
-from runtime.answer import Answer, Request, Result, VisionPass
+from fmvr.template import Turn, render
+from fmvr.tokenizer import encode_segments, load_tokenizer
+from runtime.answer import Answer, Request, Result, VisionPass, build_result, measured_ms
 from runtime.bundle import BundleError, Manifest, verify_bundle
 from runtime.frame_input import blank_input, resolve, vision_input
+from runtime.images import (
+    as_images,
+    check_context,
+    encode_images,
+    forced_choice,
+    merge_features,
+    per_image,
+    prompt_turns,
+)
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
-from runtime.options import AskOptions, OptionsError
+from runtime.options import AskOptions, at_budget
 from runtime.policy import QUANTILE, Choice, Policy
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, load_backend
@@ -143,11 +152,10 @@ class Pipeline:
             )
         return tokens
 
-    def prompt_ids(self, prompt: str | Sequence[Turn]) -> list[int]:
-        """Token ids of the rendered prompt with ONE image placeholder (not yet expanded)."""
-        turns = [user_turn(prompt)] if isinstance(prompt, str) else list(prompt)
-        if not any(IMAGE_TOKEN in t["value"] for t in turns if t["from"] == "human"):
-            turns[0] = user_turn(turns[0]["value"])
+    def prompt_ids(self, prompt: str | Sequence[Turn], images: int = 1) -> list[int]:
+        """Token ids of the rendered prompt with one placeholder per image (not yet expanded):
+        runtime.images.prompt_turns lays them out."""
+        turns = prompt_turns(prompt, images)
         segs = render(self.manifest.template, turns, add_generation_prompt=True)
         ids, _ = encode_segments(self.tokenizer, segs, self.special.get("bos"))
         return ids
@@ -161,22 +169,30 @@ class Pipeline:
         return vision_input(image, self.preprocess_mode, self.preprocessor, self.manifest.vision.preprocess)
 
     def encode(self, image: Any, budgets: Sequence[int]) -> VisionPass:
-        """Preprocess + one vision pass for every budget in `budgets`."""
+        """Preprocess + one vision pass of ONE image for every budget in `budgets`."""
+        images = as_images(image)
+        if len(images) != 1:
+            raise ValueError("encode and escalate take one image: pass a list of images to ask or stream")
         for t in budgets:
             self.check_budget(t)
-        pixels, pre_ms = self._timed_preprocess(image)
-        return self._vision_pass(pixels, budgets, pre_ms)
-
-    def _timed_preprocess(self, image: Any) -> tuple[np.ndarray, float]:
+        (x,), pre_ms = self._timed_preprocess(images)
         t0 = time.perf_counter()
-        x = self.prepare(image)  # [1, 3, S, S] pixels or [1, H, W, 3] frames
-        return x, (time.perf_counter() - t0) * 1e3
-
-    def _vision_pass(self, pixels: np.ndarray, budgets: Sequence[int], pre_ms: float) -> VisionPass:
-        t0 = time.perf_counter()
-        feats = self.vision.encode(pixels, list(budgets))  # T -> [1, T, D]
+        feats = self.vision.encode(x, list(budgets))  # T -> [1, T, D]
         vis_ms = (time.perf_counter() - t0) * 1e3
         return VisionPass({t: f[0] for t, f in feats.items()}, pre_ms, vis_ms, self.vision.name)
+
+    def _timed_preprocess(self, images: Sequence[Any]) -> tuple[list[np.ndarray], float]:
+        t0 = time.perf_counter()
+        xs = [self.prepare(im) for im in images]  # [1, 3, S, S] pixels or [1, H, W, 3] frames each
+        return xs, (time.perf_counter() - t0) * 1e3
+
+    def _vision_pass(self, inputs: Sequence[np.ndarray], budgets: Sequence[int], pre_ms: float) -> VisionPass:
+        """Each image at its budget, batched where they share an input shape (runtime.images)."""
+        t0 = time.perf_counter()
+        feats, calls = encode_images(self.vision, inputs, budgets)  # [T_i, D] per image
+        vis_ms = (time.perf_counter() - t0) * 1e3
+        single = {budgets[0]: feats[0]} if len(feats) == 1 else {}
+        return VisionPass(single, pre_ms, vis_ms, self.vision.name, feats, calls)
 
     def warmup(self) -> None:
         """One untimed pass through every budget and the decoder (first runs allocate)."""
@@ -186,38 +202,44 @@ class Pipeline:
         for _ in self.decoder.start(self.embeddings(ids, feats[self.budgets[0]][0]), SamplingParams(2)):
             pass
 
-    def embeddings(self, ids: Sequence[int], feats: np.ndarray) -> np.ndarray:
-        """Prompt embeddings [1, S, D] with the T visual tokens at the expanded placeholders."""
+    def embeddings(self, ids: Sequence[int], feats: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Prompt embeddings [1, S, D] with each image's visual tokens ([T, D], or a list of
+        [T_i, D] in prompt order) at its expanded placeholder."""
         image_id = self.special["image"]
-        expanded = np.asarray(expand_image_tokens(ids, image_id, feats.shape[0]), dtype=np.int64)  # [S]
+        expanded, visual = merge_features(ids, [feats] if isinstance(feats, np.ndarray) else feats, image_id)
         is_image = expanded == image_id  # [S]
         x = self.decoder.embed(np.where(is_image, self.special["pad"], expanded))  # [1, S, D]
-        x[0, is_image] = feats.astype(x.dtype)  # [T, D] in order
+        x[0, is_image] = visual.astype(x.dtype)  # [sum T_i, D] in order
         return x
 
     def choose(
-        self, opts: AskOptions, text_tokens: int, spent_ms: float | None = None, load: int = 0
+        self,
+        opts: AskOptions,
+        text_tokens: int,
+        spent_ms: float | None = None,
+        load: int = 0,
+        images: int = 1,
     ) -> Choice:
-        """The budget for `opts`: forced (`opts.tokens`), else the policy's pick for `opts.latency_ms`
-        with `load` other requests in flight."""
-        if opts.tokens is not None:
-            return self._forced(opts, text_tokens, spent_ms, load)
+        """The budget of each of `images` images for `opts`: forced (`opts.tokens`), else the
+        policy's pick for `opts.latency_ms` with `load` other requests in flight."""
+        forced = self.forced_budgets(opts, images)
+        if forced is not None:
+            return forced_choice(self.policy, forced, opts, text_tokens, spent_ms, load)
         if opts.latency_ms is not None and self.policy is None:
             self._profile_on_first_use()
         if self.policy is None:
-            return Choice(self.budgets[0], None, None, "no latency budget given: the largest budget")
+            big = (self.budgets[0],) * images
+            return Choice(big[-1], None, None, "no latency budget given: the largest budget", budgets=big)
+        o = opts
         return self.policy.choose(
-            opts.latency_ms, text_tokens, opts.max_new_tokens, opts.objective, opts.strict, spent_ms, load
+            o.latency_ms, text_tokens, o.max_new_tokens, o.objective, o.strict, spent_ms, load, images
         )
 
-    def _forced(self, opts: AskOptions, text_tokens: int, spent_ms: float | None, load: int) -> Choice:
-        t = self.check_budget(opts.tokens)
-        pol = self.policy
-        pred = pol.predict(t, text_tokens, opts.max_new_tokens, spent_ms, load) if pol else None
-        met = (
-            None if opts.latency_ms is None or pred is None else pred.time(opts.objective) <= opts.latency_ms
-        )
-        return Choice(t, pred, met, "budget forced by the caller")
+    def forced_budgets(self, opts: AskOptions, images: int) -> tuple[int, ...] | None:
+        """`opts.tokens` as one budget per image, each checked against the bundle (None: not forced)."""
+        if opts.tokens is None:
+            return None
+        return tuple(self.check_budget(t) for t in per_image(opts.tokens, images))
 
     def _profile_on_first_use(self) -> None:
         if not self.profile_if_missing:
@@ -234,14 +256,18 @@ class Pipeline:
     def ask(
         self, image: Any, prompt: str | Sequence[Turn], options: AskOptions | None = None, **kw: Any
     ) -> Result:
-        """Answer in one go at the largest budget whose predicted time fits `latency_ms`.
+        """Answer in one go at the largest budget(s) whose predicted time fits `latency_ms`.
 
-        image: path, bytes or PIL image; prompt: a question or LLaVA turns
+        image: a path, bytes, PIL image or frame (numpy array / fmvr.frames.Frame), or a list
+        of them (in order, the newest last; one `<image>` placeholder each: runtime.images);
+        prompt: a question or LLaVA turns
         [{"from": "human"|"gpt", "value": ...}]; options: an AskOptions, or its fields as
         keyword arguments (which replace those of `options`): latency_ms, tokens (force a
-        budget), objective ("ttft" | "total"), strict (DeadlineError when no budget fits, else
-        the smallest with deadline_met=False), max_new_tokens, temperature, top_p, seed, stop
-        (strings), timeout_s (GenerationTimeout past it). Bad values: OptionsError (a ValueError).
+        budget: one for every image, or a list of one per image), objective ("ttft" | "total"),
+        strict (DeadlineError when no budget fits, else the smallest with deadline_met=False),
+        max_new_tokens, temperature, top_p, seed, stop (strings), timeout_s (GenerationTimeout
+        past it). Bad values: OptionsError (a ValueError). The policy's rule for several images:
+        runtime.policy (the newest largest, the others equal or one level smaller).
         """
         ans = self.stream(image, prompt, AskOptions.of(options, **kw))
         for _ in ans:
@@ -258,24 +284,29 @@ class Pipeline:
         waited_ms: float = 0.0,
         **kw: Any,
     ) -> Answer:
-        """Preprocess, choose the budget with the time left, encode, and stream the answer's
+        """Preprocess, choose the budgets with the time left, encode, and stream the answer's
         text deltas (`.result` at the end). Options as in `ask`. `waited_ms`: time the request
-        already spent before it got here (a server's queue); it counts against the deadline."""
+        already spent before it got here (a server's queue); it counts against the deadline.
+        A prompt that cannot fit the context is a runtime.images.ContextError (a ValueError)."""
         t_start = time.perf_counter()
         opts = AskOptions.of(options, **kw)
+        images = as_images(image)
         load = self._enter()
         try:
-            ids = self.prompt_ids(prompt)
-            if opts.tokens is not None:
-                self.check_budget(opts.tokens)
-            pixels, pre_ms = self._timed_preprocess(image)
-            choice = self.choose(opts, len(ids) - 1, waited_ms + pre_ms, load)
-            vp = self._vision_pass(pixels, [choice.budget], pre_ms)
+            n = len(images)
+            ids = self.prompt_ids(prompt, n)
+            text, context = len(ids) - n, self.decoder.max_len
+            planned = self.forced_budgets(opts, n) or (self.budgets[-1],) * n
+            check_context(text, planned, opts.max_new_tokens, context)  # before any vision work
+            inputs, pre_ms = self._timed_preprocess(images)
+            choice = self.choose(opts, text, waited_ms + pre_ms, load, n)
+            check_context(text, choice.budgets, opts.max_new_tokens, context)
+            vp = self._vision_pass(inputs, choice.budgets, pre_ms)
         except BaseException:
             self._leave()
             raise
         req = Request(vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms)
-        return Answer(self._answer(req), opts, choice.budget, on_done=self._leave)
+        return Answer(self._answer(req), opts, choice.budget, on_done=self._leave, budgets=choice.budgets)
 
     @property
     def inflight(self) -> int:
@@ -303,7 +334,7 @@ class Pipeline:
         """Re-answer from an earlier vision pass at one of its budgets (no second tower run).
 
         Options as in `ask`, less the budget choice: the answer is at `tokens`."""
-        opts = _at_budget(AskOptions.of(options, **kw), tokens, "answer")
+        opts = at_budget(AskOptions.of(options, **kw), tokens, "answer")
         if tokens not in vp.features:
             raise ValueError(f"this vision pass holds budgets {sorted(vp.features)}, not {tokens}")
         ids = self.prompt_ids(prompt)
@@ -325,7 +356,7 @@ class Pipeline:
         """Encode once for every budget, answer at each in order (smallest first). Options as in
         `ask`, less the budget choice (latency_ms, tokens, strict): the budgets are given."""
         opts = AskOptions.of(options, **kw)
-        _at_budget(opts, None, "escalate")
+        at_budget(opts, None, "escalate")
         if not self.vision.shared:
             raise BundleError(
                 f"escalation needs the shared vision layout (one pass, every budget); backend "
@@ -352,8 +383,8 @@ class Pipeline:
 
     def _answer(self, req: Request) -> Generator[str, None, Result]:
         """Decode at the chosen budget: yields text deltas, returns the Result."""
-        t = req.choice.budget
-        embeds = self.embeddings(req.ids, req.vp.features[t])  # [1, S, D]
+        feats = req.vp.images or [req.vp.features[req.choice.budget]]  # [T_i, D] per image
+        embeds = self.embeddings(req.ids, feats)  # [1, S, D]
         params, timeout_s = self._params(req.opts), req.opts.timeout_s
         gen = self.decoder.start(embeds, params, timeout_s=timeout_s)
         text = TextStream(gen, self.tokenizer, params.stop)
@@ -361,48 +392,7 @@ class Pipeline:
         return self._result(req, gen, text, time.perf_counter())
 
     def _result(self, req: Request, gen: Generation, text: TextStream, t_end: float) -> Result:
-        vp, ids, choice, opts = req.vp, req.ids, req.choice, req.opts
-        pre, vis = (0.0, 0.0) if req.reused else (vp.preprocess_ms, vp.vision_ms)
-        ttft = req.waited_ms + pre + vis + gen.prefill_ms
-        measured = {
-            "waited": req.waited_ms,
-            "preprocess": pre,
-            "vision": vis,
-            "prefill": gen.prefill_ms,
-            "decode": gen.decode_ms,
-            "ttft": ttft,
-            "total": req.waited_ms + (t_end - req.t_start) * 1e3,
-        }
-        pred = choice.prediction
-        predicted = {**pred.stages, "ttft": pred.ttft_ms, "total": pred.total_ms} if pred else {}
-        t = choice.budget
+        measured = measured_ms(req, gen, t_end)
         if self.policy is not None and not req.reused:
-            self.policy.observe(t, len(ids) - 1, gen.decode_steps, measured, req.load)
-        met = None if opts.latency_ms is None else measured[opts.objective] <= opts.latency_ms
-        return Result(
-            answer=text.full,
-            token_ids=list(gen.tokens),
-            budget=t,
-            backend=vp.backend,
-            llm_provider=self.decoder.provider,
-            finish_reason=gen.finish_reason or "stop",
-            prompt_tokens=len(ids) - 1 + t,
-            latency_ms=opts.latency_ms,
-            objective=opts.objective,
-            deadline_met=met,
-            predicted_deadline_met=choice.deadline_met,
-            reason=choice.reason,
-            candidates_ms=dict(choice.candidates),
-            predicted_ms={k: round(v, 3) for k, v in predicted.items()},
-            measured_ms={k: round(v, 3) for k, v in measured.items()},
-            vision_reused=req.reused,
-            load=req.load,
-        )
-
-
-def _at_budget(opts: AskOptions, tokens: int | None, where: str) -> AskOptions:
-    """`opts` for an answer at given budget(s): a latency budget or strict cannot apply there."""
-    for name in ("latency_ms", "strict") + (("tokens",) if tokens is None else ()):
-        if getattr(opts, name) not in (None, False):
-            raise OptionsError(name, f"does not apply to {where}: it answers at the budgets it is given")
-    return opts if tokens is None else replace(opts, tokens=tokens)
+            self.policy.observe(req.choice.budgets, req.text_tokens, gen.decode_steps, measured, req.load)
+        return build_result(req, gen, text.full, measured, self.decoder.provider)

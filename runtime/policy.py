@@ -16,6 +16,15 @@ observations it borrows the nearest lower level's, scaled by processor sharing (
 
     ttft  = preprocess + vision + prefill        (objective "ttft", the default)
     total = ttft + decode                         (objective "total")
+
+Several images (N > 1, the last one the newest): preprocess and vision are summed over the
+images (profile.vision_ms is per image at batch 1, so a batched pass that beats N single ones
+makes the prediction conservative until the correction learns it) and prefill is by the total
+prompt length (text + every image's tokens). The candidates are a ladder, most expensive first:
+the newest image at budget b with the others at b too, then the others one level smaller:
+    (576 x N), (144 x N-1, 576), (144 x N), (36 x N-1, 144), ..., (1 x N-1, 9), (1 x N)
+"newest largest, the others equal or one level smaller"; the first that fits is chosen, and
+when none does, all-smallest with deadline_met=False (or DeadlineError with strict).
 """
 
 from __future__ import annotations
@@ -44,8 +53,12 @@ class DeadlineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prediction:
-    budget: int
+    budget: int  # the newest (last) image's
     stages: dict[str, float]  # ms per stage (corrected)
+    budgets: tuple[int, ...] = ()  # per image, in order (filled with (budget,) for one image)
+
+    def __post_init__(self) -> None:
+        _per_image(self)
 
     @property
     def ttft_ms(self) -> float:
@@ -61,11 +74,42 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Choice:
-    budget: int
+    budget: int  # the newest (last) image's budget
     prediction: Prediction | None
     deadline_met: bool | None  # predicted; None when no deadline was given
     reason: str
-    candidates: dict[int, float] = field(default_factory=dict)  # budget -> predicted ms
+    # predicted ms per candidate: budget -> ms for one image, "b1,b2,...,bN" (per image) -> ms for N
+    candidates: dict[int | str, float] = field(default_factory=dict)
+    budgets: tuple[int, ...] = ()  # per image, in order (filled with (budget,) for one image)
+
+    def __post_init__(self) -> None:
+        _per_image(self)
+
+
+def _per_image(x: Prediction | Choice) -> None:
+    """Fill `budgets` with (budget,) when not given; the last one must be `budget`."""
+    object.__setattr__(x, "budgets", tuple(x.budgets) or (x.budget,))  # frozen: set once, here
+    if x.budgets[-1] != x.budget:
+        raise ValueError(f"budget {x.budget} must be the last (newest) image's of budgets {x.budgets}")
+
+
+def ladder(budgets: Sequence[int], images: int) -> list[tuple[int, ...]]:
+    """Per-image budget combinations, most expensive first (see the module docstring): the newest
+    (last) image at each budget b, the others at b, then at the next smaller budget."""
+    bs = sorted(budgets, reverse=True)
+    if images == 1:
+        return [(b,) for b in bs]
+    out = []
+    for b, smaller in zip(bs, [*bs[1:], None]):
+        out.append((b,) * images)
+        if smaller is not None:
+            out.append((smaller,) * (images - 1) + (b,))
+    return out
+
+
+def label(budgets: Sequence[int]) -> int | str:
+    """A candidate's key: the budget for one image, "b1,b2,...,bN" for several."""
+    return budgets[0] if len(budgets) == 1 else ",".join(map(str, budgets))
 
 
 class Policy:
@@ -84,13 +128,13 @@ class Policy:
         self._seen = {part: [deque[float](maxlen=window) for _ in range(MAX_LOAD + 1)] for part in PARTS}
         self._lock = threading.Lock()
 
-    def raw(self, budget: int, text_tokens: int, max_new_tokens: int) -> dict[str, float]:
-        """Profiled ms per stage, uncorrected."""
-        p = self.profile
+    def raw(self, budget: int | Sequence[int], text_tokens: int, max_new_tokens: int) -> dict[str, float]:
+        """Profiled ms per stage, uncorrected; `budget`: one image's, or one per image."""
+        p, budgets = self.profile, _budgets(budget)
         return {
-            "preprocess": p.preprocess_ms,
-            "vision": p.vision(budget),
-            "prefill": p.prefill(text_tokens + budget),
+            "preprocess": p.preprocess_ms * len(budgets),
+            "vision": sum(p.vision(t) for t in budgets),
+            "prefill": p.prefill(text_tokens + sum(budgets)),
             "decode": p.decode_ms_per_token * max_new_tokens,
         }
 
@@ -107,11 +151,18 @@ class Policy:
         return float(1 + level)  # nothing observed yet: the profile, shared by processor sharing
 
     def predict(
-        self, budget: int, text_tokens: int, max_new_tokens: int, spent_ms: float | None = None, load: int = 0
+        self,
+        budget: int | Sequence[int],
+        text_tokens: int,
+        max_new_tokens: int,
+        spent_ms: float | None = None,
+        load: int = 0,
     ) -> Prediction:
-        """Corrected ms per stage; `spent_ms`: time this request already spent (preprocessing,
-        a queue), used as is; `load`: other requests in flight on this device."""
-        raw = self.raw(budget, text_tokens, max_new_tokens)
+        """Corrected ms per stage for one image at `budget`, or one image per budget in a list
+        (the last the newest); `spent_ms`: time this request already spent (preprocessing, a
+        queue), used as is; `load`: other requests in flight on this device."""
+        budgets = _budgets(budget)
+        raw = self.raw(budgets, text_tokens, max_new_tokens)
         stages = dict(raw)
         for part, names in PARTS.items():
             r = self.ratio(part, load)
@@ -119,7 +170,7 @@ class Policy:
                 stages[name] = raw[name] * r
         if spent_ms is not None:
             stages["preprocess"] = spent_ms
-        return Prediction(budget, stages)
+        return Prediction(budgets[-1], stages, budgets)
 
     def choose(
         self,
@@ -130,38 +181,49 @@ class Policy:
         strict: bool = False,
         spent_ms: float | None = None,
         load: int = 0,
+        images: int = 1,
     ) -> Choice:
-        """Largest budget predicted to fit; else the smallest (deadline_met=False) or DeadlineError.
+        """The first candidate of the ladder predicted to fit (for one image: the largest budget);
+        else all-smallest (deadline_met=False) or DeadlineError.
 
         `spent_ms`: time already spent on this request (preprocessing, queueing), counted as
-        measured; `load`: other requests in flight on this device.
+        measured; `load`: other requests in flight on this device; `images`: how many images the
+        prompt holds (the last the newest).
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        preds = {t: self.predict(t, text_tokens, max_new_tokens, spent_ms, load) for t in self.budgets}
-        times = {t: round(p.time(objective), 3) for t, p in preds.items()}
+        steps = ladder(self.budgets, images)
+        preds = [self.predict(c, text_tokens, max_new_tokens, spent_ms, load) for c in steps]
+        times = {label(c): round(p.time(objective), 3) for c, p in zip(steps, preds)}
         if latency_ms is None:
-            t = self.budgets[0]
-            return Choice(t, preds[t], None, "no latency budget given: the largest budget", times)
+            return _choice(preds[0], None, "no latency budget given: the largest budget", times)
         q = f"p{round(self.quantile * 100):d}"
         busy = f", {load} other request(s) in flight" if load else ""
-        for t in self.budgets:  # largest first
-            if times[t] <= latency_ms:
-                why = f"largest budget whose {q} {objective} {times[t]:.1f} ms fits {latency_ms:g} ms{busy}"
-                return Choice(t, preds[t], True, why, times)
-        smallest = self.budgets[-1]
+        what = "budget" if images == 1 else f"per-image budgets for {images} images (newest last)"
+        for c, p in zip(steps, preds):  # most expensive first
+            ms = times[label(c)]
+            if ms <= latency_ms:
+                why = f"largest {what} whose {q} {objective} {ms:.1f} ms fits {latency_ms:g} ms{busy}"
+                return _choice(p, True, why + _which(c), times)
+        last = steps[-1]
         why = (
-            f"no budget fits {latency_ms:g} ms{busy}: the smallest ({smallest}) is predicted at "
-            f"{times[smallest]:.1f} ms {objective} ({q})"
+            f"no budget fits {latency_ms:g} ms{busy}: the smallest ({label(last)}) is predicted at "
+            f"{times[label(last)]:.1f} ms {objective} ({q})"
         )
         if strict:
             raise DeadlineError(why + "; raise the latency budget or drop strict")
-        return Choice(smallest, preds[smallest], False, why + ": serving it anyway", times)
+        return _choice(preds[-1], False, why + ": serving it anyway", times)
 
     def observe(
-        self, budget: int, text_tokens: int, decoded_tokens: int, measured: dict[str, float], load: int = 0
+        self,
+        budget: int | Sequence[int],
+        text_tokens: int,
+        decoded_tokens: int,
+        measured: dict[str, float],
+        load: int = 0,
     ) -> None:
-        """Record one request's measured / profiled ratios (ttft part and decode) at its load."""
+        """Record one request's measured / profiled ratios (ttft part and decode) at its load;
+        `budget`: its image's, or one per image."""
         raw = self.raw(budget, text_tokens, decoded_tokens)
         level = min(max(load, 0), MAX_LOAD)
         with self._lock:
@@ -177,3 +239,19 @@ class Policy:
     def corrections(self, load: int = 0) -> dict[str, float]:
         """The current correction per part at `load` (1.0: the profile as measured)."""
         return {part: self.ratio(part, load) for part in PARTS}
+
+
+def _budgets(budget: int | Sequence[int]) -> tuple[int, ...]:
+    return (budget,) if isinstance(budget, int) else tuple(budget)
+
+
+def _choice(p: Prediction, met: bool | None, why: str, times: dict[int | str, float]) -> Choice:
+    return Choice(p.budget, p, met, why, times, p.budgets)
+
+
+def _which(budgets: tuple[int, ...]) -> str:
+    """': newest 144, others 36' for several images ('' for one)."""
+    if len(budgets) == 1:
+        return ""
+    others = sorted(set(budgets[:-1]))
+    return f": newest {budgets[-1]}, others {','.join(map(str, others))}"

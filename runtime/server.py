@@ -3,7 +3,7 @@
     pip install "fmvr-edge[serve]"
     python -m runtime serve --bundle B --host 127.0.0.1 --port 8000
 
-POST /v1/chat/completions (text + image_url data URI; `stream: true` as server-sent events
+POST /v1/chat/completions (text + one or more image_url data URIs; `stream: true` as server-sent events
 ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (prometheus-client).
 
 How a request runs. Its body is read up to max_body_bytes (413 past it) and validated by the
@@ -44,7 +44,9 @@ except ImportError as e:  # the base runtime does not carry the server's depende
     raise ImportError(f'the server needs its extra: pip install "fmvr-edge[serve]" ({e})') from e
 
 from runtime import api
+from runtime.images import ContextError
 from runtime.llm import GenerationTimeout
+from runtime.options import OptionsError
 from runtime.policy import DeadlineError
 
 log = logging.getLogger("runtime.server")
@@ -334,24 +336,20 @@ class Server:
             ans.close()
 
     def _start(self, req: api.ChatRequest, waited_ms: float) -> Any:
-        """Pipeline.stream, with the context checked before (at the smallest or forced budget)
-        and after (at the budget chosen): an answer, or an ApiError."""
-        pipe, opts = self.pipeline, req.options
-        text_tokens, context = len(pipe.prompt_ids(req.turns)) - 1, pipe.decoder.max_len
-        if opts.tokens is None or opts.tokens in pipe.budgets:
-            api.check_context(text_tokens, opts.tokens or min(pipe.budgets), opts.max_new_tokens, context)
+        """Pipeline.stream, which checks the context before any vision work (at the smallest or
+        forced budgets) and after choosing (at every image's budget): an answer, or an ApiError."""
         try:
-            ans = pipe.stream(req.image, req.turns, opts, waited_ms=waited_ms)
+            return self.pipeline.stream(req.images, req.turns, req.options, waited_ms=waited_ms)
         except DeadlineError as e:
             raise api.ApiError(422, str(e), "deadline_error", "latency_budget_ms") from e
+        except ContextError as e:  # the same numbers, in the request's field names
+            api.check_context(e.text_tokens, list(e.budgets), e.max_new_tokens, e.context)
+            raise api.ApiError(400, str(e), param="messages") from e
+        except OptionsError as e:  # a visual_tokens list of the wrong length
+            name = api.JSON_NAMES.get(e.field, e.field)
+            raise api.ApiError(400, f"'{name}' {e.problem}", param=name) from e
         except ValueError as e:  # bad image, budget, profile missing
             raise api.ApiError(400, str(e)) from e
-        try:
-            api.check_context(text_tokens, ans.budget, opts.max_new_tokens, context)
-        except api.ApiError:
-            ans.close()
-            raise
-        return ans
 
 
 def _event(data: Any) -> str:

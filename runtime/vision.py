@@ -50,6 +50,7 @@ class VisionBackend(Protocol):
     provider: str  # the execution provider / engine runtime that does the work
     shared: bool  # one pass serves every budget (escalation without a second tower run)
     budgets: tuple[int, ...]  # the budgets this backend serves, largest first
+    max_batch: int | None  # the most images one encode call takes (None: the graph's dynamic batch)
 
     def encode(self, pixels: np.ndarray, budgets: Sequence[int]) -> dict[int, np.ndarray]:
         """pixels [B,3,S,S] float32 (or frames [B,H,W,3] uint8, see graph_input) -> {T: [B, T, D]
@@ -58,6 +59,8 @@ class VisionBackend(Protocol):
 
 
 class OrtVision:
+    max_batch: int | None = None  # the exported graphs' batch axis is dynamic
+
     def __init__(self, bundle_dir: Path, m: Manifest, name: str, threads: int = 0) -> None:
         import onnxruntime as ort
 
@@ -137,6 +140,7 @@ class TrtVision:
             self.engines[int(t)] = engine
         self.budgets = tuple(sorted(self.engines, reverse=True))
         self.section = m.vision
+        self.max_batch: int | None = min((_profile_max_batch(e) for e in self.engines.values()), default=1)
 
     def _check(self, err: Any) -> None:
         if int(err) != 0:
@@ -182,6 +186,15 @@ class TrtVision:
             cudart.cudaFree(dy)
             cudart.cudaStreamDestroy(stream)
         return y.astype(np.float32)
+
+
+def _profile_max_batch(engine: Any) -> int:
+    """The largest batch an engine's optimization profile 0 accepts on its input."""
+    import tensorrt as trt
+
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    return int(engine.get_tensor_profile_shape(inp, 0)[2][0])  # (min, opt, max) shapes -> max B
 
 
 def _cudart() -> Any:
