@@ -126,7 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results", help="where runtime_bench.{json,md,png} go")
     b.add_argument("--runs", type=int, default=5, help="timed runs per budget")
     b.add_argument("--requests", type=int, default=40, help="requests in the policy-under-load run")
-    b.add_argument("--concurrency", type=int, default=2, help="parallel clients in the load run")
+    b.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="parallel clients in the load runs (one run each)",
+    )
     c = sub.add_parser("card", help="this device's budget card: p50/p95 ms per stage, accuracy per category")
     _common(c)
     add_card_arguments(c)
