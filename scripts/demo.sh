@@ -6,7 +6,8 @@
 #   2. training on the built-in visual benchmark (stage 1: projector + FMVR; stage 2: + LoRA
 #      on SmolLM2), then accuracy per budget and category on the held-out test split
 #   3. export: ONNX vision graph (all budgets, one shared trunk) + int8 ONNX decoder
-#   4. the torch-free runtime: questions at three latency budgets, the budget it picks
+#   4. the torch-free runtime: questions at three latency budgets, the budget it picks; two frames
+#      in one request under one deadline (a budget per frame); this device's budget card
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_DIR:-runs/demo}
@@ -48,3 +49,8 @@ for scene in 0 1; do
     "$PY" -m runtime ask --bundle "$OUT/bundle" --image "$OUT/scene$scene.png" \
         --prompt "$(cat "$OUT/question$scene.txt")" --latency-ms "$TIGHT" "$MID" "$LOOSE" --max-new-tokens 8
 done
+# Two frames in one request under one deadline: the newest gets the largest budget that fits.
+"$PY" -m runtime ask --bundle "$OUT/bundle" --image "$OUT/scene0.png" --image "$OUT/scene1.png" \
+    --prompt "$(cat "$OUT/question1.txt")" --latency-ms "$MID" --max-new-tokens 8
+# What each budget buys on this device: p50/p95 per stage and accuracy per category, through the runtime.
+"$PY" -m runtime card --bundle "$OUT/bundle" --bench-n 10
