@@ -32,7 +32,11 @@ def test_load_check_compares_the_policy_with_the_largest_fixed_budget_that_keeps
     assert rows[30.0]["best_fixed_budget"] == 144 and rows[30.0]["kept"]
 
 
-def test_bench_runs_one_load_run_per_concurrency(pipe, tmp_path):
+def test_bench_runs_one_load_run_per_concurrency(tiny_bundle, tmp_path):
+    from runtime.pipeline import Pipeline
+
+    # its own pipeline: the bench measures a profile into it, which the shared `pipe` must not get
+    pipe = Pipeline.load(tiny_bundle, threads=1)
     rep = run_bench(pipe, tmp_path, runs=1, requests=3, concurrency=(1, 2))
     assert [load["concurrency"] for load in rep["load"]] == [1, 2]
     for load in rep["load"]:
