@@ -49,7 +49,7 @@ lint: venv
 
 typecheck: venv
 	# mypy against a repaired copy of tensorrt-stubs (plain mypy would type tensorrt as Any)
-	$(PY) -m export.typecheck export/engines.py export/gates.py runtime/vision.py
+	$(PY) -m export.typecheck export/engines.py export/engine_inputs.py export/gates.py runtime/vision.py
 
 check: test lint typecheck
 
