@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.frame_input import PREPROCESS
 from runtime.images import encode_images
-from runtime.measure import _time
+from runtime.measure import time_ms
 
 PROMPT = "What changed between the frames?"
 
@@ -46,8 +46,8 @@ def batching(pipe: Any, ns: list[int], runs: int, tokens: int, width: int, heigh
 def _row(pipe: Any, xs: list[np.ndarray], tokens: int, runs: int, name: str) -> dict[str, Any]:
     ts = [tokens] * len(xs)
     _, calls = encode_images(pipe.vision, xs, ts)
-    batched = statistics.median(_time(lambda: encode_images(pipe.vision, xs, ts), 2, runs))
-    single = statistics.median(_time(lambda: [pipe.vision.encode(x, [tokens]) for x in xs], 2, runs))
+    batched = statistics.median(time_ms(lambda: encode_images(pipe.vision, xs, ts), 2, runs))
+    single = statistics.median(time_ms(lambda: [pipe.vision.encode(x, [tokens]) for x in xs], 2, runs))
     frames = [x[0] for x in xs] if pipe.manifest.vision.frame_input else None
     ttft = None
     if frames is not None:

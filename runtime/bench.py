@@ -27,7 +27,7 @@ from typing import Any
 from fmvr.atomic import open_atomic, write_json, write_text
 from runtime.batching import batching as _batching
 from runtime.batching import to_markdown as to_markdown_batching
-from runtime.measure import _time, synthetic_image
+from runtime.measure import synthetic_image, time_ms
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
 
@@ -143,10 +143,10 @@ def preprocess_comparison(pipe: Any, runs: int) -> dict[str, Any]:
 
 
 def _preprocess_times(pipe: Any, image: Any, tokens: int, runs: int) -> dict[str, Any]:
-    host = statistics.median(_time(lambda: pipe.prepare(image), 2, runs))
+    host = statistics.median(time_ms(lambda: pipe.prepare(image), 2, runs))
     x = pipe.prepare(image)  # what the graph takes
     pixels = getattr(pipe.vision, "pixels", None) if pipe.manifest.vision.frame_input else None
-    in_graph = statistics.median(_time(lambda: pixels(x), 2, runs)) if pixels else None
+    in_graph = statistics.median(time_ms(lambda: pixels(x), 2, runs)) if pixels else None
     rs = [pipe.ask(image, PROMPT, tokens=tokens, max_new_tokens=1) for _ in range(runs + 1)][1:]
     ttft = statistics.median(r.measured_ms["ttft"] for r in rs)
     return {"host_ms": host, "in_graph_ms": in_graph, f"ttft_{tokens}_ms": ttft}

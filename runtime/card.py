@@ -69,10 +69,10 @@ def profile_stats(profile: Profile, budgets: list[int], text_tokens: int) -> dic
 
 def measure_samples(pipe: Any, warmup: int, runs: int, decode_tokens: int) -> dict[int, dict[str, list]]:
     """Per budget and stage, `runs` samples (ms) with runtime.measure's frame, prompt and timers."""
-    from runtime.measure import PROFILE_PROMPT, _decode_ms_per_token, _prefill_ms, _time, synthetic_image
+    from runtime.measure import PROFILE_PROMPT, decode_ms_per_token, prefill_ms, synthetic_image, time_ms
 
     image = synthetic_image()
-    pre = _time(lambda: pipe.prepare(image), warmup, runs)
+    pre = time_ms(lambda: pipe.prepare(image), warmup, runs)
     x = pipe.prepare(image)  # [1, 3, S, S] pixels or [1, H, W, 3] frames
     ids = pipe.prompt_ids(PROFILE_PROMPT)
     feats = {t: f[0] for t, f in pipe.vision.encode(x, list(pipe.budgets)).items()}  # T -> [T, D]
@@ -81,12 +81,12 @@ def measure_samples(pipe: Any, warmup: int, runs: int, decode_tokens: int) -> di
     for _ in range(warmup):
         for t in pipe.budgets:
             pipe.vision.encode(x, [t])
-            _decode_ms_per_token(pipe, embeds[t], 2)
+            decode_ms_per_token(pipe, embeds[t], 2)
     for _ in range(runs):  # round-robin: a noisy neighbour slows every budget alike
         for t in pipe.budgets:
-            out[t]["vision"] += _time(lambda t=t: pipe.vision.encode(x, [t]), 0, 1)
-            out[t]["prefill"].append(_prefill_ms(pipe, embeds[t]))
-            out[t]["decode_per_token"].append(_decode_ms_per_token(pipe, embeds[t], decode_tokens))
+            out[t]["vision"] += time_ms(lambda t=t: pipe.vision.encode(x, [t]), 0, 1)
+            out[t]["prefill"].append(prefill_ms(pipe, embeds[t]))
+            out[t]["decode_per_token"].append(decode_ms_per_token(pipe, embeds[t], decode_tokens))
     return out
 
 

@@ -36,7 +36,7 @@ def synthetic_image(width: int = 640, height: int = 480, seed: int = 0) -> bytes
     return buf.getvalue()
 
 
-def _time(fn: Any, warmup: int, runs: int) -> list[float]:
+def time_ms(fn: Any, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -47,14 +47,14 @@ def _time(fn: Any, warmup: int, runs: int) -> list[float]:
     return out
 
 
-def _prefill_ms(pipe: Any, embeds: np.ndarray) -> float:
+def prefill_ms(pipe: Any, embeds: np.ndarray) -> float:
     gen = pipe.decoder.start(embeds, SamplingParams(max_new_tokens=1))
     for _ in gen:
         pass
     return gen.prefill_ms
 
 
-def _decode_ms_per_token(pipe: Any, embeds: np.ndarray, tokens: int) -> float:
+def decode_ms_per_token(pipe: Any, embeds: np.ndarray, tokens: int) -> float:
     gen = pipe.decoder.start(embeds, SamplingParams(max_new_tokens=tokens))  # no stop tokens
     for _ in gen:
         pass
@@ -64,7 +64,7 @@ def _decode_ms_per_token(pipe: Any, embeds: np.ndarray, tokens: int) -> float:
 def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, image: Any = None) -> Profile:
     """A Profile of `pipe` (a runtime.pipeline.Pipeline) on this device."""
     image = synthetic_image() if image is None else image
-    pre = _time(lambda: pipe.prepare(image), warmup, runs)
+    pre = time_ms(lambda: pipe.prepare(image), warmup, runs)
     pixels = pipe.prepare(image)  # [1, 3, S, S] pixels, or frames [1, H, W, 3] for in-graph preprocessing
     ids = pipe.prompt_ids(PROFILE_PROMPT)
     feats = {t: f[0] for t, f in pipe.vision.encode(pixels, list(pipe.budgets)).items()}  # T -> [T, D]
@@ -72,7 +72,7 @@ def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, 
     for _ in range(warmup):
         for t in pipe.budgets:
             pipe.vision.encode(pixels, [t])
-            _prefill_ms(pipe, embeds[t])
+            prefill_ms(pipe, embeds[t])
     # Round-robin over budgets, so that a noisy neighbour slows every budget alike.
     vis: dict[int, list[float]] = {t: [] for t in pipe.budgets}
     points = []
@@ -81,13 +81,13 @@ def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, 
             t0 = time.perf_counter()
             pipe.vision.encode(pixels, [t])
             vis[t].append((time.perf_counter() - t0) * 1e3)
-            points.append([len(ids) - 1 + t, _prefill_ms(pipe, embeds[t])])
+            points.append([len(ids) - 1 + t, prefill_ms(pipe, embeds[t])])
     vision = {t: percentiles(v) for t, v in vis.items()}
     intercept, slope = fit_line([(int(n), ms) for n, ms in points])
     small = embeds[pipe.budgets[-1]]
-    _decode_ms_per_token(pipe, small, 4)  # warm-up
+    decode_ms_per_token(pipe, small, 4)  # warm-up
     decode = float(
-        np.median([_decode_ms_per_token(pipe, small, decode_tokens) for _ in range(max(1, runs // 2))])
+        np.median([decode_ms_per_token(pipe, small, decode_tokens) for _ in range(max(1, runs // 2))])
     )
     return Profile(
         device=dict(pipe.device),  # device_info(provider) from Pipeline.__init__
