@@ -45,6 +45,24 @@ def parse_args(argv):
     )
     p.add_argument("--stage1-batch-size", type=int, default=8, help="stage-1 captions per step")
     p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 learning rate")
+    p.add_argument("--stage1-bench-n", type=int, default=0, help="stage-1 caption scenes (0: --bench-n)")
+    p.add_argument(
+        "--stage1-template",
+        default="plain",
+        choices=("plain", "chat"),
+        help="stage-1 template (chat: the model's own; for small, plain does not carry over to ChatML)",
+    )
+    p.add_argument(
+        "--kind",
+        default="qa",
+        choices=("qa", "mix"),
+        help="stage-2 records: qa (every question) or mix (questions + the caption as one more block)",
+    )
+    p.add_argument(
+        "--tokens",
+        default="all",
+        help="budgets trained and scored, comma-separated (all: the model's; e.g. 36,9 keeps CPU steps cheap)",
+    )
     p.add_argument("--device-tag", default="cpu", help="where it ran, recorded in the results (cpu, gpu)")
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
     p.add_argument("--seeds", default="0,1,2", help="seeds (model init and data order)")
@@ -82,7 +100,8 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         bf16=args.bf16,
         seed=seed,
         budget_mode=args.budget_mode,
-        bench_n=args.bench_n,
+        tokens=args.tokens,
+        cache_vision=True,  # the tower is frozen: its features are computed once per image
         progress=False,
         log_every=10,
     )
@@ -95,6 +114,8 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
             steps=args.stage1_steps,
             batch_size=args.stage1_batch_size,
             lr=args.stage1_lr,
+            template=args.stage1_template,
+            bench_n=args.stage1_bench_n or args.bench_n,
             **common,
         ).check()
         train_model(s1, cache=cache)
@@ -114,16 +135,17 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         batch_size=args.batch_size,
         lr=args.lr,
         schedule=args.schedule,
-        budget_mode=args.budget_mode,
         bench_n=args.bench_n,
-        progress=False,
-        log_every=10,
+        bench_seed=1 if args.stage1_steps else 0,  # stage 2 sees other scenes than stage 1's captions
+        bench_kind=args.kind,
+        **common,
     ).check()
     model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0 / pretrained) for all runs
     train_s = time.time() - t0
     from fmvr.tokenizer import preset_tokenizer
 
-    res = evaluate_bench(model, preset_tokenizer(model.cfg), model.cfg.budgets, n=args.eval_n, split="test")
+    budgets = model.cfg.budgets if args.tokens == "all" else tuple(int(t) for t in args.tokens.split(","))
+    res = evaluate_bench(model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     row = {
         "pyramid": pyramid,
@@ -245,7 +267,8 @@ def main(argv=None) -> int:
     from train.loss import VisionCache
 
     cache = VisionCache()
-    rows = [run_one(args, p, int(s), cache) for p in args.pyramids.split(",") for s in args.seeds.split(",")]
+    # seed-major, so an interrupted study still holds every cascade at the first seeds
+    rows = [run_one(args, p, int(s), cache) for s in args.seeds.split(",") for p in args.pyramids.split(",")]
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

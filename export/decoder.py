@@ -140,6 +140,16 @@ def make_decoder(lm: Any, cfg: Any, tokenizer: Any, final: Path, opts: LLMOption
     shutil.rmtree(work)
 
 
+def accuracy_level(path: Path) -> int | None:
+    """The MatMulNBits accuracy_level of the decoder at `path` (None: no MatMulNBits, or unset)."""
+    import onnx
+
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            return next((int(a.i) for a in node.attribute if a.name == "accuracy_level"), None)
+    return None
+
+
 def embeds_dtype(path: Path) -> str:
     import onnx
 
@@ -175,6 +185,7 @@ def write_llm(model: Any, tokenizer: Any, root: Path, opts: LLMOptions) -> tuple
         quantization={
             "method": q.method,
             "block_size": opts.block_size if q.uses_block_size else None,
+            "accuracy_level": accuracy_level(final),
             "target": opts.target,
         },
     )

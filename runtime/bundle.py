@@ -51,7 +51,8 @@ manifest.json (schema_version 3; version 2 bundles, without vision.preprocess, s
     dtype and whether position_ids is an input are read from the graph itself);
     quant: "int4" | "int8" | "fp16" | "fp32" (the `--quant` value; export.quant's table);
     quantization: {method (what it is, in words), block_size (MatMulNBits block, null for
-    fp16/fp32), target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run",
+    fp16/fp32), accuracy_level (MatMulNBits; 4 = int8 activations in the CPU kernel, null
+    where unset), target: "cpu"|"cuda", bytes, agreement: {status: "measured"|"not-run",
     reason, provider, top1, max_abs_logit_err, positions, prompts, floor, greedy_tokens (20),
     greedy_match, greedy_equal, ok}} (agreement: runtime.llm.Decoder vs PyTorch fp32 logits
     on a fixed text prompt set; "not-run" when the target's provider is absent, e.g. CUDA).
