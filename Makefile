@@ -1,4 +1,5 @@
-# Quick start:  make demo   (the main job on the built-in tiny model: no downloads, no GPU)
+# Quick start:  make demo   (the main job on the `small` preset and the built-in benchmark: no hub
+#                           downloads, no GPU; ~15 min on 2 cores)
 #               make test   (the test suite)
 # Both create .venv and install the pinned versions of constraints.txt on first use.
 

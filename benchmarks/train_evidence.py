@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.bench import CATEGORIES  # noqa: E402
+from train.bench import CATEGORIES, constant_baseline  # noqa: E402
+from train.ckpt import same_run  # noqa: E402
 from train.eval import evaluate_bench  # noqa: E402
 from train.loop import train_model  # noqa: E402
 from train.stages import TrainConfig  # noqa: E402
@@ -33,7 +34,7 @@ TOWERS = {
 }
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="model preset")
     p.add_argument("--lora", action="store_true", help="train the LLM through LoRA adapters (small)")
@@ -84,7 +85,11 @@ def parse_args(argv):
     p.add_argument(
         "--name", default="", help="summary file name (default: train_evidence / evidence_<preset>)"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     args.name = args.name or ("train_evidence" if args.preset == "tiny" else f"evidence_{args.preset}")
     return args
 
@@ -118,19 +123,16 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
             bench_n=args.stage1_bench_n or args.bench_n,
             **common,
         ).check()
-        train_model(s1, cache=cache)
+        if not same_run(out / "stage1" / "final", s1):  # a finished stage 1 of this recipe is kept
+            train_model(s1, cache=cache)
         init = str(out / "stage1" / "final")
     cfg = TrainConfig(
         stage="stage2",
         out=str(out),
         init=init,
-        preset=args.preset,
-        pyramid=pyramid,
         lora=args.lora,
         lora_alpha=args.lora_alpha,
-        bf16=args.bf16,
         projector_lr=args.projector_lr,
-        seed=seed,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -199,24 +201,25 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def command_line(args) -> str:
+    """The command that reproduces a study: every flag whose value is not the default."""
+    defaults = vars(parse_args([]))
+    defaults["name"] = parse_args(["--preset", args.preset]).name
+    parts = ["python benchmarks/train_evidence.py"]
+    for key, value in vars(args).items():
+        if value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def markdown(summary: dict, args, rows: list[dict]) -> str:
     cols = [*CATEGORIES, "all"]
     lines = [
         f"# Evidence: FMVR vs M3 vs none on the built-in benchmark ({args.preset} preset, {args.device_tag})",
         "",
-        f"Command: `python benchmarks/train_evidence.py --preset {args.preset}"
-        + (" --lora" if args.lora else "")
-        + (" --bf16" if args.bf16 else "")
-        + (f" --projector-lr {args.projector_lr}" if args.projector_lr else "")
-        + (f" --lora-alpha {args.lora_alpha}" if args.lora else "")
-        + (
-            f" --stage1-steps {args.stage1_steps} --stage1-batch-size {args.stage1_batch_size} --stage1-lr {args.stage1_lr}"
-            if args.stage1_steps
-            else ""
-        )
-        + f" --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-        f"--schedule {args.schedule} --budget-mode {args.budget_mode} --bench-n {args.bench_n} --eval-n {args.eval_n} --seeds {args.seeds} "
-        f"--pyramids {args.pyramids} --runs {args.runs} --name {args.name}`",
+        f"Command: `{command_line(args)}`",
         "",
         f"Accuracy (%) on {args.eval_n} test scenes x 5 questions, mean +- std over seeds {args.seeds}; stage 2 from scratch "
         f"({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size}.",
@@ -224,6 +227,8 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
         "| cascade | tokens | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",
     ]
+    base = constant_baseline("test", args.eval_n)
+    lines.append("| best constant answer | - | " + " | ".join(f"{100 * base[c][1]:.1f}" for c in cols) + " |")
     for p, ts in summary.items():
         for t in sorted(ts, key=int, reverse=True):
             lines.append(
@@ -231,6 +236,12 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
                 + " | ".join(f"{100 * ts[t][c][0]:.1f} +- {100 * ts[t][c][1]:.1f}" for c in cols)
                 + " |"
             )
+    lines += [
+        "",
+        "The best constant answer per category on the same test questions ("
+        + ", ".join(f'{c} "{base[c][0]}"' for c in CATEGORIES)
+        + ") is what a model scores that never looks at the image.",
+    ]
     mins = sum(r["train_s"] + r["eval_s"] for r in rows) / 60
     lines += ["", f"{len(rows)} runs, {mins:.0f} min of training + evaluation in total."]
     return "\n".join(lines) + "\n"
@@ -279,6 +290,10 @@ def main(argv=None) -> int:
                 "device": args.device_tag,
                 "rows": flat_rows(rows),
                 "summary": summary,
+                "constant_baseline": {
+                    c: {"answer": a, "accuracy": v}
+                    for c, (a, v) in constant_baseline("test", args.eval_n).items()
+                },
                 "runs": rows,
             },
             indent=1,

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fmvr.cli import renamed_flags
 from fmvr.config import PYRAMIDS
-from train.stages import BENCH_KINDS, RENAMED_KEYS, STAGES, TrainConfig
+from train.ckpt import same_run
+from train.stages import BENCH_KINDS, STAGES, TrainConfig
 
 RENAMED_FLAGS = {"--budgets": "--tokens"}  # renamed in 0.2 (old -> new), accepted for one release
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     final = Path(cfg.out) / "final"
-    if args.skip_if_done and _same_run(final, cfg):
+    if args.skip_if_done and same_run(final, cfg):
         print(f"{final} is already trained with this config (delete it to retrain)")
         return 0
     try:
@@ -125,18 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trained {cfg.stage}: {out}")
     print(f"next: python -m train.eval --checkpoint {out}")
     return 0
-
-
-def _same_run(final: Path, cfg: TrainConfig) -> bool:
-    extra = final / "extra.json"
-    if not extra.is_file():
-        return False
-    saved = json.loads(extra.read_text()).get("train_config", {})
-    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
-    ignore = {"progress", "stop_after", "log_every"}
-    return {k: v for k, v in saved.items() if k not in ignore} == {
-        k: v for k, v in cfg.to_dict().items() if k not in ignore
-    }
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ it (and tests re-derive them from the record).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -349,6 +350,22 @@ def write_llava(out_dir: str | Path, split: str, n: int, seed: int = 0, kind: st
     path = out / f"{split}-{kind}.json"
     atomic.write_json(path, records, indent=1)
     return path
+
+
+def constant_baseline(split: str = "test", n: int = 100, seed: int = 0) -> dict[str, tuple[str, float]]:
+    """The best constant answer per category on the first n scenes of a split, and its accuracy:
+    {category: (answer, accuracy)}, plus "all" (the mean). A model that does not look at the image
+    scores at most this, so it is the line a trained model has to clear."""
+    answers: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
+    for scene in scenes(split, n, seed):
+        for c, _, a in scene.questions:
+            answers[c][a] += 1
+    out = {}
+    for c, counts in answers.items():
+        best, hits = counts.most_common(1)[0]
+        out[c] = (best, hits / sum(counts.values()))
+    out["all"] = ("", sum(acc for _, acc in out.values()) / len(CATEGORIES))
+    return out
 
 
 def score(answer_text: str, target: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fmvr import atomic
-from train.stages import TrainConfig
+from train.stages import RENAMED_KEYS, TrainConfig
 
 
 def trainable_named(model) -> dict[str, torch.nn.Parameter]:
@@ -119,3 +119,16 @@ def plain_copy(model):
         raise RuntimeError(f"gathered state lacks {missing[:5]}")
     plain.trainable(tuple({k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad}))
     return plain
+
+
+def same_run(final: Path, cfg: TrainConfig) -> bool:
+    """Whether checkpoint dir `final` was trained with this config (progress/logging aside)."""
+    extra = final / "extra.json"
+    if not extra.is_file():
+        return False
+    saved = json.loads(extra.read_text()).get("train_config", {})
+    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
+    ignore = {"progress", "stop_after", "log_every"}
+    return {k: v for k, v in saved.items() if k not in ignore} == {
+        k: v for k, v in cfg.to_dict().items() if k not in ignore
+    }

@@ -89,3 +89,14 @@ def test_write_llava_format(tmp_path):
 
 def test_score():
     assert bench.score(" Red.", "red") and not bench.score("red circle", "red")
+
+
+def test_constant_baseline_is_the_best_single_answer():
+    base = bench.constant_baseline("val", 30)
+    qs = [(c, a) for s in bench.scenes("val", 30) for c, _, a in s.questions]
+    for c in bench.CATEGORIES:
+        targets = [a for cat, a in qs if cat == c]
+        answer, acc = base[c]
+        assert acc == targets.count(answer) / len(targets)
+        assert all(targets.count(other) <= targets.count(answer) for other in set(targets))
+    assert base["all"][1] == pytest.approx(np.mean([base[c][1] for c in bench.CATEGORIES]))
