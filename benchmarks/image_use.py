@@ -36,7 +36,7 @@ def losses(model, data: BenchDataset, budgets: tuple[int, ...], batch: int, shif
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
         examples = [data.example(i) for i in idx]
-        pixels = [data.image((i + shift) % n) for i in idx]
+        pixels = [p for i in idx for p in data.images((i + shift) % n)]
         b = collate(examples, pixels, model.cfg, budgets)
         k = b.num_targets()
         for t in budgets:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.bench import CATEGORIES, constant_baseline  # noqa: E402
+from train.bench import CATEGORIES, CLIP_CATEGORY, constant_baseline  # noqa: E402
 from train.ckpt import same_run  # noqa: E402
 from train.eval import evaluate_bench  # noqa: E402
 from train.loop import train_model  # noqa: E402
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens",
         default="all",
         help="budgets trained and scored, comma-separated (all: the model's; e.g. 36,9 keeps CPU steps cheap)",
+    )
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=0,
+        help="two-frame clips trained in stage 2 beside the scenes, and --eval-n clips scored (the frames category)",
     )
     p.add_argument("--device-tag", default="cpu", help="where it ran, recorded in the results (cpu, gpu)")
     p.add_argument("--pyramids", default="fmvr,m3,none", help="cascades to compare")
@@ -140,6 +146,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         bench_n=args.bench_n,
         bench_seed=1 if args.stage1_steps else 0,  # stage 2 sees other scenes than stage 1's captions
         bench_kind=args.kind,
+        bench_clips=args.clips,
         **common,
     ).check()
     model, _ = train_model(cfg, cache=cache)  # one frozen tower (tower_seed 0 / pretrained) for all runs
@@ -147,7 +154,10 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     from fmvr.tokenizer import preset_tokenizer
 
     budgets = model.cfg.budgets if args.tokens == "all" else tuple(int(t) for t in args.tokens.split(","))
-    res = evaluate_bench(model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test")
+    clips = args.eval_n if args.clips else 0
+    res = evaluate_bench(
+        model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test", clips=clips
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     row = {
         "pyramid": pyramid,
@@ -155,7 +165,9 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         "train_s": train_s,
         "eval_s": time.time() - t0 - train_s,
         "accuracy": {str(t): v for t, v in res["accuracy"].items()},
-        "n": {c: args.eval_n for c in CATEGORIES} | {"all": args.eval_n * len(CATEGORIES)},
+        "n": {c: args.eval_n for c in CATEGORIES}
+        | {"all": args.eval_n * len(CATEGORIES)}
+        | ({CLIP_CATEGORY: clips} if clips else {}),
         "final_loss": log[-1]["loss"],
         "config": cfg.to_dict(),
     }
@@ -215,19 +227,22 @@ def command_line(args) -> str:
 
 
 def markdown(summary: dict, args, rows: list[dict]) -> str:
-    cols = [*CATEGORIES, "all"]
+    clips = args.eval_n if getattr(args, "clips", 0) else 0
+    cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if clips else [])
     lines = [
         f"# Evidence: FMVR vs M3 vs none on the built-in benchmark ({args.preset} preset, {args.device_tag})",
         "",
         f"Command: `{command_line(args)}`",
         "",
-        f"Accuracy (%) on {args.eval_n} test scenes x 5 questions, mean +- std over seeds {args.seeds}; stage 2 from scratch "
+        f"Accuracy (%) on {args.eval_n} test scenes x 5 questions"
+        + (f" (and {clips} two-frame clips, the frames column)" if clips else "")
+        + f", mean +- std over seeds {args.seeds}; stage 2 from scratch "
         f"({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size}.",
         "",
         "| cascade | tokens | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",
     ]
-    base = constant_baseline("test", args.eval_n)
+    base = constant_baseline("test", args.eval_n, n_clips=clips)
     lines.append("| best constant answer | - | " + " | ".join(f"{100 * base[c][1]:.1f}" for c in cols) + " |")
     for p, ts in summary.items():
         for t in sorted(ts, key=int, reverse=True):
@@ -239,7 +254,7 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
     lines += [
         "",
         "The best constant answer per category on the same test questions ("
-        + ", ".join(f'{c} "{base[c][0]}"' for c in CATEGORIES)
+        + ", ".join(f'{c} "{base[c][0]}"' for c in cols if c != "all")
         + ") is what a model scores that never looks at the image.",
     ]
     mins = sum(r["train_s"] + r["eval_s"] for r in rows) / 60
@@ -292,7 +307,9 @@ def main(argv=None) -> int:
                 "summary": summary,
                 "constant_baseline": {
                     c: {"answer": a, "accuracy": v}
-                    for c, (a, v) in constant_baseline("test", args.eval_n).items()
+                    for c, (a, v) in constant_baseline(
+                        "test", args.eval_n, n_clips=args.eval_n if args.clips else 0
+                    ).items()
                 },
                 "runs": rows,
             },

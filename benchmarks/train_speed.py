@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     tok = build_tiny_tokenizer()
     ds = BenchDataset("train", args.batch_size, tok, cfg, "vicuna_v1")
     n = args.batch_size
-    batch = collate([ds.example(i) for i in range(n)], [ds.image(i) for i in range(n)], cfg, cfg.budgets)
+    batch = collate(
+        [ds.example(i) for i in range(n)], [p for i in range(n) for p in ds.images(i)], cfg, cfg.budgets
+    )
     model = build_model(cfg, seed=0).train()
     model.trainable(("projector", "pyramid", "language_model"))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)

@@ -127,7 +127,9 @@ class FMVRLlava(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the placeholder positions replaced by visual tokens, in order.
 
-        input_ids [B, S] hold exactly T placeholders per row; image_features [B, T, D].
+        input_ids [B, S]; image_features [I, T, D]: I images in row order (row 0's images first),
+        each filling T consecutive placeholders. With I == B every row holds exactly one image
+        (T placeholders); otherwise each row holds a whole number of images and all I are used.
         """
         embeds = self.language_model.get_input_embeddings()
         is_image = input_ids == self.cfg.image_token_id  # [B, S]
@@ -137,16 +139,20 @@ class FMVRLlava(nn.Module):
             if is_image.any():
                 raise ValueError("prompt has image placeholders but no image features were given")
             return x
-        b, t, _ = image_features.shape
+        n_images, t, _ = image_features.shape
         counts = is_image.sum(dim=1)  # [B]
-        if (counts != t).any():
+        if n_images == input_ids.shape[0]:  # one image per row
+            bad = bool((counts != t).any())
+        else:  # several per row: whole images, all of them used
+            bad = bool((counts % t).any()) or int(counts.sum()) != n_images * t
+        if bad:
             raise ValueError(
-                f"each prompt must hold exactly {t} image placeholder positions (the budget); "
-                f"found {counts.tolist()}: expand the <image> placeholder with "
+                f"each of the {n_images} image(s) needs exactly {t} image placeholder positions (the budget); "
+                f"the prompts hold {counts.tolist()}: expand every <image> placeholder with "
                 "fmvr.tokenizer.expand_image_tokens(ids, image_token_id, tokens)"
             )
         x = x.clone()
-        x[is_image] = image_features.reshape(b * t, -1).to(x.dtype)  # row-major, in order
+        x[is_image] = image_features.reshape(n_images * t, -1).to(x.dtype)  # row-major, in order
         return x
 
     def forward(

@@ -43,6 +43,7 @@ HELP = {
     "data": "LLaVA-format JSON list or JSON Lines file (default: the built-in benchmark)",
     "image_folder": "folder the data file's image paths are relative to",
     "bench_n": "built-in benchmark training scenes",
+    "bench_clips": "built-in two-frame clips trained beside the scenes (the frames category: what appeared)",
     "bench_seed": "built-in benchmark seed",
     "bench_qa": "built-in stage-2 questions: independent (blocks sharing the image, each seeing only the image; "
     "as evaluated) or conversation (one multi-turn chat, where later answers can be read off earlier ones)",

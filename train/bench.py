@@ -16,6 +16,13 @@ get harder as the visual budget shrinks.
 
 A `Scene` record holds every object's cell, box, colour and shape: answers are derived from
 it (and tests re-derive them from the record).
+
+Two-frame clips (`Clip`, the "frames" category): the second frame is the first scene (same
+background, objects and card, pixel for pixel) with one more object, of a shape the first
+frame lacks, in an empty cell. Asked as two images in one question (`<image>\n<image>\n...`):
+    frames  "Which object appeared in the second frame?"   -> "circle".."ring"
+Only a model that compares the frames can answer: the new shape is one of the 2-4 the first
+frame lacks, and the second frame alone shows all of its shapes alike.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,7 +64,10 @@ CELL_NAMES = {  # every cell of the layout grid, for captions
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 DESCRIBE = "Describe the image."  # the question of a caption block (training kind "mix")
-CATEGORIES = ("colour", "count", "region", "exist", "digit")
+CATEGORIES = ("colour", "count", "region", "exist", "digit")  # one image each; "all" is over these
+CLIP_CATEGORY = "frames"  # two-frame clips, scored apart from "all"
+APPEARED = "Which object appeared in the second frame?"
+CLIP_INDEX = 5_000_000  # clip i of a split is built on scene index CLIP_INDEX + i (never a plain scene's)
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -115,6 +125,59 @@ def make_scene(seed: int) -> Scene:
         background=rng.choice(("gradient", "stripes", "noise")),
     )
     return Scene(**{**_fields(scene), "questions": tuple(make_questions(scene, rng))})
+
+
+@dataclass(frozen=True)
+class Clip:
+    first: Scene
+    second: Scene  # the first scene plus `added`
+    added: Obj
+    questions: tuple[tuple[str, str, str], ...]  # (category, question, answer), asked about both frames
+
+    @property
+    def seed(self) -> int:
+        return self.first.seed
+
+    @property
+    def frames(self) -> tuple[Scene, Scene]:
+        return (self.first, self.second)
+
+
+def make_clip(seed: int) -> Clip:
+    """The two-frame clip for `seed`: scene `seed`, then the same scene with one new object."""
+    first = make_scene(seed)
+    rng = random.Random(seed * 53 + 11)
+    used = {o.cell for o in first.objects} | {first.digit_cell}
+    free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in used]
+    shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in first.objects}])
+    cell = rng.choice(free)
+    added = Obj(shape, rng.choice(list(COLOURS)), cell, _box(rng, cell, rng.randint(56, 92)))
+    second = replace(first, objects=(*first.objects, added), questions=())
+    return Clip(first, second, added, ((CLIP_CATEGORY, APPEARED, shape),))
+
+
+def clip_training_questions(clip: Clip) -> list[tuple[str, str, str]]:
+    """What a clip supports, shuffled: the new object's shape, colour and cell, and for every
+    object which frames show it ("both" or "the second")."""
+    rng = random.Random(clip.seed * 37 + 5)
+    new = clip.added
+    qs = [
+        (CLIP_CATEGORY, APPEARED, new.shape),
+        (CLIP_CATEGORY, "What colour is the object that appeared in the second frame?", new.colour),
+        (CLIP_CATEGORY, "Where is the object that appeared in the second frame?", CELL_NAMES[new.cell]),
+    ]
+    qs += [
+        (CLIP_CATEGORY, f"Which frames show the {o.shape}?", "the second" if o is new else "both")
+        for o in clip.second.objects
+    ]
+    rng.shuffle(qs)
+    return qs
+
+
+def clips(split: str, n: int, seed: int = 0) -> Iterator[Clip]:
+    """The first n two-frame clips of a split (built on scenes no plain split index uses)."""
+    for i in range(n):
+        yield make_clip(scene_seed(split, CLIP_INDEX + i, seed))
 
 
 def _fields(scene: Scene) -> dict:
@@ -352,10 +415,13 @@ def write_llava(out_dir: str | Path, split: str, n: int, seed: int = 0, kind: st
     return path
 
 
-def constant_baseline(split: str = "test", n: int = 100, seed: int = 0) -> dict[str, tuple[str, float]]:
+def constant_baseline(
+    split: str = "test", n: int = 100, seed: int = 0, n_clips: int = 0
+) -> dict[str, tuple[str, float]]:
     """The best constant answer per category on the first n scenes of a split, and its accuracy:
-    {category: (answer, accuracy)}, plus "all" (the mean). A model that does not look at the image
-    scores at most this, so it is the line a trained model has to clear."""
+    {category: (answer, accuracy)}, plus "all" (the mean over the five) and, with clips > 0, the
+    frames category on that many clips (n_clips). A model that does not look at the image scores at most
+    this, so it is the line a trained model has to clear."""
     answers: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
     for scene in scenes(split, n, seed):
         for c, _, a in scene.questions:
@@ -365,6 +431,10 @@ def constant_baseline(split: str = "test", n: int = 100, seed: int = 0) -> dict[
         best, hits = counts.most_common(1)[0]
         out[c] = (best, hits / sum(counts.values()))
     out["all"] = ("", sum(acc for _, acc in out.values()) / len(CATEGORIES))
+    if n_clips:
+        counts = Counter(a for clip in clips(split, n_clips, seed) for _, _, a in clip.questions)
+        best, hits = counts.most_common(1)[0]
+        out[CLIP_CATEGORY] = (best, hits / sum(counts.values()))
     return out
 
 

@@ -128,6 +128,7 @@ def same_run(final: Path, cfg: TrainConfig) -> bool:
         return False
     saved = json.loads(extra.read_text()).get("train_config", {})
     saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
+    saved = {**TrainConfig().to_dict(), **saved}  # a knob added since then: its default
     ignore = {"progress", "stop_after", "log_every"}
     return {k: v for k, v in saved.items() if k not in ignore} == {
         k: v for k, v in cfg.to_dict().items() if k not in ignore

@@ -1,8 +1,9 @@
 """Datasets (LLaVA JSON / JSON Lines, the built-in benchmark) and the collator.
 
-A dataset item is tokenised once with ONE `<image>` placeholder (`Example`); the collator
-expands it to T positions for every budget of the step. Images are loaded separately
-(`dataset.image(i)`) so that a trainer with a frozen tower can reuse cached features.
+A dataset item is tokenised once with one `<image>` placeholder per image (`Example`; a
+LLaVA record's "image" may be a list, the benchmark's clips carry two frames); the collator
+expands each to T positions for every budget of the step. Images are loaded separately
+(`dataset.images(i)`) so that a trainer with a frozen tower can reuse cached features.
 
 Bad data is never used silently: a missing/corrupt image, a sample with no image, or a
 sample whose answers were all truncated away is counted per reason and skipped with a
@@ -32,12 +33,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    ids: tuple[int, ...]  # one image placeholder
+    ids: tuple[int, ...]  # one placeholder per image, in the order of image_keys
     target: tuple[bool, ...]  # True on assistant tokens
-    image_key: str  # identifies the image (path or scene seed) for feature caching
+    image_keys: tuple[str, ...]  # identify the images (path or scene seed) for feature caching
     index: int
-    # Independent questions sharing one image: per token, 0 = the shared prefix (up to and
-    # including the image), k = the k-th question block, which sees the prefix and itself only.
+    # Independent questions sharing the images: per token, 0 = the shared prefix (up to and
+    # including the last image), k = the k-th question block, which sees the prefix and itself only.
     # None: one ordinary causal sequence.
     blocks: tuple[int, ...] | None = None
 
@@ -59,18 +60,22 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def tokenize(tok, cfg: FMVRConfig, template: str, conversations: list[dict], max_length: int):
-    """ids + target mask (one placeholder), truncated so that the sequence expanded at the
-    largest budget fits max_length; never cuts the placeholder. None if no target is left."""
+def tokenize(
+    tok, cfg: FMVRConfig, template: str, conversations: list[dict], max_length: int, images: int = 1
+):
+    """ids + target mask (one placeholder per image), truncated so that the sequence expanded
+    at the largest budget fits max_length; never cuts a placeholder. None if no target is left."""
     segments = render(template, conversations)
     ids, target = encode_segments(tok, segments, cfg.bos_id)
     n_img = sum(i == cfg.image_token_id for i in ids)
-    if n_img != 1:
-        raise DataError(f"a sample needs exactly one {IMAGE_TOKEN} placeholder, found {n_img}")
-    room = max_length - (max(cfg.budgets) - 1)  # unexpanded length allowed
-    if ids.index(cfg.image_token_id) >= room:
+    if n_img != images:
         raise DataError(
-            f"max length {max_length} cannot hold the image's {max(cfg.budgets)} tokens and its prompt"
+            f"a sample with {images} image(s) needs {images} {IMAGE_TOKEN} placeholder(s), found {n_img}"
+        )
+    room = max_length - images * (max(cfg.budgets) - 1)  # unexpanded length allowed
+    if _last_image(ids, cfg.image_token_id) >= room:
+        raise DataError(
+            f"max length {max_length} cannot hold {images} image(s) of {max(cfg.budgets)} tokens and the prompt"
         )
     ids, target = ids[:room], target[:room]
     if not any(target):
@@ -78,11 +83,20 @@ def tokenize(tok, cfg: FMVRConfig, template: str, conversations: list[dict], max
     return ids, target
 
 
+def _last_image(ids: Sequence[int], image_token_id: int) -> int:
+    return len(ids) - 1 - list(ids)[::-1].index(image_token_id)
+
+
 def tokenize_blocks(
-    tok, cfg: FMVRConfig, template: str, qas: Sequence[tuple[str, str]], max_length: int
+    tok,
+    cfg: FMVRConfig,
+    template: str,
+    qas: Sequence[tuple[str, str]],
+    max_length: int,
+    images: int = 1,
 ) -> tuple[list[int], list[bool], list[int]]:
-    """Independent single-question prompts about one image, packed: the shared prefix (rendered
-    up to the placeholder) once, then each question + answer as its own block. Each block is
+    """Independent single-question prompts about the same image(s), packed: the shared prefix
+    (rendered up to the last placeholder) once, then each question + answer as its own block. Each block is
     exactly the inference prompt of that question (same tokens, same positions once the
     collator's block mask is applied), so nothing leaks between questions. Whole blocks past
     max_length (counted at the largest budget) are dropped."""
@@ -92,16 +106,16 @@ def tokenize_blocks(
     ids: list[int] = []
     target: list[bool] = []
     blocks: list[int] = []
-    room = max_length - (max(cfg.budgets) - 1)
+    room = max_length - images * (max(cfg.budgets) - 1)
     for k, (question, answer) in enumerate(qas, start=1):
-        segs = render(template, [user_turn(question), {"from": "gpt", "value": answer}])
+        segs = render(template, [user_turn(question, images), {"from": "gpt", "value": answer}])
         q_ids, q_target = encode_segments(tok, segs, cfg.bos_id)
-        cut = q_ids.index(cfg.image_token_id) + 1
+        cut = _last_image(q_ids, cfg.image_token_id) + 1
         if prefix is None:
             prefix = q_ids[:cut]
             ids, target, blocks = list(prefix), q_target[:cut], [0] * cut
         elif q_ids[:cut] != prefix:
-            raise DataError(f"question {k} renders a different prefix before the image")
+            raise DataError(f"question {k} renders a different prefix before the image(s)")
         if len(ids) + len(q_ids) - cut > room:
             break
         ids += q_ids[cut:]
@@ -150,39 +164,54 @@ class LlavaDataset(_Base):
     def example(self, i: int) -> Example | None:
         rec = self.records[i]
         what = f"record {i} (id {rec.get('id', '?')})"
-        if not rec.get("image"):
-            self._skip("no image (text-only samples are not supported)", what)
+        image = rec.get("image")
+        if not image or not (isinstance(image, str) or all(isinstance(n, str) and n for n in image)):
+            self._skip(
+                "no image (text-only samples are not supported; 'image' is a path or a list of paths)", what
+            )
             return None
+        names = self._names(i)
         try:
-            out = tokenize(self.tok, self.cfg, self.template, rec["conversations"], self.max_length)
+            out = tokenize(
+                self.tok, self.cfg, self.template, rec["conversations"], self.max_length, len(names)
+            )
         except (DataError, KeyError, ValueError) as e:
             self._skip(f"bad conversation: {e}", what)
             return None
         if out is None:
             self._skip("no answer tokens left after truncation to max length", what)
             return None
-        return Example(tuple(out[0]), tuple(out[1]), str(self.folder / rec["image"]), i)
+        return Example(tuple(out[0]), tuple(out[1]), tuple(str(self.folder / n) for n in names), i)
 
-    def image(self, i: int) -> np.ndarray | None:
-        """float32 [3, S, S], or None (counted) when the image is missing or corrupt."""
+    def _names(self, i: int) -> list[str]:
+        image = self.records[i]["image"]
+        return [image] if isinstance(image, str) else list(image)
+
+    def images(self, i: int) -> list[np.ndarray] | None:
+        """float32 [3, S, S] per image, or None (counted) when one is missing or corrupt."""
         from fmvr.preprocess import ImageError
 
-        path = self.folder / self.records[i]["image"]
-        if not path.is_file():
-            self._skip("missing image", str(path))
-            return None
-        try:
-            return self.pre(str(path))[0]  # [3, S, S]
-        except ImageError as e:
-            self._skip(f"corrupt image ({e})", str(path))
-            return None
+        out = []
+        for name in self._names(i):
+            path = self.folder / name
+            if not path.is_file():
+                self._skip("missing image", str(path))
+                return None
+            try:
+                out.append(self.pre(str(path))[0])  # [3, S, S]
+            except ImageError as e:
+                self._skip(f"corrupt image ({e})", str(path))
+                return None
+        return out
 
 
 class BenchDataset(_Base):
     """The built-in benchmark generated on the fly: kind "qa" (stage 2: every question a scene
     supports, as independent blocks sharing the image, or with independent=False one multi-turn
     conversation, where later answers can be read off earlier ones), "caption" (stage 1), or "mix"
-    (the qa blocks plus one "Describe the image." block answered by the caption)."""
+    (the qa blocks plus one "Describe the image." block answered by the caption). With clips > 0,
+    items n.. n+clips-1 are two-frame clips (the "frames" questions as blocks about both frames;
+    qa and mix only)."""
 
     def __init__(
         self,
@@ -195,6 +224,7 @@ class BenchDataset(_Base):
         seed: int = 0,
         max_length: int = 2048,
         independent: bool = True,
+        clips: int = 0,
     ) -> None:
         from fmvr.preprocess import Preprocessor
         from train import bench
@@ -204,7 +234,12 @@ class BenchDataset(_Base):
             raise ValueError(f"unknown bench kind {kind!r}; choose qa, caption or mix")
         if kind == "mix" and not independent:
             raise ValueError("bench kind 'mix' is built from independent question blocks")
+        if clips and (kind == "caption" or not independent):
+            raise ValueError(
+                "two-frame clips are question blocks: use them with kind qa or mix (independent)"
+            )
         self.scenes = list(bench.scenes(split, n, seed))
+        self.clips = list(bench.clips(split, clips, seed))
         record_kind = "qa" if kind == "mix" else kind
         self.records = [bench.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]
         self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
@@ -213,9 +248,17 @@ class BenchDataset(_Base):
         self.pre = Preprocessor.from_config(cfg)
 
     def __len__(self) -> int:
-        return len(self.scenes)
+        return len(self.scenes) + len(self.clips)
 
     def example(self, i: int) -> Example | None:
+        if i >= len(self.scenes):
+            from train.bench import clip_training_questions
+
+            clip = self.clips[i - len(self.scenes)]
+            qas = [(q, a) for _, q, a in clip_training_questions(clip)]
+            ids, target, blocks = tokenize_blocks(self.tok, self.cfg, self.template, qas, self.max_length, 2)
+            keys = (f"bench-{clip.seed}", f"bench-{clip.seed}-2")  # frame 1 is scene clip.seed itself
+            return Example(tuple(ids), tuple(target), keys, i, tuple(blocks))
         if self.independent:
             from train.bench import DESCRIBE, caption, training_questions
 
@@ -223,28 +266,30 @@ class BenchDataset(_Base):
             if self.kind == "mix":  # the caption first: it is never dropped by max_length
                 qas.insert(0, (DESCRIBE, caption(self.scenes[i])))
             ids, target, blocks = tokenize_blocks(self.tok, self.cfg, self.template, qas, self.max_length)
-            return Example(tuple(ids), tuple(target), f"bench-{self.scenes[i].seed}", i, tuple(blocks))
+            return Example(tuple(ids), tuple(target), (f"bench-{self.scenes[i].seed}",), i, tuple(blocks))
         out = tokenize(self.tok, self.cfg, self.template, self.records[i]["conversations"], self.max_length)
         if out is None:
             raise DataError(f"bench sample {i} does not fit max length {self.max_length}")
-        return Example(tuple(out[0]), tuple(out[1]), f"bench-{self.scenes[i].seed}", i)
+        return Example(tuple(out[0]), tuple(out[1]), (f"bench-{self.scenes[i].seed}",), i)
 
-    def image(self, i: int) -> np.ndarray:
+    def images(self, i: int) -> list[np.ndarray]:
+        """float32 [3, S, S] per image: the scene, or a clip's two frames."""
         from train.bench import render_scene
 
-        return self.pre(render_scene(self.scenes[i]))[0]  # [3, S, S]
+        frames = self.clips[i - len(self.scenes)].frames if i >= len(self.scenes) else (self.scenes[i],)
+        return list(self.pre([render_scene(f) for f in frames]))  # each [3, S, S]
 
 
 @dataclass
 class Batch:
-    """A collated micro-batch: the image (pixels or cached tower features) and, per budget,
-    right-padded ids / attention mask / labels with exactly T placeholders per row."""
+    """A collated micro-batch: the images (pixels or cached tower features) and, per budget,
+    right-padded ids / attention mask / labels with T placeholders per image."""
 
-    keys: list[str]
+    keys: list[str]  # every image of the batch, row by row (a row's images in prompt order)
     indices: list[int]
-    pixel_values: torch.Tensor | None  # [P, 3, S, S] for the rows named in pixel_keys (P <= B)
+    pixel_values: torch.Tensor | None  # [P, 3, S, S] for the images named in pixel_keys (P <= len(keys))
     per_budget: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # T -> ([B,S_T] ids, mask, labels)
-    pixel_keys: list[str] | None = None  # None: pixel_values has every row, in order
+    pixel_keys: list[str] | None = None  # None: pixel_values has every image of keys, in order
 
     def num_targets(self) -> int:
         """Target tokens that contribute to the loss (after the shift), same for every budget."""
@@ -281,7 +326,8 @@ def collate(
             mask = block_mask(examples, cfg.image_token_id, t, width)  # [B, 1, S_T, S_T]
         per_budget[t] = (ids, mask, labels)
     pix = torch.from_numpy(np.stack(pixels)) if pixels else None  # [P, 3, S, S]
-    return Batch([e.image_key for e in examples], [e.index for e in examples], pix, per_budget, pixel_keys)
+    keys = [k for e in examples for k in e.image_keys]
+    return Batch(keys, [e.index for e in examples], pix, per_budget, pixel_keys)
 
 
 def block_mask(examples: Sequence[Example], image_token_id: int, tokens: int, width: int) -> torch.Tensor:

@@ -26,20 +26,26 @@ from fmvr.template import prompt_text
 from fmvr.tokenizer import expand_image_tokens
 
 
-def prompt_ids(tok, cfg, question: str) -> list[int]:
-    """Inference prompt ids with one placeholder (question may carry '<image>\\n')."""
-    text = prompt_text(cfg.template, question)
+def prompt_ids(tok, cfg, question: str, images: int = 1) -> list[int]:
+    """Inference prompt ids with one placeholder per image (question may carry '<image>\\n')."""
+    text = prompt_text(cfg.template, question, images)
     bos = [] if cfg.bos_id is None else [cfg.bos_id]
     return bos + tok.encode(text, add_special_tokens=False).ids
 
 
 @torch.no_grad()
 def generate_batch(
-    model, prompts: Sequence[list[int]], feats: torch.Tensor, tokens: int, max_new_tokens: int = 8
+    model,
+    prompts: Sequence[list[int]],
+    feats: torch.Tensor,
+    tokens: int,
+    max_new_tokens: int = 8,
+    images: int = 1,
 ) -> list[list[int]]:
-    """Greedy answers for prompts (one placeholder each) with visual tokens feats [B, T, D]."""
+    """Greedy answers for prompts (`images` placeholders each) with visual tokens feats
+    [B * images, T, D] (row by row)."""
     cfg = model.cfg
-    rows = [expand_image_tokens(p, cfg.image_token_id, tokens) for p in prompts]
+    rows = [expand_image_tokens(p, cfg.image_token_id, tokens, images) for p in prompts]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), cfg.pad_token_id, dtype=torch.long)  # [B, S] left-padded
     mask = torch.zeros_like(ids)
@@ -132,8 +138,10 @@ def evaluate_bench(
     seed: int = 0,
     batch_scenes: int = 8,
     progress: bool = False,
+    clips: int = 0,
 ) -> dict:
-    """{"accuracy": {T: {category: acc, "all": acc}}, "n_questions": ..., "samples": [...]}."""
+    """{"accuracy": {T: {category: acc, "all": acc}}, "n_questions": ..., "samples": [...]}.
+    With clips > 0, also the "frames" category on that many two-frame clips (not in "all")."""
     from fmvr.preprocess import Preprocessor
     from train import bench
 
@@ -173,23 +181,60 @@ def evaluate_bench(
                 file=sys.stderr,
                 flush=True,
             )
+    if clips:
+        _evaluate_clips(
+            model, tok, pre, budgets, list(bench.clips(split, clips, seed)), batch_scenes, hits, samples
+        )
     acc = {}
     for t in budgets:
         acc[t] = {c: float(np.mean(hits[t][c])) for c in bench.CATEGORIES}
         acc[t]["all"] = float(np.mean([h for c in bench.CATEGORIES for h in hits[t][c]]))
+        if clips:
+            acc[t][bench.CLIP_CATEGORY] = float(np.mean(hits[t][bench.CLIP_CATEGORY]))
     return {
         "accuracy": acc,
         "n_scenes": len(scenes),
-        "n_questions": len(scenes) * len(bench.CATEGORIES),
+        "n_clips": clips,
+        "n_questions": len(scenes) * len(bench.CATEGORIES) + clips,
         "split": split,
         "samples": samples,
     }
 
 
-def format_table(acc: dict) -> str:
-    from train.bench import CATEGORIES
+def _evaluate_clips(model, tok, pre, budgets, clips, batch: int, hits, samples) -> None:
+    """The "frames" questions: both frames in one prompt, the vision pass batched over them."""
+    from train import bench
 
-    cols = [*CATEGORIES, "all"]
+    for i in range(0, len(clips), batch):
+        chunk = clips[i : i + batch]
+        frames = [bench.render_scene(f) for c in chunk for f in c.frames]
+        visual = model.encode_budgets(torch.from_numpy(pre(frames)), tuple(budgets))  # {T: [2b, T, D]}
+        qs = [(c, q, a) for clip in chunk for c, q, a in clip.questions]
+        if len(qs) != len(chunk):
+            raise ValueError("a clip is scored on one question")
+        prompts = [prompt_ids(tok, model.cfg, q, images=2) for _, q, _ in qs]
+        for t in budgets:
+            answers = generate_batch(model, prompts, visual[t], t, images=2)
+            for clip, (c, q, a), ids in zip(chunk, qs, answers):
+                text = tok.decode(ids).strip()
+                hits[t][c].append(bench.score(text, a))
+                samples.append(
+                    {
+                        "scene": clip.seed,
+                        "budget": t,
+                        "category": c,
+                        "question": q,
+                        "answer": a,
+                        "output": text,
+                    }
+                )
+
+
+def format_table(acc: dict) -> str:
+    from train.bench import CATEGORIES, CLIP_CATEGORY
+
+    has_frames = any(CLIP_CATEGORY in row for row in acc.values())
+    cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if has_frames else [])
     lines = ["| tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for t, row in acc.items():
         lines.append(f"| {t} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
@@ -248,6 +293,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--bench-n", type=int, default=100, help="built-in benchmark scenes to score (5 questions each)"
     )
+    p.add_argument(
+        "--bench-clips", type=int, default=0, help="two-frame clips to score as well (the frames category)"
+    )
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="benchmark split")
     p.add_argument("--bench-seed", type=int, default=0, help="benchmark seed")
     p.add_argument("--out", default="", help="write the accuracy JSON (and per-question samples) here")
@@ -302,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"wrote {n} answers at {tokens} tokens to {args.answers_file}; score them with your benchmark's scorer"
         )
         return 0
-    res = evaluate_bench(model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True)
+    res = evaluate_bench(
+        model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True, clips=args.bench_clips
+    )
     print(format_table(res["accuracy"]))
     if args.out:
         atomic.write_json(args.out, res, indent=1)

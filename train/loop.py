@@ -132,6 +132,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
         cfg.bench_seed,
         cfg.max_length,
         independent=cfg.bench_qa == "independent",
+        clips=cfg.bench_clips,
     )
 
 
@@ -203,12 +204,12 @@ def load_micro(ds, idx: list[int], model_cfg, budgets, cache: VisionCache | None
         ex = ds.example(i)
         if ex is None:
             continue
-        if cache is None or ex.image_key not in cache:
-            pix = ds.image(i)
+        if cache is None or any(k not in cache for k in ex.image_keys):
+            pix = ds.images(i)
             if pix is None:
                 continue
-            pixels.append(pix)
-            pixel_keys.append(ex.image_key)
+            pixels += pix
+            pixel_keys += ex.image_keys
         examples.append(ex)
     if not examples:
         return None

@@ -58,6 +58,7 @@ class TrainConfig:
     data: str = ""
     image_folder: str = "."
     bench_n: int = 800  # built-in benchmark training scenes (when no --data)
+    bench_clips: int = 0  # built-in two-frame clips trained beside the scenes (the frames category)
     bench_seed: int = 0
     bench_qa: str = "independent"  # independent (question blocks sharing the image) | conversation
     bench_kind: str = ""  # "": the stage's (caption for stage1, qa otherwise) | caption | qa | mix
@@ -114,6 +115,13 @@ class TrainConfig:
             raise ValueError(f"template {self.template!r}: choose plain or chat (the model's own template)")
         if self.bench_kind == "mix" and self.bench_qa != "independent":
             raise ValueError("--bench-kind mix needs --bench-qa independent (the caption is one more block)")
+        if self.bench_clips < 0:
+            raise ValueError(f"bench clips {self.bench_clips}: pass a count >= 0")
+        if self.bench_clips and (self.data or self.data_kind == "caption" or self.bench_qa != "independent"):
+            raise ValueError(
+                "--bench-clips adds two-frame question blocks to the built-in benchmark: use it without --data, "
+                "with --bench-kind qa or mix and --bench-qa independent"
+            )
         if self.budget_mode not in ("mean", "random"):
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:

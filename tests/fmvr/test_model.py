@@ -108,6 +108,20 @@ def test_wrong_placeholder_count_is_a_clear_error(model, tiny_cfg, count):
         model.embed(ids, torch.randn(1, 9, tiny_cfg.text.hidden_size))
 
 
+def test_several_images_per_row_fill_their_placeholders_in_order(model, tiny_cfg):
+    t, d = 9, tiny_cfg.text.hidden_size
+    ids = torch.tensor([[1] + [IMG] * t + [10] + [IMG] * t + [12], [1] + [IMG] * t + [12] * (t + 2)])
+    feats = torch.randn(3, t, d)  # row 0: images 0 and 1; row 1: image 2
+    x = model.embed(ids, feats)
+    where0 = (ids[0] == IMG).nonzero().flatten()
+    torch.testing.assert_close(x[0, where0], feats[:2].reshape(2 * t, d), rtol=0, atol=0)
+    torch.testing.assert_close(x[1, (ids[1] == IMG).nonzero().flatten()], feats[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"4 image\(s\) needs exactly 9"):
+        model.embed(ids, torch.randn(4, t, d))  # one image too many for the placeholders
+    with pytest.raises(ValueError, match="exactly 9 image placeholder"):
+        model.embed(torch.tensor([[1] + [IMG] * (t + 3) + [12]] * 2), torch.randn(2, t, d))
+
+
 def test_placeholders_without_features_is_an_error(model):
     with pytest.raises(ValueError, match="no image features"):
         model.embed(torch.tensor([[1, IMG, 5]]), None)

@@ -100,3 +100,25 @@ def test_constant_baseline_is_the_best_single_answer():
         assert acc == targets.count(answer) / len(targets)
         assert all(targets.count(other) <= targets.count(answer) for other in set(targets))
     assert base["all"][1] == pytest.approx(np.mean([base[c][1] for c in bench.CATEGORIES]))
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_clip_second_frame_adds_one_new_object_only(i):
+    clip = list(bench.clips("val", 4))[i]
+    first, second = (np.asarray(bench.render_scene(f)).astype(int) for f in clip.frames)
+    x0, y0, x1, y1 = clip.added.box
+    changed = (first != second).any(-1)  # [H, W]
+    assert changed.any() and not changed[:y0].any() and not changed[y1 + 1 :].any()
+    assert not changed[:, :x0].any() and not changed[:, x1 + 1 :].any()  # inside the new box (inclusive)
+    assert clip.added.shape not in {o.shape for o in clip.first.objects}
+    assert clip.added.cell not in {o.cell for o in clip.first.objects} | {clip.first.digit_cell}
+    assert clip.questions == ((bench.CLIP_CATEGORY, bench.APPEARED, clip.added.shape),)
+    asked = dict((q, a) for _, q, a in bench.clip_training_questions(clip))
+    assert asked[f"Which frames show the {clip.added.shape}?"] == "the second"
+    assert all(asked[f"Which frames show the {o.shape}?"] == "both" for o in clip.first.objects)
+
+
+def test_clips_use_scenes_no_split_index_uses():
+    plain = {s.seed for split in bench.SPLIT_SEEDS for s in bench.scenes(split, 50)}
+    clip_seeds = {c.seed for split in bench.SPLIT_SEEDS for c in bench.clips(split, 50)}
+    assert len(clip_seeds) == 150 and not plain & clip_seeds

@@ -48,14 +48,14 @@ def test_truncation_never_cuts_the_image(tiny_cfg, tiny_tokenizer):
     assert (
         tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 575 + 42) is None
     )  # first answer starts at 42: all cut away
-    with pytest.raises(DataError, match="cannot hold the image"):
+    with pytest.raises(DataError, match="cannot hold 1 image"):
         tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", CONV, 300)
 
 
 def _ex(ids, target):
     from train.data import Example
 
-    return Example(tuple(ids), tuple(target), "k", 0)
+    return Example(tuple(ids), tuple(target), ("k",), 0)
 
 
 def _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict):
@@ -74,8 +74,8 @@ def test_bad_images_are_counted_and_skipped(tmp_path, tiny_cfg, tiny_tokenizer):
     ds = _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = [(ds.example(i), ds.image(i) if ds.example(i) else None) for i in range(len(ds))]
-    assert got[0][1].shape == (3, 336, 336)
+        got = [(ds.example(i), ds.images(i) if ds.example(i) else None) for i in range(len(ds))]
+    assert [p.shape for p in got[0][1]] == [(3, 336, 336)]
     assert got[1][1] is None and got[2][1] is None and got[3][0] is None
     assert ds.skipped["missing image"] == 1
     assert sum(v for k, v in ds.skipped.items() if k.startswith("corrupt image")) == 1
@@ -85,11 +85,11 @@ def test_bad_images_are_counted_and_skipped(tmp_path, tiny_cfg, tiny_tokenizer):
 
 def test_bad_images_fatal_when_strict(tmp_path, tiny_cfg, tiny_tokenizer):
     ds = _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict=True)
-    assert ds.image(0) is not None
+    assert ds.images(0) is not None
     with pytest.raises(DataError, match="corrupt image"):
-        ds.image(1)
+        ds.images(1)
     with pytest.raises(DataError, match="missing image"):
-        ds.image(2)
+        ds.images(2)
 
 
 def test_collate_pads_right_with_masks(tiny_cfg, tiny_tokenizer):
@@ -142,3 +142,43 @@ def test_bench_kind_and_template_flags_are_checked():
         TrainConfig(template="vicuna").check()
     with pytest.raises(ValueError, match="independent"):
         TrainConfig(bench_kind="mix", bench_qa="conversation").check()
+
+
+def test_bench_clips_carry_two_frames_in_the_shared_prefix(tiny_cfg, tiny_tokenizer):
+    from train.data import BenchDataset
+
+    ds = BenchDataset("val", 2, tiny_tokenizer, tiny_cfg, "vicuna_v1", kind="mix", clips=3)
+    assert len(ds) == 5
+    ex, scene_ex = ds.example(3), ds.example(0)
+    img = tiny_cfg.image_token_id
+    prefix = [i for i, b in zip(ex.ids, ex.blocks) if b == 0]
+    assert prefix.count(img) == 2 and ex.ids.count(img) == 2 and prefix[-1] == img
+    assert len(ex.image_keys) == 2 and len(set(ex.image_keys)) == 2
+    frames = ds.images(3)
+    assert len(frames) == 2 and (frames[0] != frames[1]).any()
+    batch = collate([scene_ex, ex], [p for i in (0, 3) for p in ds.images(i)], tiny_cfg, (9,))
+    assert batch.keys == [*scene_ex.image_keys, *ex.image_keys]
+    ids = batch.per_budget[9][0]
+    assert (ids[0] == img).sum() == 9 and (ids[1] == img).sum() == 18
+    with pytest.raises(ValueError, match="qa or mix"):
+        BenchDataset("val", 2, tiny_tokenizer, tiny_cfg, "plain", kind="caption", clips=1)
+
+
+def test_llava_records_with_several_images(tmp_path, tiny_cfg, tiny_tokenizer):
+    from train.bench import make_scene, render_scene
+
+    for n in (0, 1):
+        render_scene(make_scene(n)).save(tmp_path / f"{n}.png")
+    two = [{"from": "human", "value": "<image>\n<image>\nWhat changed?"}, {"from": "gpt", "value": "nothing"}]
+    recs = [
+        {"id": "two", "image": ["0.png", "1.png"], "conversations": two},
+        {"id": "short", "image": ["0.png", "1.png"], "conversations": CONV},  # one placeholder, two images
+    ]
+    ds = LlavaDataset(recs, tmp_path, tiny_tokenizer, tiny_cfg, "vicuna_v1")
+    ex = ds.example(0)
+    assert ex.ids.count(tiny_cfg.image_token_id) == 2 and len(ex.image_keys) == 2
+    assert len(ds.images(0)) == 2
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert ds.example(1) is None
+    assert any("with 2 image(s) needs 2" in k for k in ds.skipped)

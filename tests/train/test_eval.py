@@ -124,3 +124,22 @@ def test_bad_tokens_and_several_budgets_for_questions_are_clear_errors(
     assert "[37] are not budgets of this model (valid: 576, 144, 36, 9, 1)" in capsys.readouterr().err
     assert main(["--checkpoint", str(ckpt), "--tokens", "36,9", "--questions", "q.jsonl"]) == 2
     assert "pass one --tokens value" in capsys.readouterr().err
+
+
+def test_frames_category_asks_about_both_frames(tiny_cfg, tiny_tokenizer):
+    """Clips are scored with both frames in one prompt: the same answers as generate_batch on
+    the clip's own two images, and a different second frame can change them."""
+    from fmvr.preprocess import Preprocessor
+
+    model = _peaky(tiny_cfg)
+    res = evaluate_bench(model, tiny_tokenizer, (9,), n=1, split="val", clips=3)
+    assert set(res["accuracy"][9]) == {*bench.CATEGORIES, "all", bench.CLIP_CATEGORY}
+    frames = [s for s in res["samples"] if s["category"] == bench.CLIP_CATEGORY]
+    assert len(frames) == 3 and res["n_questions"] == 5 + 3
+    clip = next(bench.clips("val", 1))
+    pre = Preprocessor.from_config(tiny_cfg)
+    prompt = prompt_ids(tiny_tokenizer, tiny_cfg, bench.APPEARED, images=2)
+    assert prompt.count(tiny_cfg.image_token_id) == 2
+    feats = model.encode_image(torch.from_numpy(pre([bench.render_scene(f) for f in clip.frames])), 9)
+    got = tiny_tokenizer.decode(generate_batch(model, [prompt], feats, 9, images=2)[0]).strip()
+    assert got == frames[0]["output"]

@@ -15,7 +15,9 @@ from train.loss import MatryoshkaStep, VisionCache, matryoshka_loss, separate_lo
 
 def _batch(cfg, tok, n=2):
     ds = BenchDataset("val", n, tok, cfg, "vicuna_v1", independent=False)  # plain causal rows (HF forward)
-    return collate([ds.example(i) for i in range(n)], [ds.image(i) for i in range(n)], cfg, cfg.budgets)
+    return collate(
+        [ds.example(i) for i in range(n)], [p for i in range(n) for p in ds.images(i)], cfg, cfg.budgets
+    )
 
 
 @pytest.mark.parametrize("pyramid", ["fmvr", "m3", "none"])
@@ -80,7 +82,7 @@ def test_question_blocks_equal_separate_single_question_prompts(tiny_cfg, tiny_t
     ids, target, blocks = tokenize_blocks(tiny_tokenizer, tiny_cfg, "vicuna_v1", qas, 2048)
     assert blocks.count(0) == ids.index(tiny_cfg.image_token_id) + 1 and max(blocks) == 3
     feats = torch.randn(1, 9, tiny_cfg.text.hidden_size)
-    packed = collate([Example(tuple(ids), tuple(target), "k", 0, tuple(blocks))], None, tiny_cfg, (9,))
+    packed = collate([Example(tuple(ids), tuple(target), ("k",), 0, tuple(blocks))], None, tiny_cfg, (9,))
     p_ids, p_mask, p_labels = packed.per_budget[9]
     assert p_mask.shape == (1, 1, p_ids.shape[1], p_ids.shape[1])
     with torch.no_grad():
@@ -89,7 +91,11 @@ def test_question_blocks_equal_separate_single_question_prompts(tiny_cfg, tiny_t
         for q, a in qas:
             conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
             one = collate(
-                [Example(*map(tuple, tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", conv, 2048)), "k", 0)],
+                [
+                    Example(
+                        *map(tuple, tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", conv, 2048)), ("k",), 0
+                    )
+                ],
                 None,
                 tiny_cfg,
                 (9,),
@@ -108,7 +114,7 @@ def test_question_blocks_pad_without_nan(tiny_cfg, tiny_tokenizer):
         tiny_tokenizer, tiny_cfg, "vicuna_v1", [("What colour is the circle?", "red")] * 3, 2048
     )
     short = tokenize_blocks(tiny_tokenizer, tiny_cfg, "vicuna_v1", [("Is it?", "no")], 2048)
-    exs = [Example(*map(tuple, x[:2]), "k", i, tuple(x[2])) for i, x in enumerate((long, short))]
+    exs = [Example(*map(tuple, x[:2]), ("k",), i, tuple(x[2])) for i, x in enumerate((long, short))]
     feats = torch.randn(2, 36, tiny_cfg.text.hidden_size)
     with torch.no_grad():
         both = lm_loss_sum(model, *collate(exs, None, tiny_cfg, (36,)).per_budget[36], feats)
@@ -117,3 +123,26 @@ def test_question_blocks_pad_without_nan(tiny_cfg, tiny_tokenizer):
             for i, e in enumerate(exs)
         )
     assert torch.isfinite(both) and abs(float(both) - each) < 1e-3 * each
+
+
+def test_two_frame_blocks_equal_each_question_alone(tiny_cfg, tiny_tokenizer):
+    """A clip's question blocks share both frames in the prefix: the packed loss is the sum of
+    each question asked alone with the same two images."""
+    from fmvr.model import build_model
+    from train.data import Example, collate, tokenize, tokenize_blocks
+    from train.loss import lm_loss_sum
+
+    model = build_model(tiny_cfg, seed=1)
+    qas = [("Which object appeared in the second frame?", "ring"), ("Which frames show the circle?", "both")]
+    ids, target, blocks = tokenize_blocks(tiny_tokenizer, tiny_cfg, "vicuna_v1", qas, 2048, images=2)
+    feats = torch.randn(2, 9, tiny_cfg.text.hidden_size)  # frame 1, frame 2
+    packed = collate([Example(tuple(ids), tuple(target), ("a", "b"), 0, tuple(blocks))], None, tiny_cfg, (9,))
+    with torch.no_grad():
+        together = float(lm_loss_sum(model, *packed.per_budget[9], feats))
+        alone = 0.0
+        for q, a in qas:
+            conv = [{"from": "human", "value": f"<image>\n<image>\n{q}"}, {"from": "gpt", "value": a}]
+            one = tokenize(tiny_tokenizer, tiny_cfg, "vicuna_v1", conv, 2048, images=2)
+            b = collate([Example(*map(tuple, one), ("a", "b"), 0)], None, tiny_cfg, (9,))
+            alone += float(lm_loss_sum(model, *b.per_budget[9], feats))
+    assert abs(together - alone) < 1e-3 * alone
