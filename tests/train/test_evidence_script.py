@@ -26,7 +26,9 @@ def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path):
     assert ev.main(argv) == 0
     data = json.loads((tmp_path / "out" / "train_evidence.json").read_text())
     cats = {*bench.CATEGORIES, "all", bench.CLIP_CATEGORY}
-    assert {(r["pyramid"], r["category"]) for r in data["rows"]} == {(p, c) for p in ("fmvr", "m3") for c in cats}
+    assert {(r["pyramid"], r["category"]) for r in data["rows"]} == {
+        (p, c) for p in ("fmvr", "m3") for c in cats
+    }
     assert all(r["tokens"] == 9 and 0 <= r["accuracy"] <= 1 for r in data["rows"])
     assert {r["category"]: r["n"] for r in data["rows"]}[bench.CLIP_CATEGORY] == 2
     assert data["constant_baseline"][bench.CLIP_CATEGORY]["accuracy"] > 0
