@@ -2,7 +2,8 @@
 
 The two scenes share a shape in different colours and both get "What colour is the <shape>?",
 so the answers can only come from the image. Writes <out>/scene{0,1}.png and
-question{0,1}.txt; prints "TIGHT MID LOOSE" (ms) for `python -m runtime ask --latency-ms`,
+question{0,1}.txt, and the two frames of a held-out clip (<out>/frame{1,2}.png, frames_question.txt:
+which object appeared in the second frame); prints "TIGHT MID LOOSE" (ms) for `python -m runtime ask --latency-ms`,
 chosen from this device's own predictions so the demo shows three different choices on any
 machine: below the cheapest budget, between the 36- and 144-token budgets, and room for 576.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from fmvr.atomic import open_atomic, write_text
 from runtime.pipeline import Pipeline
-from train.bench import render_scene, scenes
+from train.bench import APPEARED, clips, render_scene, scenes
 
 
 def two_scenes():
@@ -38,6 +39,12 @@ def main(out: Path) -> int:
             render_scene(scene).save(f, format="PNG")
         write_text(out / f"question{k}.txt", question)
         print(f"image {image}: {question!r} (true answer: {colour})", file=sys.stderr)
+    clip = next(clips("test", 1))
+    for k, frame in enumerate(clip.frames, start=1):
+        with open_atomic(out / f"frame{k}.png", "wb") as f:
+            render_scene(frame).save(f, format="PNG")
+    write_text(out / "frames_question.txt", APPEARED)
+    print(f"frames {out}/frame1.png, frame2.png: {APPEARED!r} (true answer: {clip.added.shape})", file=sys.stderr)
 
     # no profile for this device (e.g. one saved before the key named the execution provider): measure it
     pipe = Pipeline.load(out / "bundle", profile_if_missing=True)
