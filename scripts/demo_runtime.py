@@ -44,7 +44,10 @@ def main(out: Path) -> int:
         with open_atomic(out / f"frame{k}.png", "wb") as f:
             render_scene(frame).save(f, format="PNG")
     write_text(out / "frames_question.txt", APPEARED)
-    print(f"frames {out}/frame1.png, frame2.png: {APPEARED!r} (true answer: {clip.added.shape})", file=sys.stderr)
+    print(
+        f"frames {out}/frame1.png, frame2.png: {APPEARED!r} (true answer: {clip.added.shape})",
+        file=sys.stderr,
+    )
 
     # no profile for this device (e.g. one saved before the key named the execution provider): measure it
     pipe = Pipeline.load(out / "bundle", profile_if_missing=True)
