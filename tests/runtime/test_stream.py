@@ -102,4 +102,4 @@ def test_a_real_pipeline_answers_numpy_frames(pipe):
     stream.follow(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)).join()
     a = stream.ask("What is in the picture?")
     assert a.frame.seq == 2 and a.result.budget == 1 and a.dropped == 2
-    assert a.age_ms >= 0 and a.result.measured_ms["ttft"] > 0
+    assert {"ttft", "vision", "prefill"} <= set(a.result.measured_ms)  # the answer carries its timings
