@@ -154,7 +154,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     from fmvr.tokenizer import preset_tokenizer
 
     budgets = model.cfg.budgets if args.tokens == "all" else tuple(int(t) for t in args.tokens.split(","))
-    clips = args.eval_n if args.clips else 0
+    clips = scored_clips(args)
     res = evaluate_bench(
         model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test", clips=clips
     )
@@ -213,6 +213,11 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def scored_clips(args) -> int:
+    """Test clips scored per run: --eval-n of them when the study trains clips (old args: none)."""
+    return args.eval_n if getattr(args, "clips", 0) else 0
+
+
 def command_line(args) -> str:
     """The command that reproduces a study: every flag whose value is not the default."""
     defaults = vars(parse_args([]))
@@ -226,8 +231,9 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
-def markdown(summary: dict, args, rows: list[dict]) -> str:
-    clips = args.eval_n if getattr(args, "clips", 0) else 0
+def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, float]]) -> str:
+    """The study's table; `base`: train.bench.constant_baseline on the same test questions."""
+    clips = scored_clips(args)
     cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if clips else [])
     lines = [
         f"# Evidence: FMVR vs M3 vs none on the built-in benchmark ({args.preset} preset, {args.device_tag})",
@@ -242,7 +248,6 @@ def markdown(summary: dict, args, rows: list[dict]) -> str:
         "| cascade | tokens | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",
     ]
-    base = constant_baseline("test", args.eval_n, n_clips=clips)
     lines.append("| best constant answer | - | " + " | ".join(f"{100 * base[c][1]:.1f}" for c in cols) + " |")
     for p, ts in summary.items():
         for t in sorted(ts, key=int, reverse=True):
@@ -296,6 +301,7 @@ def main(argv=None) -> int:
     # seed-major, so an interrupted study still holds every cascade at the first seeds
     rows = [run_one(args, p, int(s), cache) for s in args.seeds.split(",") for p in args.pyramids.split(",")]
     summary = summarise(rows)
+    base = constant_baseline("test", args.eval_n, n_clips=scored_clips(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(
@@ -305,21 +311,17 @@ def main(argv=None) -> int:
                 "device": args.device_tag,
                 "rows": flat_rows(rows),
                 "summary": summary,
-                "constant_baseline": {
-                    c: {"answer": a, "accuracy": v}
-                    for c, (a, v) in constant_baseline(
-                        "test", args.eval_n, n_clips=args.eval_n if args.clips else 0
-                    ).items()
-                },
+                "constant_baseline": {c: {"answer": a, "accuracy": v} for c, (a, v) in base.items()},
                 "runs": rows,
             },
             indent=1,
         )
         + "\n"
     )
-    (out / f"{args.name}.md").write_text(markdown(summary, args, rows))
+    table = markdown(summary, args, rows, base)
+    (out / f"{args.name}.md").write_text(table)
     plot(summary, out / f"{args.name}.png")
-    print(markdown(summary, args, rows))
+    print(table)
     print(f"wrote {out}/{args.name}.json, .md and .png")
     return 0
 

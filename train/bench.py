@@ -419,8 +419,8 @@ def constant_baseline(
     split: str = "test", n: int = 100, seed: int = 0, n_clips: int = 0
 ) -> dict[str, tuple[str, float]]:
     """The best constant answer per category on the first n scenes of a split, and its accuracy:
-    {category: (answer, accuracy)}, plus "all" (the mean over the five) and, with clips > 0, the
-    frames category on that many clips (n_clips). A model that does not look at the image scores at most
+    {category: (answer, accuracy)}, plus "all" (the mean over the five) and, with n_clips > 0, the
+    frames category on that many clips. A model that does not look at the image scores at most
     this, so it is the line a trained model has to clear."""
     answers: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
     for scene in scenes(split, n, seed):

@@ -163,18 +163,7 @@ def evaluate_bench(
         for t in budgets:
             answers = generate_shared(model, prefix, visual[t], [r for _, r in parts], per_image, t)
             for (j, c, q, a), ids in zip(qs, answers):
-                text = tok.decode(ids).strip()
-                hits[t][c].append(bench.score(text, a))
-                samples.append(
-                    {
-                        "scene": chunk[j].seed,
-                        "budget": t,
-                        "category": c,
-                        "question": q,
-                        "answer": a,
-                        "output": text,
-                    }
-                )
+                _score(hits, samples, chunk[j].seed, t, c, q, a, tok.decode(ids).strip())
         if progress:
             print(
                 f"  eval {min(i + batch_scenes, len(scenes))}/{len(scenes)} scenes",
@@ -216,18 +205,26 @@ def _evaluate_clips(model, tok, pre, budgets, clips, batch: int, hits, samples) 
         for t in budgets:
             answers = generate_batch(model, prompts, visual[t], t, images=2)
             for clip, (c, q, a), ids in zip(chunk, qs, answers):
-                text = tok.decode(ids).strip()
-                hits[t][c].append(bench.score(text, a))
-                samples.append(
-                    {
-                        "scene": clip.seed,
-                        "budget": t,
-                        "category": c,
-                        "question": q,
-                        "answer": a,
-                        "output": text,
-                    }
-                )
+                _score(hits, samples, clip.seed, t, c, q, a, tok.decode(ids).strip())
+
+
+def _score(
+    hits, samples: list, scene: int, t: int, category: str, question: str, answer: str, text: str
+) -> None:
+    """Score one generated answer and keep it as a sample."""
+    from train.bench import score
+
+    hits[t][category].append(score(text, answer))
+    samples.append(
+        {
+            "scene": scene,
+            "budget": t,
+            "category": category,
+            "question": question,
+            "answer": answer,
+            "output": text,
+        }
+    )
 
 
 def format_table(acc: dict) -> str:
