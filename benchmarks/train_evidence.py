@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fmvr.cli import parse_tokens  # noqa: E402
+from fmvr.config import preset  # noqa: E402
 from train.bench import CATEGORIES, CLIP_CATEGORY, constant_baseline  # noqa: E402
 from train.ckpt import same_run  # noqa: E402
 from train.eval import evaluate_bench  # noqa: E402
@@ -111,7 +113,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         bf16=args.bf16,
         seed=seed,
         budget_mode=args.budget_mode,
-        tokens=args.tokens,
+        tokens=run_tokens(args, pyramid),
         cache_vision=True,  # the tower is frozen: its features are computed once per image
         progress=False,
         log_every=10,
@@ -153,7 +155,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     train_s = time.time() - t0
     from fmvr.tokenizer import preset_tokenizer
 
-    budgets = model.cfg.budgets if args.tokens == "all" else tuple(int(t) for t in args.tokens.split(","))
+    budgets = parse_tokens(cfg.tokens, model.cfg.budgets)
     clips = scored_clips(args)
     res = evaluate_bench(
         model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test", clips=clips
@@ -178,6 +180,17 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         flush=True,
     )
     return row
+
+
+def run_tokens(args, pyramid: str) -> str:
+    """The budgets one cascade trains and is scored at: --tokens where the cascade has them all,
+    else its own (the `none` cascade, plain LLaVA, has only the full grid)."""
+    own = preset(args.preset, pyramid=pyramid).budgets
+    try:
+        parse_tokens(args.tokens, own)
+    except ValueError:
+        return ",".join(map(str, own))
+    return args.tokens
 
 
 def flat_rows(runs: list[dict]) -> list[dict]:

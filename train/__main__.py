@@ -38,6 +38,8 @@ HELP = {
     "out": "run directory (checkpoints, log.jsonl, final/)",
     "preset": "model preset for a fresh model (ignored with --init)",
     "pyramid": "visual-token cascade of a fresh model",
+    "visual_norm": "a fresh model RMS-norms its visual tokens to the LM's word-embedding scale, so every budget "
+    "enters the LM at one scale (ignored with --init)",
     "init": "checkpoint directory to start from (required for finetune)",
     "tokenizer": "tokenizer.json (default: the --init checkpoint's, or the tiny in-process one)",
     "data": "LLaVA-format JSON list or JSON Lines file (default: the built-in benchmark)",

@@ -74,7 +74,7 @@ def build_model_and_tokenizer(cfg: TrainConfig):
         model = load_checkpoint(cfg.init)
         tok = load_tokenizer(cfg.tokenizer or cfg.init)
     else:
-        mcfg = preset(cfg.preset, pyramid=cfg.pyramid)
+        mcfg = preset(cfg.preset, pyramid=cfg.pyramid, visual_norm=cfg.visual_norm)
         model = build_model(mcfg, seed=cfg.seed)
         if cfg.tower_seed >= 0 and not mcfg.vision.weights:
             fixed_tower(model, cfg.tower_seed)

@@ -52,6 +52,7 @@ class TrainConfig:
     out: str = "runs/train"
     preset: str = "tiny"
     pyramid: str = "fmvr"
+    visual_norm: bool = False  # a fresh model's visual tokens RMS-normed to the word-embedding scale
     init: str = ""  # checkpoint to start from (required for finetune)
     tokenizer: str = ""  # tokenizer.json (default: the init checkpoint's, or the tiny one)
     # data: a LLaVA JSON/JSONL file + image folder, or the built-in benchmark

@@ -36,3 +36,13 @@ def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path):
     command = next(line for line in md.splitlines() if line.startswith("Command:"))
     assert ev.parse_args(command.split("`")[1].split()[2:]) == ev.parse_args(argv)  # it reproduces the run
     assert "| best constant answer |" in md and "frames" in md
+
+
+def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says():
+    """--tokens 36,9 is a choice for the multi-budget cascades; plain LLaVA (none) has only the
+    full grid, so it trains and is scored there instead of failing the study."""
+    ev = _script()
+    args = ev.parse_args(["--preset", "small", "--tokens", "36,9"])
+    assert ev.run_tokens(args, "fmvr") == "36,9" and ev.run_tokens(args, "m3") == "36,9"
+    assert ev.run_tokens(args, "none") == "576"
+    assert ev.run_tokens(ev.parse_args(["--tokens", "all"]), "none") == "all"

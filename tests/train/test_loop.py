@@ -176,3 +176,13 @@ def test_trains_from_llava_files_skipping_a_corrupt_image(tmp_path):
                 strict_data=True,
             )
         )
+
+
+def test_visual_norm_flag_builds_a_normed_model_that_its_checkpoint_keeps(tmp_path):
+    """--visual-norm reaches a fresh model (and its saved config); without it there is no norm."""
+    assert main(["--out", str(tmp_path / "vn"), "--steps", "1", "--bench-n", "2", "--batch-size", "2",
+                 "--no-progress", "--visual-norm"]) == 0  # fmt: skip
+    model = load_checkpoint(tmp_path / "vn" / "final")
+    assert model.cfg.visual_norm and model.visual_norm is not None
+    plain = load_checkpoint(train(_cfg(tmp_path, "plain", steps=1, bench_n=2)))
+    assert plain.visual_norm is None
