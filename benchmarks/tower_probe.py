@@ -30,9 +30,8 @@ from train import bench  # noqa: E402
 TARGETS = ("colour", "shape", "digit")
 
 
-def grids(cfg, split: str, n: int) -> list[tuple[bench.Scene, np.ndarray]]:
-    """(scene, [G, G, C] tower features) for the first n scenes of a split."""
-    tower = build_tower(cfg.vision, pretrained=True).eval()
+def grids(cfg, tower, split: str, n: int) -> list[tuple[bench.Scene, np.ndarray]]:
+    """(scene, [G, G, C] features of `tower`) for the first n scenes of a split."""
     pre = Preprocessor.from_config(cfg)
     g = cfg.vision.image_size // cfg.vision.patch_size
     out = []
@@ -95,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in budgets if t not in cfg.budgets]
     if bad:
         p.error(f"--tokens {bad} not among the preset's budgets {list(cfg.budgets)}")
-    train, test = grids(cfg, "train", args.train_n), grids(cfg, "test", args.test_n)
+    tower = build_tower(cfg.vision, pretrained=True).eval()  # loaded once for both splits
+    train, test = grids(cfg, tower, "train", args.train_n), grids(cfg, tower, "test", args.test_n)
     rows = [probe(train, test, target, t) for t in budgets for target in TARGETS]
     rep = {"preset": args.preset, "train_n": args.train_n, "test_n": args.test_n, "rows": rows}
     md = [
