@@ -68,6 +68,8 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--eval-every", type=int, default=50)
 p.add_argument("--text", action="store_true")
 p.add_argument("--oracle", action="store_true")
+p.add_argument("--no-bf16", action="store_true", help="train in fp32 (default: bf16 autocast)")
+p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
 p.add_argument("--oracle-layout", default="sum", choices=("sum", "checker"))
 p.add_argument("--vocab-tau", type=float, default=0.0)
 p.add_argument("--align-steps", type=int, default=0)
@@ -165,12 +167,17 @@ if lmp:
     groups.append({"params": lmp, "lr": args.lm_lr})
 opt = torch.optim.AdamW(groups, weight_decay=0.0)
 warm = max(1, args.steps // 20)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt,
-    lambda s: (
-        (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
-    ),
-)
+
+
+def lr_factor(s: int) -> float:
+    if s < warm:
+        return (s + 1) / warm
+    if args.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
+
+
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 cats = set(args.cats.split(","))
 train_scenes = list(bench.scenes("train", args.ntrain))
 test_scenes = list(bench.scenes("test", args.ntest))
@@ -393,7 +400,7 @@ for step in range(args.steps):
     exs = [example(i) for i in idx]
     b = collate(exs, None, cfg, (T,))
     ids, mask, labels = b.per_budget[T]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
         if args.text:
             vis = cap_embed(train_scenes, idx)
         else:
