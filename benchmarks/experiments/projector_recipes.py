@@ -11,6 +11,8 @@ Results and the command of every run: benchmarks/results/recipe_experiments_smal
                                                                                             # H: distil from the caption
     ... --init identity --out-scale 1 --align-steps 150                                     # I: token-word alignment first
     ... --vocab-tau 0.1 --init identity --align-steps 150                                   # J: tokens = caption-word mixtures
+    ... --init identity --out-scale 1 --align-steps 150 --no-bf16 --schedule constant [--proj-lr 2e-4]
+                                                                                            # I in fp32 (rescaled)
     ... --text --tokens 48 / --text --oracle --tokens 36  (caption text / oracle word grid: see caption_qa.py)
 
 Knobs: --init identity sets every FMVR stage to plain 2x2 pooling (high_weight -1, b -0.5 in both branches);
@@ -389,6 +391,11 @@ def align(steps):
 print(f"word rms {word_rms:.4f} token rms at {T}: {token_rms():.4f}", flush=True)
 if args.align_steps:
     align(args.align_steps)
+    if args.out_scale > 0 and not args.vocab_tau:  # back to the requested scale (the alignment is scale-free)
+        with torch.no_grad():
+            k = args.out_scale * word_rms / token_rms()
+            model.projector.mlp[2].weight.mul_(k)
+            model.projector.mlp[2].bias.mul_(k)
     print("after align, token rms", token_rms(), flush=True)
 print("step 0", evaluate(), flush=True)
 rng = random.Random(0)
