@@ -95,3 +95,20 @@ def small_tokenizer(small_cfg):
     from fmvr.tokenizer import preset_tokenizer
 
     return preset_tokenizer(small_cfg)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Load a script of benchmarks/ (not a package) as a module: benchmark_script("tower_probe")."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

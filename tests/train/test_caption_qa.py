@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("caption_qa", ROOT / "benchmarks" / "caption_qa.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokenizer):
-    cq = _script()
+def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokenizer, benchmark_script):
+    cq = benchmark_script("caption_qa")
     from train import bench
     from train.data import tokenize_blocks
 
@@ -34,8 +23,8 @@ def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokeni
     assert sum(ex.target) == sum(target)  # answers only are learned, none of the caption
 
 
-def test_tiny_run_writes_json_and_markdown(tmp_path):
-    cq = _script()
+def test_tiny_run_writes_json_and_markdown(tmp_path, benchmark_script):
+    cq = benchmark_script("caption_qa")
     argv = ["--preset", "tiny", "--train-n", "8", "--test-n", "3", "--steps", "2", "--batch-size", "2"]
     assert cq.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "caption_qa_tiny.json").read_text())
@@ -48,8 +37,8 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     assert "after 2 LoRA steps of 2" in md and "best constant answer" in md
 
 
-def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_tokenizer):
-    cq = _script()
+def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_tokenizer, benchmark_script):
+    cq = benchmark_script("caption_qa")
     import torch
 
     from train import bench

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from train import bench
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_evidence", ROOT / "benchmarks" / "train_evidence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path):
-    ev = _script()
+def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path, benchmark_script):
+    ev = benchmark_script("train_evidence")
     argv = ["--steps", "2", "--batch-size", "2", "--bench-n", "4", "--eval-n", "2", "--clips", "3"]
     argv += ["--seeds", "0", "--pyramids", "fmvr,m3", "--tokens", "9", "--runs", str(tmp_path / "runs")]
     argv += ["--out", str(tmp_path / "out")]
@@ -38,10 +27,10 @@ def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path):
     assert "| best constant answer |" in md and "frames" in md
 
 
-def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says():
+def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says(benchmark_script):
     """--tokens 36,9 is a choice for the multi-budget cascades; plain LLaVA (none) has only the
     full grid, so it trains and is scored there instead of failing the study."""
-    ev = _script()
+    ev = benchmark_script("train_evidence")
     args = ev.parse_args(["--preset", "small", "--tokens", "36,9"])
     assert ev.run_tokens(args, "fmvr") == "36,9" and ev.run_tokens(args, "m3") == "36,9"
     assert ev.run_tokens(args, "none") == "576"

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("tower_probe", ROOT / "benchmarks" / "tower_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_box_features_read_the_cells_under_the_box_at_each_budget():
-    tp = _script()
+def test_box_features_read_the_cells_under_the_box_at_each_budget(benchmark_script):
+    tp = benchmark_script("tower_probe")
     f = np.arange(24 * 24, dtype=np.float64).reshape(24, 24, 1)  # cell (r, c) holds 24 r + c
     # scene pixels 0..28 cover grid cells 0..1 (336 px -> 24 cells: 14 px each)
     assert tp.box_features(f, (0, 0, 28, 28), 576)[0] == pytest.approx(np.mean([0, 1, 24, 25]))
@@ -29,8 +18,8 @@ def test_box_features_read_the_cells_under_the_box_at_each_budget():
     assert tp.box_features(f, box, 36)[0] == pytest.approx(f[4:8, 8:12].mean())
 
 
-def test_tiny_probe_writes_json_and_markdown(tmp_path):
-    tp = _script()
+def test_tiny_probe_writes_json_and_markdown(tmp_path, benchmark_script):
+    tp = benchmark_script("tower_probe")
     assert (
         tp.main(
             [
@@ -55,6 +44,6 @@ def test_tiny_probe_writes_json_and_markdown(tmp_path):
     assert "| 9 | shape |" in (tmp_path / "tower_probe_tiny.md").read_text()
 
 
-def test_unknown_budget_is_refused(tmp_path):
+def test_unknown_budget_is_refused(tmp_path, benchmark_script):
     with pytest.raises(SystemExit):
-        _script().main(["--preset", "tiny", "--tokens", "50", "--out", str(tmp_path)])
+        benchmark_script("tower_probe").main(["--preset", "tiny", "--tokens", "50", "--out", str(tmp_path)])
