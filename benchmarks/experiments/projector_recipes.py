@@ -13,6 +13,8 @@ Results and the command of every run: benchmarks/results/recipe_experiments_smal
     ... --vocab-tau 0.1 --init identity --align-steps 150                                   # J: tokens = caption-word mixtures
     ... --init identity --out-scale 1 --align-steps 150 --no-bf16 --schedule constant [--proj-lr 2e-4]
                                                                                             # I in fp32 (rescaled)
+    ... --init identity --out-scale 1 --oracle-warmup 30 --freeze-lm --cats colour,count,exist --no-bf16 \
+        --schedule constant --steps 40                                                      # K: oracle-grid curriculum
     ... --text --tokens 48 / --text --oracle --tokens 36  (caption text / oracle word grid: see caption_qa.py)
 
 Knobs: --init identity sets every FMVR stage to plain 2x2 pooling (high_weight -1, b -0.5 in both branches);
@@ -70,6 +72,13 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--eval-every", type=int, default=50)
 p.add_argument("--text", action="store_true")
 p.add_argument("--oracle", action="store_true")
+p.add_argument(
+    "--oracle-warmup",
+    type=int,
+    default=0,
+    help="first N LoRA steps on the oracle grid (LM learns the format)",
+)
+p.add_argument("--freeze-lm", action="store_true", help="after the oracle warm-up, train the projector only")
 p.add_argument("--no-bf16", action="store_true", help="train in fp32 (default: bf16 autocast)")
 p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
 p.add_argument("--oracle-layout", default="sum", choices=("sum", "checker"))
@@ -397,6 +406,26 @@ if args.align_steps:
             model.projector.mlp[2].weight.mul_(k)
             model.projector.mlp[2].bias.mul_(k)
     print("after align, token rms", token_rms(), flush=True)
+if args.oracle_warmup:
+    opt_w = torch.optim.AdamW(lmp, lr=args.lm_lr, weight_decay=0.0)
+    rng_w = random.Random(2)
+    for st in range(args.oracle_warmup):
+        idx = [rng_w.randrange(args.ntrain) for _ in range(args.bs)]
+        b = collate([example(i) for i in idx], None, cfg, (T,))
+        ids, mask, labels = b.per_budget[T]
+        args.oracle = True
+        loss = lm_loss_sum(model, ids, mask, labels, oracle_embed(train_scenes, idx)) / b.num_targets()
+        opt_w.zero_grad()
+        loss.backward()
+        opt_w.step()
+        if st % 10 == 9:
+            print(f"oracle warm-up {st + 1} loss {float(loss.detach()):.3f}", flush=True)
+    args.text = True
+    print("oracle grid after warm-up", evaluate(), flush=True)
+    args.text = args.oracle = False
+    if args.freeze_lm:
+        for p_ in lmp:
+            p_.requires_grad_(False)
 print("step 0", evaluate(), flush=True)
 rng = random.Random(0)
 t0 = time.time()
