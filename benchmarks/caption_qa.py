@@ -61,26 +61,32 @@ def caption_prefix(scene: bench.Scene) -> str:
 GRID = 6  # the oracle grid's side (36 tokens)
 
 
-def oracle_grid(embeddings: torch.Tensor, tok, scene: bench.Scene) -> torch.Tensor:
-    """[GRID*GRID, D] row-major: per cell the summed word embeddings of the object (colour + shape) or
-    card (" card" + digit) whose box, grown by 8 px, holds the cell's centre; " empty" elsewhere."""
+def oracle_grid(
+    embeddings: torch.Tensor, tok, scene: bench.Scene, side: int = GRID, layout: str = "sum"
+) -> torch.Tensor:
+    """[side*side, D] row-major, from the scene record: per cell the word embeddings of the object
+    (colour, shape) or card (" card", digit) whose box, grown by 8 px, holds the cell's centre, " empty"
+    elsewhere. layout "sum": the two words summed in every cell; "checker": one word per cell, the first
+    on even columns and the second on odd ones."""
 
     def word(w: str) -> torch.Tensor:
         return embeddings[tok.encode(f" {w}", add_special_tokens=False).ids[0]]
 
-    cell = bench.SIZE / GRID
+    cell = bench.SIZE / side
     rows = []
-    for r in range(GRID):
-        for c in range(GRID):
+    for r in range(side):
+        for c in range(side):
             centre = ((c + 0.5) * cell, (r + 0.5) * cell)
             hit = [o for o in scene.objects if _covers(o.box, centre)]
             if hit:
-                rows.append(word(hit[0].colour) + word(hit[0].shape))
+                pair = (hit[0].colour, hit[0].shape)
             elif _covers(scene.digit_box, centre):
-                rows.append(word("card") + word(str(scene.digit)))
+                pair = ("card", str(scene.digit))
             else:
                 rows.append(word("empty"))
-    return torch.stack(rows).detach()  # [GRID*GRID, D]
+                continue
+            rows.append(word(pair[0]) + word(pair[1]) if layout == "sum" else word(pair[c % 2]))
+    return torch.stack(rows).detach()  # [side*side, D]
 
 
 def _covers(box: tuple[int, int, int, int], point: tuple[float, float], margin: float = 8.0) -> bool:

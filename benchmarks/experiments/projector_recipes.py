@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.caption_qa import oracle_grid  # noqa: E402
 from fmvr.config import preset  # noqa: E402
 from fmvr.model import build_model  # noqa: E402
 from fmvr.template import render, user_turn  # noqa: E402
@@ -252,37 +253,11 @@ CAPL = 48
 
 
 def oracle_embed(scenes_, idx):
-    """Oracle visual tokens on a side x side grid (side = sqrt(--tokens)) from the scene record:
-    --oracle-layout sum: each covered cell is E(colour) + E(shape) (E(card) + E(digit) on the card);
-    checker: one word per cell, colour on even columns and shape on odd ones (card / digit likewise)."""
-    E = model.language_model.get_input_embeddings().weight.detach()
+    """Oracle visual tokens on a sqrt(--tokens)-sided grid from the scene record (caption_qa.oracle_grid,
+    --oracle-layout sum or checker): [B, T, D]."""
+    table = model.language_model.get_input_embeddings().weight
     side = int(round(T**0.5))
-    cell = bench.SIZE / side
-
-    def w(x):
-        return E[tok.encode(" " + x, add_special_tokens=False).ids[0]]
-
-    def near(box, cx, cy):
-        return box[0] - 8 <= cx <= box[2] + 8 and box[1] - 8 <= cy <= box[3] + 8
-
-    out = []
-    for i in idx:
-        s_ = scenes_[i]
-        toks = []
-        for r in range(side):
-            for c in range(side):
-                cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
-                hit = [o for o in s_.objects if near(o.box, cx, cy)]
-                if hit:
-                    pair = (hit[0].colour, hit[0].shape)
-                elif near(s_.digit_box, cx, cy):
-                    pair = ("card", str(s_.digit))
-                else:
-                    toks.append(w("empty"))
-                    continue
-                toks.append(w(pair[0]) + w(pair[1]) if args.oracle_layout == "sum" else w(pair[c % 2]))
-        out.append(torch.stack(toks))
-    return torch.stack(out)
+    return torch.stack([oracle_grid(table, tok, scenes_[i], side, args.oracle_layout) for i in idx])
 
 
 def cap_embed(scenes_, idx):
