@@ -41,6 +41,7 @@ from fmvr.template import render, user_turn  # noqa: E402
 from fmvr.tokenizer import encode_segments, expand_image_tokens, preset_tokenizer  # noqa: E402
 from train import bench  # noqa: E402
 from train.data import Example, collate, tokenize_blocks  # noqa: E402
+from train.ground import word_grid  # noqa: E402
 from train.loss import lm_loss_sum  # noqa: E402
 from train.stages import TrainConfig  # noqa: E402
 
@@ -62,35 +63,23 @@ GRID = 6  # the oracle grid's side (36 tokens)
 
 
 def oracle_grid(
-    embeddings: torch.Tensor, tok, scene: bench.Scene, side: int = GRID, layout: str = "sum"
+    embeddings: torch.Tensor,
+    tok,
+    scene: bench.Scene,
+    side: int = GRID,
+    layout: str = "sum",
+    position: bool = False,
 ) -> torch.Tensor:
-    """[side*side, D] row-major, from the scene record: per cell the word embeddings of the object
-    (colour, shape) or card (" card", digit) whose box, grown by 8 px, holds the cell's centre, " empty"
-    elsewhere. layout "sum": the two words summed in every cell; "checker": one word per cell, the first
-    on even columns and the second on odd ones."""
-
-    def word(w: str) -> torch.Tensor:
-        return embeddings[tok.encode(f" {w}", add_special_tokens=False).ids[0]]
-
-    cell = bench.SIZE / side
-    rows = []
-    for r in range(side):
-        for c in range(side):
-            centre = ((c + 0.5) * cell, (r + 0.5) * cell)
-            hit = [o for o in scene.objects if _covers(o.box, centre)]
-            if hit:
-                pair = (hit[0].colour, hit[0].shape)
-            elif _covers(scene.digit_box, centre):
-                pair = ("card", str(scene.digit))
-            else:
-                rows.append(word("empty"))
-                continue
-            rows.append(word(pair[0]) + word(pair[1]) if layout == "sum" else word(pair[c % 2]))
-    return torch.stack(rows).detach()  # [side*side, D]
-
-
-def _covers(box: tuple[int, int, int, int], point: tuple[float, float], margin: float = 8.0) -> bool:
-    return box[0] - margin <= point[0] <= box[2] + margin and box[1] - margin <= point[1] <= box[3] + margin
+    """[side*side, D] row-major, from the scene record (train.bench.cell_words): per cell the word
+    embeddings of the object (colour, shape) or card (" card", digit) whose box, grown by 8 px, holds the
+    cell's centre, " empty" elsewhere. layout "sum": the words summed in every cell (train.ground.word_grid,
+    the grounding stage's target); "checker": one word per cell, the first on even columns and the second
+    on odd ones. `position` adds the words naming the layout cell ("top", "left")."""
+    words = bench.cell_words(scene, side, position)
+    if layout == "sum":
+        return word_grid(embeddings, tok, words)
+    pick = [(w[k % side % 2 if len(w) > 1 else 0],) for k, w in enumerate(words)]
+    return word_grid(embeddings, tok, pick)
 
 
 def example(tok, cfg, scene: bench.Scene, index: int, presentation: str) -> Example:

@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage1-steps", type=int, default=0, help="stage-1 caption steps first (0: stage 2 only)"
     )
+    p.add_argument(
+        "--ground-steps",
+        type=int,
+        default=0,
+        help="stage ground first (visual tokens regressed onto word grids from the scenes' boxes; train/ground.py)",
+    )
+    p.add_argument("--ground-batch-size", type=int, default=32, help="stage-ground images per step")
+    p.add_argument("--ground-lr", type=float, default=1e-3, help="stage-ground learning rate")
     p.add_argument("--stage1-batch-size", type=int, default=8, help="stage-1 captions per step")
     p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 learning rate")
     p.add_argument("--stage1-bench-n", type=int, default=0, help="stage-1 caption scenes (0: --bench-n)")
@@ -120,6 +128,21 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     )
     t0 = time.time()
     init = ""
+    if args.ground_steps and args.stage1_steps:
+        raise ValueError("--ground-steps and --stage1-steps are alternative first stages: pass one")
+    if args.ground_steps:
+        g = TrainConfig(
+            stage="ground",
+            out=str(out / "ground"),
+            steps=args.ground_steps,
+            batch_size=args.ground_batch_size,
+            lr=args.ground_lr,
+            bench_n=args.bench_n,
+            **(common | {"budget_mode": "mean"}),  # every budget's word grid each step: no LM, cheap
+        ).check()
+        if not same_run(out / "ground" / "final", g):
+            train_model(g)
+        init = str(out / "ground" / "final")
     if args.stage1_steps:
         s1 = TrainConfig(
             stage="stage1",
@@ -146,7 +169,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
         lr=args.lr,
         schedule=args.schedule,
         bench_n=args.bench_n,
-        bench_seed=1 if args.stage1_steps else 0,  # stage 2 sees other scenes than stage 1's captions
+        bench_seed=1 if init else 0,  # stage 2 sees other scenes than the first stage's
         bench_kind=args.kind,
         bench_clips=args.clips,
         **common,

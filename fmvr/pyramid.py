@@ -88,6 +88,17 @@ class Pyramid(nn.Module):
         # FMVR: a stage for every budget made by 2x2 pooling, except the final 1-token mean.
         self.stages = nn.ModuleDict({str(t): FMVRBlock(channels) for t in self.kind.stage_budgets(cfg.grid)})
 
+    def start_as_pooling(self) -> None:
+        """Set every FMVR stage to output zero (both branches: high_weight -1 and b -0.5, so the
+        average branch gives 0.5x and the max branch -0.5x), so each level starts as plain 2x2
+        pooling, as M3's, with the projector's scale at every budget. The released init instead
+        scales each level by ~5x (norms 59 / 306 / 1673 / 1e4 at 576 / 144 / 36 / 9 on `small`)."""
+        with torch.no_grad():
+            for block in self.stages.values():
+                for branch in (block.gap, block.mp):
+                    branch.high_weight.fill_(-1.0)
+                    branch.b.fill_(-0.5)
+
     def check(self, tokens: int) -> None:
         if tokens not in self.budgets:
             raise ValueError(

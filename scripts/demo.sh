@@ -3,16 +3,17 @@
 # downloads (EfficientNet-Lite0 and SmolLM2-135M weights come from pinned pip packages).
 # Each step is cached under runs/demo, so a second run takes seconds.
 #   1. the model: a real photo through every visual-token budget, FLOPs per budget
-#   2. training on the built-in visual benchmark (stage 1: projector + FMVR; stage 2: + LoRA
-#      on SmolLM2), then accuracy per budget and category on the held-out test split
+#   2. training on the built-in visual benchmark (stage ground: projector + FMVR regressed onto
+#      word grids, no LM; stage 2: LoRA on SmolLM2 over the questions), then accuracy per budget
+#      and category on the held-out test split
 #   3. export: ONNX vision graph (all budgets, one shared trunk) + int8 ONNX decoder
 #   4. the torch-free runtime: questions at three latency budgets, the budget it picks; two frames
 #      in one request under one deadline (a budget per frame); this device's budget card
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_DIR:-runs/demo}
-STAGE1_STEPS=${DEMO_STAGE1_STEPS:-100}
-STEPS=${DEMO_STEPS:-50}
+GROUND_STEPS=${DEMO_GROUND_STEPS:-250}
+STEPS=${DEMO_STEPS:-80}
 EVAL_N=${DEMO_EVAL_N:-40}
 mkdir -p "$OUT"
 say() { printf '\n==== %s\n' "$*"; }
@@ -23,14 +24,15 @@ say "1/4 the small FMVR model on a real photo (python -m fmvr.demo)"
 "$PY" -m fmvr.demo --preset small
 
 say "2/4 training on the built-in benchmark (cached in $OUT)"
-# stage 1 in the model's own chat template (an alignment learned in "plain" does not carry over to
-# ChatML), on the cheap 36/9-token budgets; stage 2 on every budget, with the caption kept as one
-# more question ("mix") so the alignment is not lost while the LoRA learns the questions
-"$PY" -m train --preset small --stage stage1 --template chat --out "$OUT/stage1" --steps "$STAGE1_STEPS" \
-    --batch-size 8 --bench-n 800 --lr 2e-3 --budget-mode random --tokens 36,9 --cache-vision "$BF16" --skip-if-done
-"$PY" -m train --stage stage2 --init "$OUT/stage1/final" --out "$OUT/train" --steps "$STEPS" --batch-size 4 \
-    --bench-n 600 --bench-seed 1 --bench-kind mix --lora --lora-alpha 128 --lr 5e-4 --projector-lr 1e-4 \
-    --budget-mode random --cache-vision "$BF16" --skip-if-done
+# stage ground: the projector and FMVR learn to hand the LM a grid of word embeddings (what covers
+# each cell: " red" + " triangle"), every budget, no LM pass (train/ground.py); stage 2: LoRA on the
+# questions at the cheap 36/9-token budgets (the grounded tokens carry over to 144 and 576), projector
+# nearly frozen
+"$PY" -m train --preset small --stage ground --out "$OUT/ground" --steps "$GROUND_STEPS" --batch-size 32 \
+    --bench-n 600 --lr 1e-3 "$BF16" --skip-if-done
+"$PY" -m train --stage stage2 --init "$OUT/ground/final" --out "$OUT/train" --steps "$STEPS" --batch-size 8 \
+    --bench-n 600 --bench-seed 1 --bench-kind qa --lora --lora-alpha 128 --lr 5e-4 --projector-lr 1e-5 \
+    --schedule constant --budget-mode random --tokens 36,9 --cache-vision "$BF16" --skip-if-done
 "$PY" -m train.eval --checkpoint "$OUT/train/final" --bench-n "$EVAL_N" --out "$OUT/eval.json" --reuse
 
 say "3/4 export to a bundle (cached in $OUT/bundle)"

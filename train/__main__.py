@@ -20,7 +20,7 @@ from pathlib import Path
 from fmvr.cli import renamed_flags
 from fmvr.config import PYRAMIDS
 from train.ckpt import same_run
-from train.stages import BENCH_KINDS, STAGES, TrainConfig
+from train.stages import BENCH_KINDS, PYRAMID_INITS, STAGES, TrainConfig
 
 RENAMED_FLAGS = {"--budgets": "--tokens"}  # renamed in 0.2 (old -> new), accepted for one release
 
@@ -32,12 +32,15 @@ CHOICES = {  # argparse choices, from the tables that define them
     "bench_qa": ("independent", "conversation"),
     "schedule": ("cosine", "constant"),
     "budget_mode": ("mean", "random"),
+    "pyramid_init": PYRAMID_INITS,
 }
 HELP = {
     "stage": "training stage",
     "out": "run directory (checkpoints, log.jsonl, final/)",
     "preset": "model preset for a fresh model (ignored with --init)",
     "pyramid": "visual-token cascade of a fresh model",
+    "pyramid_init": "a fresh model's FMVR stages: pooling (each level starts as plain 2x2 pooling, as M3's: every "
+    "budget at the projector's scale) or released (the authors' code init: each level ~5x the one above)",
     "visual_norm": "a fresh model RMS-norms its visual tokens to the LM's word-embedding scale, so every budget "
     "enters the LM at one scale (ignored with --init)",
     "init": "checkpoint directory to start from (required for finetune)",
@@ -76,6 +79,7 @@ HELP = {
     "fsdp": "FSDP2 instead of DDP under torchrun: shards LLM layers, projector, pyramid (full training at 7B)",
     "grad_checkpointing": "gradient checkpointing in the LLM (saves memory, costs compute)",
     "cache_vision": "keep frozen-tower features in RAM across epochs (images x 576 x tower width x 4 bytes: small data only)",
+    "ground_position": "stage ground: each token's target also holds the words naming where it sits ('top left')",
     "log_every": "write log.jsonl every N steps",
     "save_every": "checkpoint every N steps (0: at the end and on Ctrl-C only)",
     "keep_last": "checkpoints to keep",

@@ -286,6 +286,38 @@ def caption(scene: Scene) -> str:
     return ", ".join(parts) + f" and a card with the digit {scene.digit}."
 
 
+def cell_words(scene: Scene, side: int, position: bool = False) -> list[tuple[str, ...]]:
+    """What covers each cell of a side x side grid laid over the image (row-major), as words: the
+    colour and shape of the object whose box (grown by GROW px) holds the cell's centre, ("card",
+    digit) for the digit card, else ("empty",). With `position`, the words naming the layout cell
+    the centre falls in follow ("top", "left"; "center"). The grounding stage's targets
+    (train.ground) and the oracle grid of benchmarks/caption_qa.py are built from these."""
+    size = SIZE / side
+    out = []
+    for r in range(side):
+        for c in range(side):
+            centre = ((c + 0.5) * size, (r + 0.5) * size)
+            hit = [o for o in scene.objects if covers(o.box, centre)]
+            if hit:
+                words: tuple[str, ...] = (hit[0].colour, hit[0].shape)
+            elif covers(scene.digit_box, centre):
+                words = ("card", str(scene.digit))
+            else:
+                words = ("empty",)
+            if position:
+                words += tuple(CELL_NAMES[(int(centre[1] // CELL), int(centre[0] // CELL))].split())
+            out.append(words)
+    return out
+
+
+GROW = 8.0  # px an object's box is grown by when asking what covers a point
+
+
+def covers(box: tuple[int, int, int, int], point: tuple[float, float], margin: float = GROW) -> bool:
+    """Whether `point` (x, y) lies in `box` (x0, y0, x1, y1) grown by `margin` px."""
+    return box[0] - margin <= point[0] <= box[2] + margin and box[1] - margin <= point[1] <= box[3] + margin
+
+
 # ---- pixels ----------------------------------------------------------------------------------
 
 

@@ -78,6 +78,8 @@ def build_model_and_tokenizer(cfg: TrainConfig):
         model = build_model(mcfg, seed=cfg.seed)
         if cfg.tower_seed >= 0 and not mcfg.vision.weights:
             fixed_tower(model, cfg.tower_seed)
+        if cfg.pyramid_init == "pooling":
+            model.pyramid.start_as_pooling()
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else preset_tokenizer(mcfg)
     model.trainable(cfg.stage_def().parts + (("vision_tower",) if cfg.tower_lr > 0 else ()))
     if cfg.lora:
@@ -227,6 +229,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | None = None):
     """As `train`, returning (the trained model, <out>/final). `cache` may be shared by runs
     with the same frozen tower (same preset and tower_seed, no --init)."""
+    if cfg.stage == "ground":  # no LM step: its own short loop (train/ground.py)
+        from train.ground import train_ground
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or resume:
+            raise ValueError("stage ground runs in one process and in one go (no torchrun, no --resume)")
+        return train_ground(cfg)
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)

@@ -2,6 +2,7 @@
 
 | stage    | trainable                         | template  | lr   | start from            |
 |----------|-----------------------------------|-----------|------|-----------------------|
+| ground   | projector, pyramid, visual_norm   | (no text) | 1e-3 | fresh (or --init); regresses visual tokens onto word grids (train.ground) |
 | stage1   | projector, pyramid, visual_norm   | plain     | 1e-3 | fresh (or --init)     |
 | stage2   | projector, pyramid, language_model| the model's (vicuna_v1, chatml) | 2e-5 | --init stage-1 output |
 | finetune | projector, pyramid, language_model| the model's | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
@@ -22,6 +23,7 @@ from typing import Any
 from fmvr.cli import parse_tokens
 
 BENCH_KINDS = ("caption", "qa", "mix")  # mix: every question + a "Describe the image." caption block
+PYRAMID_INITS = ("pooling", "released")  # a fresh model's FMVR stages (fmvr.pyramid.Pyramid.start_as_pooling)
 RENAMED_KEYS = {"budgets": "tokens"}  # config-file keys renamed in 0.2 (old -> new), accepted for one release
 
 
@@ -31,11 +33,12 @@ class Stage:
     parts: tuple[str, ...]  # top-level submodules of FMVRLlava that train
     template: str  # "chat": the model's own template (FMVRConfig.template)
     lr: float
-    kind: str  # built-in benchmark records: "caption" (stage 1) or "qa"
+    kind: str  # built-in benchmark records: "caption" (stage 1), "qa", or "ground" (box labels, no text)
     needs_init: bool = False
 
 
 STAGES: dict[str, Stage] = {
+    "ground": Stage("ground", ("projector", "pyramid", "visual_norm"), "plain", 1e-3, "ground"),
     "stage1": Stage("stage1", ("projector", "pyramid", "visual_norm"), "plain", 1e-3, "caption"),
     "stage2": Stage("stage2", ("projector", "pyramid", "visual_norm", "language_model"), "chat", 2e-5, "qa"),
     "finetune": Stage(
@@ -52,6 +55,9 @@ class TrainConfig:
     out: str = "runs/train"
     preset: str = "tiny"
     pyramid: str = "fmvr"
+    pyramid_init: str = (
+        "pooling"  # a fresh model's FMVR stages: pooling (each level = plain pooling) | released
+    )
     visual_norm: bool = False  # a fresh model's visual tokens RMS-normed to the word-embedding scale
     init: str = ""  # checkpoint to start from (required for finetune)
     tokenizer: str = ""  # tokenizer.json (default: the init checkpoint's, or the tiny one)
@@ -90,6 +96,7 @@ class TrainConfig:
     fsdp: bool = False  # shard the LLM layers and the rest (tower excepted) with FSDP2 under torchrun
     grad_checkpointing: bool = False
     cache_vision: bool = False  # keep frozen-tower features in memory across epochs (small data only)
+    ground_position: bool = False  # stage ground: the targets also name each token's layout cell ("top left")
     # bookkeeping
     log_every: int = 1
     save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)
@@ -123,6 +130,13 @@ class TrainConfig:
                 "--bench-clips adds two-frame question blocks to the built-in benchmark: use it without --data, "
                 "with --bench-kind qa or mix and --bench-qa independent"
             )
+        if self.stage == "ground" and (self.data or self.bench_clips or self.tower_lr):
+            raise ValueError(
+                "stage ground regresses visual tokens onto the built-in benchmark's box labels with a frozen "
+                "tower: drop --data, --bench-clips and --tower-lr"
+            )
+        if self.pyramid_init not in PYRAMID_INITS:
+            raise ValueError(f"pyramid init {self.pyramid_init!r}: choose one of {PYRAMID_INITS}")
         if self.budget_mode not in ("mean", "random"):
             raise ValueError(f"budget mode {self.budget_mode!r}: choose mean or random")
         if self.lora and "language_model" not in st.parts:

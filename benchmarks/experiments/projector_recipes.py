@@ -92,6 +92,15 @@ p.add_argument("--temp", type=float, default=0.05)
 p.add_argument("--distill", type=float, default=0.0)
 p.add_argument("--text-ce", type=float, default=0.0)
 p.add_argument("--layers", default="4,8,12,16,20,24,28")
+p.add_argument(
+    "--ground-steps", type=int, default=0, help="first regress every budget's tokens onto the oracle grid"
+)
+p.add_argument(
+    "--ground-pos", action="store_true", help="position words in the targets + a learned position table"
+)
+p.add_argument("--ground-lr", type=float, default=1e-3)
+p.add_argument("--ground-bs", type=int, default=32)
+p.add_argument("--ground-tokens", default="576,144,36,9,1")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 cfg = preset("small", pyramid=args.pyramid)
@@ -133,6 +142,19 @@ if args.out_scale > 0 and not args.vocab_tau:
         rms = float(x.pow(2).mean().sqrt())
         model.projector.mlp[2].weight.mul_(args.out_scale * word_rms / rms)
         model.projector.mlp[2].bias.mul_(args.out_scale * word_rms / rms)
+
+if args.ground_pos:
+
+    class PosProj(nn.Module):
+        def __init__(self, inner, n, d):
+            super().__init__()
+            self.inner = inner
+            self.pos = nn.Parameter(torch.zeros(n, d))
+
+        def forward(self, x):
+            return self.inner(x) + self.pos
+
+    model.projector = PosProj(model.projector, 576, cfg.text.hidden_size if hasattr(cfg, "text") else 576)
 
 if args.vocab_tau > 0:
     E_all = model.language_model.get_input_embeddings().weight.detach()
@@ -381,6 +403,41 @@ if args.align_steps:
             model.projector.mlp[2].weight.mul_(k)
             model.projector.mlp[2].bias.mul_(k)
     print("after align, token rms", token_rms(), flush=True)
+
+
+def ground(steps):
+    """Regress the visual tokens of every budget in --ground-tokens onto the oracle word grid of the same side."""
+    table = model.language_model.get_input_embeddings().weight.detach()
+    budgets = [int(x) for x in args.ground_tokens.split(",")]
+    tgt = {}
+    t0 = time.time()
+    for split, sc in (("train", train_scenes), ("test", test_scenes)):
+        tgt[split] = {
+            t: torch.stack(
+                [oracle_grid(table, tok, s_, int(round(t**0.5)), position=args.ground_pos) for s_ in sc]
+            )
+            for t in budgets
+        }
+    print(f"ground targets in {time.time() - t0:.0f}s", flush=True)
+    opt_g = torch.optim.AdamW(proj, lr=args.ground_lr, weight_decay=0.0)
+    rng_g = random.Random(3)
+    for st in range(steps):
+        idx = rng_g.sample(range(args.ntrain), args.ground_bs)
+        vis = model.visual_tokens(model.projector(feats["train"][idx].float()), tuple(budgets))
+        loss = sum(F.mse_loss(vis[t], tgt["train"][t][idx]) for t in budgets) / (len(budgets) * word_rms**2)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+        if st % 50 == 0 or st == steps - 1:
+            with torch.no_grad():
+                vt = model.visual_tokens(model.projector(feats["test"].float()), tuple(budgets))
+                te = {t: round(float(F.mse_loss(vt[t], tgt["test"][t]) / word_rms**2), 3) for t in budgets}
+            print(f"ground {st} loss {float(loss):.3f} test {te} {time.time() - t0:.0f}s", flush=True)
+
+
+if args.ground_steps:
+    ground(args.ground_steps)
+    print("after grounding, token rms", token_rms(), flush=True)
 if args.oracle_warmup:
     opt_w = torch.optim.AdamW(lmp, lr=args.lm_lr, weight_decay=0.0)
     rng_w = random.Random(2)

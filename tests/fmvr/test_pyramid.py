@@ -197,6 +197,18 @@ def test_m3_differs_from_fmvr_below_144(tiny_cfg):
         assert not torch.allclose(m3(feats, t), fm(feats, t))
 
 
+def test_fmvr_started_as_pooling_equals_m3_until_it_trains(tiny_cfg):
+    feats = torch.randn(2, 576, tiny_cfg.text.hidden_size)
+    m3 = Pyramid(preset("tiny", pyramid="m3"))
+    fm = Pyramid(tiny_cfg)
+    fm.start_as_pooling()
+    for t in (576, 144, 36, 9, 1):
+        torch.testing.assert_close(fm(feats, t), m3(feats, t), rtol=1e-5, atol=1e-5)
+    fm(feats, 36).pow(2).sum().backward()  # the learnable part still gets gradients (levels 144 and 36)
+    for t in ("144", "36"):
+        assert all(float(b.high_weight.grad.abs().sum()) > 0 for b in (fm.stages[t].gap, fm.stages[t].mp))
+
+
 def test_none_serves_only_576():
     cfg = preset("tiny", pyramid="none")
     pyr = Pyramid(cfg)

@@ -35,3 +35,16 @@ def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says(benchmark
     assert ev.run_tokens(args, "fmvr") == "36,9" and ev.run_tokens(args, "m3") == "36,9"
     assert ev.run_tokens(args, "none") == "576"
     assert ev.run_tokens(ev.parse_args(["--tokens", "all"]), "none") == "all"
+
+
+def test_a_ground_first_stage_runs_before_stage_2_and_feeds_it(tmp_path, benchmark_script):
+    ev = benchmark_script("train_evidence")
+    argv = ["--steps", "1", "--batch-size", "2", "--bench-n", "4", "--eval-n", "1", "--seeds", "0"]
+    argv += ["--pyramids", "fmvr", "--tokens", "36,9", "--ground-steps", "2", "--ground-batch-size", "2"]
+    argv += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert ev.main(argv) == 0
+    run = tmp_path / "runs" / "fmvr-s0"
+    ground = json.loads((run / "ground" / "final" / "extra.json").read_text())["train_config"]
+    assert ground["stage"] == "ground" and ground["budget_mode"] == "mean" and ground["steps"] == 2
+    result = json.loads((run / "result.json").read_text())
+    assert result["config"]["init"] == str(run / "ground" / "final") and result["config"]["bench_seed"] == 1
