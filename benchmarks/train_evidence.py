@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="budgets trained and scored, comma-separated (all: the model's; e.g. 36,9 keeps CPU steps cheap)",
     )
     p.add_argument(
+        "--eval-tokens",
+        default="",
+        help="budgets scored (default: the trained --tokens; all: every budget of the cascade)",
+    )
+    p.add_argument(
         "--clips",
         type=int,
         default=0,
@@ -178,7 +183,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     train_s = time.time() - t0
     from fmvr.tokenizer import preset_tokenizer
 
-    budgets = parse_tokens(cfg.tokens, model.cfg.budgets)
+    budgets = parse_tokens(run_tokens(args, pyramid, args.eval_tokens or cfg.tokens), model.cfg.budgets)
     clips = scored_clips(args)
     res = evaluate_bench(
         model, preset_tokenizer(model.cfg), budgets, n=args.eval_n, split="test", clips=clips
@@ -205,15 +210,16 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
     return row
 
 
-def run_tokens(args, pyramid: str) -> str:
-    """The budgets one cascade trains and is scored at: --tokens where the cascade has them all,
-    else its own (the `none` cascade, plain LLaVA, has only the full grid)."""
+def run_tokens(args, pyramid: str, tokens: str | None = None) -> str:
+    """The budgets one cascade trains (or is scored at): `tokens` (default --tokens) where the
+    cascade has them all, else its own (the `none` cascade, plain LLaVA, has only the full grid)."""
+    tokens = args.tokens if tokens is None else tokens
     own = preset(args.preset, pyramid=pyramid).budgets
     try:
-        parse_tokens(args.tokens, own)
+        parse_tokens(tokens, own)
     except ValueError:
         return ",".join(map(str, own))
-    return args.tokens
+    return tokens
 
 
 def flat_rows(runs: list[dict]) -> list[dict]:
@@ -278,8 +284,14 @@ def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, f
         "",
         f"Accuracy (%) on {args.eval_n} test scenes x 5 questions"
         + (f" (and {clips} two-frame clips, the frames column)" if clips else "")
-        + f", mean +- std over seeds {args.seeds}; stage 2 from scratch "
-        f"({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size}.",
+        + f", mean +- std over seeds {args.seeds}; "
+        + (
+            f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, every budget) then "
+            if args.ground_steps
+            else ""
+        )
+        + f"stage 2 ({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size} at tokens {args.tokens}"
+        + " (the none cascade: 576).",
         "",
         "| cascade | tokens | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",

@@ -16,6 +16,9 @@ Results and the command of every run: benchmarks/results/recipe_experiments_smal
     ... --init identity --out-scale 1 --oracle-warmup 30 --freeze-lm --cats colour,count,exist --no-bf16 \
         --schedule constant --steps 40                                                      # K: oracle-grid curriculum
     ... --text --tokens 48 / --text --oracle --tokens 36  (caption text / oracle word grid: see caption_qa.py)
+    ... --init identity --ground-steps 400 --cats colour,count,exist --steps 30 --proj-lr 0 --no-bf16 \
+        --schedule constant                                                                 # L: regress onto the grid first
+    ... --ground-pos ...                                                                    # M: + position words and table
 
 Knobs: --init identity sets every FMVR stage to plain 2x2 pooling (high_weight -1, b -0.5 in both branches);
 --out-scale k rescales the projector's last layer so visual tokens start at k x the word-embedding RMS;
@@ -23,7 +26,8 @@ Knobs: --init identity sets every FMVR stage to plain 2x2 pooling (high_weight -
 of the same LM reading the caption instead of the image; --text-ce w adds the caption-text answers' loss;
 --align-steps N first trains the projector alone with a FILIP-style token-word contrastive loss against the
 caption's word embeddings; --vocab-tau t makes every visual token a softmax mixture (temperature t) of the
-embeddings of the words the training captions use.
+embeddings of the words the training captions use; --ground-steps N first regresses every budget's tokens onto the
+oracle grid of the same side (what became train/ground.py, the `ground` stage).
 """
 
 import argparse

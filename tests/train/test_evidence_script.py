@@ -41,6 +41,7 @@ def test_a_ground_first_stage_runs_before_stage_2_and_feeds_it(tmp_path, benchma
     ev = benchmark_script("train_evidence")
     argv = ["--steps", "1", "--batch-size", "2", "--bench-n", "4", "--eval-n", "1", "--seeds", "0"]
     argv += ["--pyramids", "fmvr", "--tokens", "36,9", "--ground-steps", "2", "--ground-batch-size", "2"]
+    argv += ["--eval-tokens", "all"]  # trained at 36/9, scored at every budget
     argv += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     assert ev.main(argv) == 0
     run = tmp_path / "runs" / "fmvr-s0"
@@ -48,3 +49,4 @@ def test_a_ground_first_stage_runs_before_stage_2_and_feeds_it(tmp_path, benchma
     assert ground["stage"] == "ground" and ground["budget_mode"] == "mean" and ground["steps"] == 2
     result = json.loads((run / "result.json").read_text())
     assert result["config"]["init"] == str(run / "ground" / "final") and result["config"]["bench_seed"] == 1
+    assert result["config"]["tokens"] == "36,9" and set(result["accuracy"]) == {"576", "144", "36", "9", "1"}
