@@ -286,7 +286,7 @@ def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, f
         + (f" (and {clips} two-frame clips, the frames column)" if clips else "")
         + f", mean +- std over seeds {args.seeds}; "
         + (
-            f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, every budget) then "
+            f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, at the trained budgets) then "
             if args.ground_steps
             else ""
         )
