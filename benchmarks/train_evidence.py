@@ -27,6 +27,7 @@ from fmvr.config import preset  # noqa: E402
 from train.bench import CATEGORIES, CLIP_CATEGORY, constant_baseline  # noqa: E402
 from train.ckpt import same_run  # noqa: E402
 from train.eval import evaluate_bench  # noqa: E402
+from train.ground import train_ground  # noqa: E402
 from train.loop import train_model  # noqa: E402
 from train.stages import TrainConfig  # noqa: E402
 
@@ -146,7 +147,7 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
             **(common | {"budget_mode": "mean"}),  # every budget's word grid each step: no LM, cheap
         ).check()
         if not same_run(out / "ground" / "final", g):
-            train_model(g)
+            train_ground(g)
         init = str(out / "ground" / "final")
     if args.stage1_steps:
         s1 = TrainConfig(

@@ -125,7 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{final} is already trained with this config (delete it to retrain)")
         return 0
     try:
-        out = train(cfg, resume=args.resume)
+        if cfg.stage == "ground":  # no LM step: its own short loop
+            from train.ground import train_ground
+
+            out = train_ground(cfg, resume=args.resume)[1]
+        else:
+            out = train(cfg, resume=args.resume)
     except Interrupted as e:
         print(str(e))
         return 130

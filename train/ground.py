@@ -25,6 +25,7 @@ frozen and its features are computed once.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -84,13 +85,15 @@ def ground_loss(model, feats: torch.Tensor, targets: dict[int, torch.Tensor]) ->
     return sum(parts.values()) / len(parts), {t: float(v.detach()) for t, v in parts.items()}
 
 
-def train_ground(cfg: TrainConfig) -> tuple[torch.nn.Module, Path]:
+def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Module, Path]:
     """Run the ground stage (one process); returns (the model, <out>/final)."""
     from train import bench
     from train.ckpt import save_model_final, trainable_named
     from train.loop import _autocast, _bar, _log, build_model_and_tokenizer, make_optimizer, step_indices
     from train.loss import step_budgets
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or resume:
+        raise ValueError("stage ground runs in one process and in one go (no torchrun, no --resume)")
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)
     model.train()

@@ -229,12 +229,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | None = None):
     """As `train`, returning (the trained model, <out>/final). `cache` may be shared by runs
     with the same frozen tower (same preset and tower_seed, no --init)."""
-    if cfg.stage == "ground":  # no LM step: its own short loop (train/ground.py)
-        from train.ground import train_ground
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or resume:
-            raise ValueError("stage ground runs in one process and in one go (no torchrun, no --resume)")
-        return train_ground(cfg)
+    if cfg.stage == "ground":
+        raise ValueError(
+            "stage ground has its own loop (no LM step): train.ground.train_ground; python -m train runs it"
+        )
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)

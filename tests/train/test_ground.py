@@ -10,8 +10,7 @@ import torch
 
 from fmvr.checkpoint import load_checkpoint
 from train import bench
-from train.ground import ground_targets, word_grid
-from train.loop import train
+from train.ground import ground_targets, train_ground, word_grid
 from train.stages import TrainConfig
 
 
@@ -71,7 +70,7 @@ def test_ground_stage_lowers_its_loss_and_trains_only_projector_and_pyramid(tmp_
     from fmvr.config import preset
     from fmvr.model import build_model
 
-    final = train(_ground_cfg(tmp_path))
+    final = train_ground(_ground_cfg(tmp_path))[1]
     fresh = build_model(preset("tiny"), seed=0).state_dict()
     after = load_checkpoint(final).state_dict()
     changed = {k.split(".")[0] for k in fresh if not torch.equal(fresh[k], after[k])}
