@@ -77,9 +77,15 @@ def tower_grid_features(model, scenes, batch: int = 16, progress: bool = True) -
     return torch.cat(out)
 
 
-def ground_loss(model, feats: torch.Tensor, targets: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """(mean over budgets of the normalised MSE, {T: its value}) for a batch of tower features."""
-    word_ms = model.language_model.get_input_embeddings().weight.detach().float().pow(2).mean()
+def word_mean_square(model) -> torch.Tensor:
+    """The mean square of the LM's input embeddings: the ground loss's unit (frozen, so computed once)."""
+    return model.language_model.get_input_embeddings().weight.detach().float().pow(2).mean()
+
+
+def ground_loss(
+    model, feats: torch.Tensor, targets: dict[int, torch.Tensor], word_ms: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """(mean over budgets of MSE / word_ms, {T: its value}) for a batch of tower features."""
     visual = model.visual_tokens(model.projector(feats), tuple(targets))  # {T: [B, T, D]}
     parts = {t: F.mse_loss(visual[t].float(), targets[t]) / word_ms for t in targets}
     return sum(parts.values()) / len(parts), {t: float(v.detach()) for t, v in parts.items()}
@@ -105,6 +111,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     targets = ground_targets(model, tok, scenes, budgets_all, position=cfg.ground_position)
     opt, sched = make_optimizer(cfg, model, total)
     params = list(trainable_named(model).values())
+    word_ms = word_mean_square(model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
@@ -114,7 +121,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
         budgets = step_budgets(budgets_all, cfg.budget_mode, random.Random(cfg.seed * 7919 + step))
         idx = step_indices(len(scenes), cfg.batch_size, cfg.seed, step)
         with _autocast(cfg, torch.device("cpu")):
-            loss, parts = ground_loss(model, feats[idx], {t: targets[t][idx] for t in budgets})
+            loss, parts = ground_loss(model, feats[idx], {t: targets[t][idx] for t in budgets}, word_ms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
