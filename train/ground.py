@@ -36,13 +36,22 @@ import torch.nn.functional as F
 from train.stages import TrainConfig
 
 
+def word_id(tok, word: str) -> int:
+    """The token that names `word` after a space: " word"'s first token, past a bare-space piece.
+    (SmolLM2 splits " 3" into "Ġ" + "3": without the skip every digit would be the same space token.)"""
+    enc = tok.encode(f" {word}", add_special_tokens=False)
+    if len(enc.ids) > 1 and enc.tokens[0] in (" ", "Ġ", "\u2581"):  # byte-level / sentencepiece space
+        return enc.ids[1]
+    return enc.ids[0]
+
+
 def word_grid(embeddings: torch.Tensor, tok, words: list[tuple[str, ...]]) -> torch.Tensor:
-    """[len(words), D]: per cell the sum of the embeddings of its words (each " word"'s first token)."""
+    """[len(words), D]: per cell the sum of the embeddings of its words (each word's `word_id`)."""
     cache: dict[str, int] = {}
 
     def wid(w: str) -> int:
         if w not in cache:
-            cache[w] = tok.encode(f" {w}", add_special_tokens=False).ids[0]
+            cache[w] = word_id(tok, w)
         return cache[w]
 
     rows = [embeddings[[wid(w) for w in cell]].sum(0) for cell in words]
@@ -62,18 +71,23 @@ def ground_targets(model, tok, scenes, budgets: tuple[int, ...], position: bool)
 
 
 @torch.no_grad()
-def tower_grid_features(model, scenes, batch: int = 16, progress: bool = True) -> torch.Tensor:
-    """[n, N, Dv]: the frozen tower's grid features of every scene's image."""
+def tower_grid_features(
+    model, scenes, batch: int = 16, progress: bool = True, bf16: bool = False
+) -> torch.Tensor:
+    """[n, N, Dv] float32: the frozen tower's grid features of every scene's image (under bf16
+    autocast with `bf16`, ~1.8x faster on CPUs with bf16 units, as stage 2's cached features are)."""
     from tqdm import tqdm
 
     from fmvr.preprocess import Preprocessor
     from train import bench
+    from train.loss import tower_features
 
     pre = Preprocessor.from_config(model.cfg)
     out = []
     for i in tqdm(range(0, len(scenes), batch), desc="tower features", unit="batch", disable=not progress):
         px = torch.from_numpy(pre([bench.render_scene(s) for s in scenes[i : i + batch]]))
-        out.append(model.vision_tower(px))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out.append(tower_features(model, px).float())
     return torch.cat(out)
 
 
@@ -107,7 +121,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     budgets_all = cfg.budget_list(model.cfg.budgets)
     scenes = list(bench.scenes("train", cfg.bench_n, cfg.bench_seed))
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
-    feats = tower_grid_features(model, scenes, progress=cfg.progress)
+    feats = tower_grid_features(model, scenes, progress=cfg.progress, bf16=cfg.bf16)
     targets = ground_targets(model, tok, scenes, budgets_all, position=cfg.ground_position)
     opt, sched = make_optimizer(cfg, model, total)
     params = list(trainable_named(model).values())

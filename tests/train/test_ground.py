@@ -10,7 +10,7 @@ import torch
 
 from fmvr.checkpoint import load_checkpoint
 from train import bench
-from train.ground import ground_targets, train_ground, word_grid
+from train.ground import ground_targets, train_ground, word_grid, word_id
 from train.stages import TrainConfig
 
 
@@ -43,11 +43,19 @@ def test_cell_words_name_what_covers_each_cell_and_where_it_is():
 def test_word_grid_sums_each_cells_word_embeddings(tiny_tokenizer):
     table = torch.randn(tiny_tokenizer.get_vocab_size(), 5)
 
-    def row(w):
-        return table[tiny_tokenizer.encode(f" {w}", add_special_tokens=False).ids[0]]
+    def row(w):  # the word's first piece that is not a bare space (the tiny vocabulary splits " empty")
+        enc = tiny_tokenizer.encode(f" {w}", add_special_tokens=False)
+        return table[next(i for i, t in zip(enc.ids, enc.tokens, strict=True) if t != "Ġ")]
 
     grid = word_grid(table, tiny_tokenizer, [("red", "circle"), ("empty",)])
     assert torch.allclose(grid[0], row("red") + row("circle")) and torch.allclose(grid[1], row("empty"))
+
+
+def test_word_id_names_each_digit_not_the_space_before_it(small_tokenizer):
+    # SmolLM2 encodes " 3" as "Ġ" + "3": the digit's own token is the one an answer "3" starts with
+    ids = [word_id(small_tokenizer, str(d)) for d in range(10)]
+    assert ids == [small_tokenizer.encode(str(d), add_special_tokens=False).ids[0] for d in range(10)]
+    assert word_id(small_tokenizer, "red") == small_tokenizer.encode(" red", add_special_tokens=False).ids[0]
 
 
 def _ground_cfg(tmp_path, **kw):
