@@ -123,6 +123,9 @@ class EfficientNetLite(nn.Module):
 
     def feature_maps(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """{map id: [B, C_m, H_m, W_m]} for every map named in the config."""
+        if not torch.onnx.is_in_onnx_export():
+            # oneDNN's convolutions run ~1.5x faster on channels-last (NHWC) tensors on CPU, same values
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [B, 32, S/2, S/2]
         out = {}
         for i, block in enumerate(self._blocks):
