@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=50, help="test scenes (5 questions each)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--runs", default="runs/evidence", help="where each run's checkpoint and result go")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: summarise the runs of --pyramids/--seeds already finished under --runs",
+    )
     p.add_argument("--out", default="benchmarks/results", help="summary folder")
     p.add_argument(
         "--name", default="", help="summary file name (default: train_evidence / evidence_<preset>)"
@@ -285,7 +290,7 @@ def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, f
         "",
         f"Accuracy (%) on {args.eval_n} test scenes x 5 questions"
         + (f" (and {clips} two-frame clips, the frames column)" if clips else "")
-        + f", mean +- std over seeds {args.seeds}; "
+        + f", mean +- std over the seeds each cascade finished (of {args.seeds}); "
         + (
             f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, at the trained budgets) then "
             if args.ground_steps
@@ -294,14 +299,16 @@ def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, f
         + f"stage 2 ({TOWERS[args.preset]}), {args.steps} steps of {args.batch_size} at tokens {args.tokens}"
         + " (the none cascade: 576).",
         "",
-        "| cascade | tokens | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 2) + "|",
+        "| cascade | seeds | tokens | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 3) + "|",
     ]
-    lines.append("| best constant answer | - | " + " | ".join(f"{100 * base[c][1]:.1f}" for c in cols) + " |")
+    lines.append(
+        "| best constant answer | - | - | " + " | ".join(f"{100 * base[c][1]:.1f}" for c in cols) + " |"
+    )
     for p, ts in summary.items():
         for t in sorted(ts, key=int, reverse=True):
             lines.append(
-                f"| {p} | {t} | "
+                f"| {p} | {ts[t]['all'][2]} | {t} | "
                 + " | ".join(f"{100 * ts[t][c][0]:.1f} +- {100 * ts[t][c][1]:.1f}" for c in cols)
                 + " |"
             )
@@ -348,7 +355,17 @@ def main(argv=None) -> int:
 
     cache = VisionCache()
     # seed-major, so an interrupted study still holds every cascade at the first seeds
-    rows = [run_one(args, p, int(s), cache) for s in args.seeds.split(",") for p in args.pyramids.split(",")]
+    plan = [(p, int(s)) for s in args.seeds.split(",") for p in args.pyramids.split(",")]
+    if args.finished_only:
+        rows = [
+            json.loads(f.read_text())
+            for p, s in plan
+            if (f := Path(args.runs) / f"{p}-s{s}" / "result.json").is_file()
+        ]
+        if not rows:
+            raise SystemExit(f"no finished run of {args.pyramids} x seeds {args.seeds} under {args.runs}")
+    else:
+        rows = [run_one(args, p, s, cache) for p, s in plan]
     summary = summarise(rows)
     base = constant_baseline("test", args.eval_n, n_clips=scored_clips(args))
     out = Path(args.out)

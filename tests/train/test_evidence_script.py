@@ -25,6 +25,14 @@ def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path, be
     command = next(line for line in md.splitlines() if line.startswith("Command:"))
     assert ev.parse_args(command.split("`")[1].split()[2:]) == ev.parse_args(argv)  # it reproduces the run
     assert "| best constant answer |" in md and "frames" in md
+    assert "| fmvr | 1 | 9 |" in md  # one seed finished
+
+    # an interrupted study is summarised from what finished, training nothing more
+    more = ["--pyramids", "fmvr,m3,none", "--seeds", "0,1", "--finished-only", "--name", "partial"]
+    assert ev.main(argv + more) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fmvr-s0", "m3-s0"]
+    partial = json.loads((tmp_path / "out" / "partial.json").read_text())
+    assert partial["rows"] == data["rows"]
 
 
 def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says(benchmark_script):
