@@ -71,11 +71,9 @@ def ground_targets(model, tok, scenes, budgets: tuple[int, ...], position: bool)
 
 
 @torch.no_grad()
-def tower_grid_features(
-    model, scenes, batch: int = 16, progress: bool = True, bf16: bool = False
-) -> torch.Tensor:
-    """[n, N, Dv] float32: the frozen tower's grid features of every scene's image (under bf16
-    autocast with `bf16`, ~1.8x faster on CPUs with bf16 units, as stage 2's cached features are)."""
+def tower_grid_features(model, scenes, batch: int = 16, progress: bool = True) -> torch.Tensor:
+    """[n, N, Dv] float32: the frozen tower's grid features of every scene's image (float32, as the
+    exported graph computes them: under bf16 autocast they are ~10 % off, see train.loss.VisionCache)."""
     from tqdm import tqdm
 
     from fmvr.preprocess import Preprocessor
@@ -86,8 +84,7 @@ def tower_grid_features(
     out = []
     for i in tqdm(range(0, len(scenes), batch), desc="tower features", unit="batch", disable=not progress):
         px = torch.from_numpy(pre([bench.render_scene(s) for s in scenes[i : i + batch]]))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out.append(tower_features(model, px).float())
+        out.append(tower_features(model, px))
     return torch.cat(out)
 
 
@@ -121,7 +118,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     budgets_all = cfg.budget_list(model.cfg.budgets)
     scenes = list(bench.scenes("train", cfg.bench_n, cfg.bench_seed))
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
-    feats = tower_grid_features(model, scenes, progress=cfg.progress, bf16=cfg.bf16)
+    feats = tower_grid_features(model, scenes, progress=cfg.progress)
     targets = ground_targets(model, tok, scenes, budgets_all, position=cfg.ground_position)
     opt, sched = make_optimizer(cfg, model, total)
     params = list(trainable_named(model).values())

@@ -42,8 +42,11 @@ class VisionCache:
         """Cached features of the batch's images; computes (and keeps) those it brings pixels for."""
         if batch.pixel_values is not None:
             keys = batch.pixel_keys if batch.pixel_keys is not None else batch.keys
-            with torch.no_grad():
-                feats = tower_features(model, batch.pixel_values)  # [P, N, Dv]
+            # float32 even inside a bf16 step: the frozen tower's bf16 features are ~10 % off the
+            # float32 ones the exported graph computes, and the projector would learn that offset
+            px = batch.pixel_values
+            with torch.no_grad(), torch.autocast(px.device.type, enabled=False):
+                feats = tower_features(model, px.float())  # [P, N, Dv]
             for k, f in zip(keys, feats):
                 self.store[k] = f.clone()
         missing = [k for k in batch.keys if k not in self.store]

@@ -58,6 +58,18 @@ def test_cached_tower_features_give_the_same_loss(tiny_cfg, tiny_tokenizer):
     )
 
 
+def test_cached_tower_features_are_float32_inside_a_bf16_step(tiny_cfg, tiny_tokenizer):
+    """The cache keeps what the exported float32 graph will compute, not the bf16 autocast output."""
+    model = build_model(tiny_cfg, seed=2)
+    batch = _batch(tiny_cfg, tiny_tokenizer)
+    cache = VisionCache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = cache.features(model, batch)
+    with torch.no_grad():
+        exact = model.vision_tower(batch.pixel_values)
+    assert cached.dtype == torch.float32 and torch.allclose(cached, exact, atol=1e-5)
+
+
 def test_budget_modes():
     assert step_budgets((576, 36), "mean") == (576, 36)
     picks = {step_budgets((576, 144, 36, 9, 1), "random", random.Random(s))[0] for s in range(50)}
