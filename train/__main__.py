@@ -80,6 +80,7 @@ HELP = {
     "grad_checkpointing": "gradient checkpointing in the LLM (saves memory, costs compute)",
     "cache_vision": "keep frozen-tower features in RAM across epochs (images x 576 x tower width x 4 bytes: small data only)",
     "ground_position": "stage ground: each token's target also holds the words naming where it sits ('top left')",
+    "ground_digit": "stage ground: the digit card's targets hold the digit too (off: ' card' alone; see train/README.md)",
     "log_every": "write log.jsonl every N steps",
     "save_every": "checkpoint every N steps (0: at the end and on Ctrl-C only)",
     "keep_last": "checkpoints to keep",

@@ -286,10 +286,10 @@ def caption(scene: Scene) -> str:
     return ", ".join(parts) + f" and a card with the digit {scene.digit}."
 
 
-def cell_words(scene: Scene, side: int, position: bool = False) -> list[tuple[str, ...]]:
+def cell_words(scene: Scene, side: int, position: bool = False, digit: bool = True) -> list[tuple[str, ...]]:
     """What covers each cell of a side x side grid laid over the image (row-major), as words: the
     colour and shape of the object whose box (grown by GROW px) holds the cell's centre, ("card",
-    digit) for the digit card, else ("empty",). With `position`, the words naming the layout cell
+    digit) for the digit card (("card",) without `digit`), else ("empty",). With `position`, the words naming the layout cell
     the centre falls in follow ("top", "left"; "center"). The grounding stage's targets
     (train.ground) and the oracle grid of benchmarks/caption_qa.py are built from these."""
     size = SIZE / side
@@ -301,7 +301,7 @@ def cell_words(scene: Scene, side: int, position: bool = False) -> list[tuple[st
             if hit:
                 words: tuple[str, ...] = (hit[0].colour, hit[0].shape)
             elif covers(scene.digit_box, centre):
-                words = ("card", str(scene.digit))
+                words = ("card", str(scene.digit)) if digit else ("card",)
             else:
                 words = ("empty",)
             if position:

@@ -58,15 +58,19 @@ def word_grid(embeddings: torch.Tensor, tok, words: list[tuple[str, ...]]) -> to
     return torch.stack(rows).detach()
 
 
-def ground_targets(model, tok, scenes, budgets: tuple[int, ...], position: bool) -> dict[int, torch.Tensor]:
-    """{T: [n, T, D]} targets of every scene at every budget."""
+def ground_targets(
+    model, tok, scenes, budgets: tuple[int, ...], position: bool, digit: bool = False
+) -> dict[int, torch.Tensor]:
+    """{T: [n, T, D]} targets of every scene at every budget (train.bench.cell_words)."""
     from train import bench
 
     table = model.language_model.get_input_embeddings().weight.detach().float()
     out = {}
     for t in budgets:
         side = math.isqrt(t)
-        out[t] = torch.stack([word_grid(table, tok, bench.cell_words(s, side, position)) for s in scenes])
+        out[t] = torch.stack(
+            [word_grid(table, tok, bench.cell_words(s, side, position, digit)) for s in scenes]
+        )
     return out
 
 
@@ -119,7 +123,9 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     scenes = list(bench.scenes("train", cfg.bench_n, cfg.bench_seed))
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
     feats = tower_grid_features(model, scenes, progress=cfg.progress)
-    targets = ground_targets(model, tok, scenes, budgets_all, position=cfg.ground_position)
+    targets = ground_targets(
+        model, tok, scenes, budgets_all, position=cfg.ground_position, digit=cfg.ground_digit
+    )
     opt, sched = make_optimizer(cfg, model, total)
     params = list(trainable_named(model).values())
     word_ms = word_mean_square(model)

@@ -47,8 +47,10 @@ def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_toke
     table = torch.randn(tiny_cfg.text.vocab_size, 8)
     grid = cq.oracle_grid(table, tiny_tokenizer, scene)
 
+    from train.ground import word_id
+
     def word(w):
-        return table[tiny_tokenizer.encode(f" {w}", add_special_tokens=False).ids[0]]
+        return table[word_id(tiny_tokenizer, w)]
 
     assert grid.shape == (cq.GRID * cq.GRID, 8)
     cell = bench.SIZE / cq.GRID

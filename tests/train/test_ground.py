@@ -29,6 +29,7 @@ def test_cell_words_name_what_covers_each_cell_and_where_it_is():
     x0, y0, x1, y1 = scene.digit_box
     k = int((y0 + y1) / 2 // size) * side + int((x0 + x1) / 2 // size)
     assert words[k] == ("card", str(scene.digit))
+    assert bench.cell_words(scene, side, digit=False)[k] == ("card",)
     occupied = [o.box for o in scene.objects] + [scene.digit_box]
     free = [
         k
@@ -97,11 +98,16 @@ def test_ground_targets_follow_the_budget_grid(tiny_tokenizer):
     scenes = list(bench.scenes("train", 2))
     budgets = preset("tiny").budgets
     t = ground_targets(model, tiny_tokenizer, scenes, budgets, position=False)
+    with_digit = ground_targets(model, tiny_tokenizer, scenes, budgets, position=False, digit=True)
     table = model.language_model.get_input_embeddings().weight.detach()
     for b in budgets:
         side = int(b**0.5)
         assert t[b].shape == (2, b, table.shape[1])
-        assert torch.allclose(t[b][1], word_grid(table, tiny_tokenizer, bench.cell_words(scenes[1], side)))
+        words = bench.cell_words(scenes[1], side, digit=False)  # the default: the card's cells say " card"
+        assert torch.allclose(t[b][1], word_grid(table, tiny_tokenizer, words))
+        words = bench.cell_words(scenes[1], side)
+        assert torch.allclose(with_digit[b][1], word_grid(table, tiny_tokenizer, words))
+    assert not torch.allclose(t[576], with_digit[576])
 
 
 @pytest.mark.parametrize("bad", [{"data": "x.json"}, {"tower_lr": 1e-5}, {"bench_clips": 2}])
