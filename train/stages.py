@@ -97,9 +97,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     cache_vision: bool = False  # keep frozen-tower features in memory across epochs (small data only)
     ground_position: bool = False  # stage ground: the targets also name each token's layout cell ("top left")
-    ground_digit: bool = (
-        False  # stage ground: the digit card's cells say " card" + the digit, not " card" alone
-    )
+    # stage ground: the digit card's cells say " card" + the digit, not " card" alone
+    ground_digit: bool = False
     # bookkeeping
     log_every: int = 1
     save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)
