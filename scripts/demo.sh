@@ -26,13 +26,14 @@ say "1/4 the small FMVR model on a real photo (python -m fmvr.demo)"
 say "2/4 training on the built-in benchmark (cached in $OUT)"
 # stage ground: the projector and FMVR learn to hand the LM a grid of word embeddings (what covers
 # each cell: " red" + " triangle") at the 36- and 9-token budgets, no LM pass (train/ground.py); stage 2:
-# LoRA on the questions at the same cheap budgets, projector nearly frozen; both carry over to 144 and 576
-# (grounding all five budgets carried over to 576 less: benchmarks/results/recipe_experiments_small.md)
+# LoRA on the questions at 144/36/9 tokens (one budget a step), projector nearly frozen; both carry over
+# to 576. Grounding all five budgets carried over to 576 less; LoRA at 36/9 alone carried over less
+# reliably than with 144 in the mix (+5 % time): benchmarks/results/recipe_experiments_small.md
 "$PY" -m train --preset small --stage ground --out "$OUT/ground" --steps "$GROUND_STEPS" --batch-size 32 \
     --bench-n 600 --lr 1e-3 --tokens 36,9 "$BF16" --skip-if-done
 "$PY" -m train --stage stage2 --init "$OUT/ground/final" --out "$OUT/train" --steps "$STEPS" --batch-size 8 \
     --bench-n 600 --bench-seed 1 --bench-kind qa --lora --lora-alpha 128 --lr 5e-4 --projector-lr 1e-5 \
-    --schedule constant --budget-mode random --tokens 36,9 --cache-vision "$BF16" --skip-if-done
+    --schedule constant --budget-mode random --tokens 144,36,9 --cache-vision "$BF16" --skip-if-done
 "$PY" -m train.eval --checkpoint "$OUT/train/final" --bench-n "$EVAL_N" --out "$OUT/eval.json" --reuse
 
 say "3/4 export to a bundle (cached in $OUT/bundle)"
