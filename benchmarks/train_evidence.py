@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="stage ground first (visual tokens regressed onto word grids from the scenes' boxes; train/ground.py)",
     )
+    p.add_argument(
+        "--ground-tokens",
+        default="",
+        help="budgets stage ground regresses (default: --tokens; the demo: 36,9 under a stage 2 at 144,36,9)",
+    )
     p.add_argument("--ground-batch-size", type=int, default=32, help="stage-ground images per step")
     p.add_argument("--ground-lr", type=float, default=1e-3, help="stage-ground learning rate")
     p.add_argument("--stage1-batch-size", type=int, default=8, help="stage-1 captions per step")
@@ -149,7 +154,11 @@ def run_one(args, pyramid: str, seed: int, cache) -> dict:
             batch_size=args.ground_batch_size,
             lr=args.ground_lr,
             bench_n=args.bench_n,
-            **(common | {"budget_mode": "mean"}),  # every budget's word grid each step: no LM, cheap
+            # every budget's word grid each step: no LM, cheap
+            **(
+                common
+                | {"budget_mode": "mean", "tokens": run_tokens(args, pyramid, args.ground_tokens or None)}
+            ),
         ).check()
         if not same_run(out / "ground" / "final", g):
             train_ground(g)
@@ -292,7 +301,8 @@ def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, f
         + (f" (and {clips} two-frame clips, the frames column)" if clips else "")
         + f", mean +- std over the seeds each cascade finished (of {args.seeds}); "
         + (
-            f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, at the trained budgets) then "
+            f"stage ground ({args.ground_steps} steps of {args.ground_batch_size}, "
+            f"at tokens {args.ground_tokens or args.tokens}) then "
             if args.ground_steps
             else ""
         )

@@ -48,13 +48,21 @@ def test_the_none_cascade_runs_at_its_only_budget_whatever_tokens_says(benchmark
 def test_a_ground_first_stage_runs_before_stage_2_and_feeds_it(tmp_path, benchmark_script):
     ev = benchmark_script("train_evidence")
     argv = ["--steps", "1", "--batch-size", "2", "--bench-n", "4", "--eval-n", "1", "--seeds", "0"]
-    argv += ["--pyramids", "fmvr", "--tokens", "36,9", "--ground-steps", "2", "--ground-batch-size", "2"]
-    argv += ["--eval-tokens", "all"]  # trained at 36/9, scored at every budget
+    argv += ["--pyramids", "fmvr", "--tokens", "144,36,9", "--ground-steps", "2", "--ground-batch-size", "2"]
+    argv += ["--ground-tokens", "36,9"]  # the demo's recipe: ground at 36/9, stage 2 at 144/36/9
+    argv += ["--eval-tokens", "all"]  # trained at 144/36/9, scored at every budget
     argv += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     assert ev.main(argv) == 0
     run = tmp_path / "runs" / "fmvr-s0"
     ground = json.loads((run / "ground" / "final" / "extra.json").read_text())["train_config"]
     assert ground["stage"] == "ground" and ground["budget_mode"] == "mean" and ground["steps"] == 2
+    assert ground["tokens"] == "36,9"
     result = json.loads((run / "result.json").read_text())
     assert result["config"]["init"] == str(run / "ground" / "final") and result["config"]["bench_seed"] == 1
-    assert result["config"]["tokens"] == "36,9" and set(result["accuracy"]) == {"576", "144", "36", "9", "1"}
+    assert result["config"]["tokens"] == "144,36,9" and set(result["accuracy"]) == {
+        "576",
+        "144",
+        "36",
+        "9",
+        "1",
+    }
