@@ -34,12 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmvr import atomic  # noqa: E402
+from fmvr import (
+    atomic,  # noqa: E402
+    tasks,  # noqa: E402
+)
 from fmvr.config import preset  # noqa: E402
 from fmvr.model import build_model  # noqa: E402
 from fmvr.template import render, user_turn  # noqa: E402
 from fmvr.tokenizer import encode_segments, expand_image_tokens, preset_tokenizer  # noqa: E402
-from train import bench  # noqa: E402
 from train.data import Example, collate, tokenize_blocks  # noqa: E402
 from train.ground import word_grid  # noqa: E402
 from train.loss import lm_loss_sum  # noqa: E402
@@ -47,16 +49,16 @@ from train.stages import TrainConfig  # noqa: E402
 
 PRESENTATIONS = ("caption", "grid")
 CANDIDATES = {
-    "colour": list(bench.COLOURS),
-    "count": list(bench.NUMBERS[:5]),
-    "region": [*bench.SHAPES, "none"],
+    "colour": list(tasks.COLOURS),
+    "count": list(tasks.NUMBERS[:5]),
+    "region": [*tasks.SHAPES, "none"],
     "exist": ["yes", "no"],
     "digit": [str(d) for d in range(10)],
 }
 
 
-def caption_prefix(scene: bench.Scene) -> str:
-    return f"The image shows {bench.caption(scene)}"
+def caption_prefix(scene: tasks.Scene) -> str:
+    return f"The image shows {tasks.caption(scene)}"
 
 
 GRID = 6  # the oracle grid's side (36 tokens)
@@ -65,27 +67,27 @@ GRID = 6  # the oracle grid's side (36 tokens)
 def oracle_grid(
     embeddings: torch.Tensor,
     tok,
-    scene: bench.Scene,
+    scene: tasks.Scene,
     side: int = GRID,
     layout: str = "sum",
     position: bool = False,
 ) -> torch.Tensor:
-    """[side*side, D] row-major, from the scene record (train.bench.cell_words): per cell the word
+    """[side*side, D] row-major, from the scene record (train.tasks.cell_words): per cell the word
     embeddings of the object (colour, shape) or card (" card", digit) whose box, grown by 8 px, holds the
     cell's centre, " empty" elsewhere. layout "sum": the words summed in every cell (train.ground.word_grid,
     the grounding stage's target); "checker": one word per cell, the first on even columns and the second
     on odd ones. `position` adds the words naming the layout cell ("top", "left")."""
-    words = bench.cell_words(scene, side, position)
+    words = tasks.cell_words(scene, side, position)
     if layout == "sum":
         return word_grid(embeddings, tok, words)
     pick = [(w[k % side % 2 if len(w) > 1 else 0],) for k, w in enumerate(words)]
     return word_grid(embeddings, tok, pick)
 
 
-def example(tok, cfg, scene: bench.Scene, index: int, presentation: str) -> Example:
+def example(tok, cfg, scene: tasks.Scene, index: int, presentation: str) -> Example:
     """Every training question of `scene` as independent blocks (train.data.tokenize_blocks) after the
     image placeholder ("grid": filled with the oracle grid) or the caption's ids in its place."""
-    qas = [(q, a) for _, q, a in bench.training_questions(scene)]
+    qas = [(q, a) for _, q, a in tasks.training_questions(scene)]
     ids, target, blocks = tokenize_blocks(tok, cfg, cfg.template, qas, 4096)
     if presentation == "grid":
         return Example(tuple(ids), tuple(target), (), index, tuple(blocks))
@@ -100,14 +102,14 @@ def example(tok, cfg, scene: bench.Scene, index: int, presentation: str) -> Exam
     )
 
 
-def prompt_ids(tok, cfg, scene: bench.Scene, question: str, presentation: str) -> list[int]:
+def prompt_ids(tok, cfg, scene: tasks.Scene, question: str, presentation: str) -> list[int]:
     text = question if presentation == "grid" else f"{caption_prefix(scene)}\n{question}"
     turns = [user_turn(text)] if presentation == "grid" else [{"from": "human", "value": text}]
     ids, _ = encode_segments(tok, render(cfg.template, turns, add_generation_prompt=True), cfg.bos_id)
     return expand_image_tokens(ids, cfg.image_token_id, GRID * GRID) if presentation == "grid" else ids
 
 
-def features(model, tok, scenes: list[bench.Scene], presentation: str) -> torch.Tensor | None:
+def features(model, tok, scenes: list[tasks.Scene], presentation: str) -> torch.Tensor | None:
     """[B, GRID*GRID, D] oracle grids for "grid", None for "caption" (no image placeholder)."""
     if presentation != "grid":
         return None
@@ -116,7 +118,7 @@ def features(model, tok, scenes: list[bench.Scene], presentation: str) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model, tok, cfg, scenes: list[bench.Scene], presentation: str) -> dict[str, tuple[float, int]]:
+def evaluate(model, tok, cfg, scenes: list[tasks.Scene], presentation: str) -> dict[str, tuple[float, int]]:
     """{category: (accuracy, n)}: the top-ranked answer word per test question."""
     first = {
         c: [
@@ -181,8 +183,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
     tok = preset_tokenizer(cfg)
-    train_scenes = list(bench.scenes("train", args.train_n))
-    test_scenes = list(bench.scenes("test", args.test_n))
+    train_scenes = list(tasks.scenes("train", args.train_n))
+    test_scenes = list(tasks.scenes("test", args.test_n))
     t0 = time.time()
     rows = []
     for presentation in args.presentations.split(","):
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             rows.append(_rows(presentation, "lora", args.steps, res))
             print(f"{presentation} after {args.steps} LoRA steps: {_line(rows[-1])}", flush=True)
     flat = [r for group in rows for r in group]
-    baseline = bench.constant_baseline("test", args.test_n)
+    baseline = tasks.constant_baseline("test", args.test_n)
     report = {
         "preset": args.preset,
         "command": "python benchmarks/caption_qa.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -21,23 +21,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmvr import atomic  # noqa: E402
+from fmvr import (
+    atomic,  # noqa: E402
+    tasks,  # noqa: E402
+)
 from fmvr.config import preset  # noqa: E402
 from fmvr.preprocess import Preprocessor  # noqa: E402
 from fmvr.towers import build_tower  # noqa: E402
-from train import bench  # noqa: E402
 
 TARGETS = ("colour", "shape", "digit")
 
 
-def grids(cfg, tower, split: str, n: int) -> list[tuple[bench.Scene, np.ndarray]]:
+def grids(cfg, tower, split: str, n: int) -> list[tuple[tasks.Scene, np.ndarray]]:
     """(scene, [G, G, C] features of `tower`) for the first n scenes of a split."""
     pre = Preprocessor.from_config(cfg)
     g = cfg.vision.image_size // cfg.vision.patch_size
     out = []
     with torch.no_grad():
-        for scene in bench.scenes(split, n):
-            x = torch.from_numpy(np.stack(list(pre([bench.render_scene(scene)]))))  # [1, 3, S, S]
+        for scene in tasks.scenes(split, n):
+            x = torch.from_numpy(np.stack(list(pre([tasks.render_scene(scene)]))))  # [1, 3, S, S]
             out.append((scene, tower(x)[0].reshape(g, g, -1).numpy()))
     return out
 
@@ -47,7 +49,7 @@ def box_features(f: np.ndarray, box: tuple[int, int, int, int], tokens: int) -> 
     g = f.shape[0]
     side = int(round(tokens**0.5))
     k = g // side
-    x0, y0, x1, y1 = (int(round(v * g / bench.SIZE)) for v in box)
+    x0, y0, x1, y1 = (int(round(v * g / tasks.SIZE)) for v in box)
     x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
     if k == 1:
         return f[y0:y1, x0:x1].mean((0, 1))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmvr.cli import parse_tokens  # noqa: E402
 from fmvr.config import preset  # noqa: E402
-from train.bench import CATEGORIES, CLIP_CATEGORY, constant_baseline  # noqa: E402
+from fmvr.tasks import CATEGORIES, CLIP_CATEGORY, constant_baseline  # noqa: E402
 from train.ckpt import same_run  # noqa: E402
 from train.eval import evaluate_bench  # noqa: E402
 from train.ground import train_ground  # noqa: E402
@@ -289,7 +289,7 @@ def command_line(args) -> str:
 
 
 def markdown(summary: dict, args, rows: list[dict], base: dict[str, tuple[str, float]]) -> str:
-    """The study's table; `base`: train.bench.constant_baseline on the same test questions."""
+    """The study's table; `base`: fmvr.tasks.constant_baseline on the same test questions."""
     clips = scored_clips(args)
     cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if clips else [])
     lines = [

@@ -14,8 +14,8 @@ is measured now with runtime.measure's frame, prompt and timers. JSON, schema 1:
                   "ttft_ms": {"p50", "p95"},  # sums of the stage percentiles
                   "accuracy": {category: {"correct", "n", "accuracy"}} | null}, ...]}
 
-runtime never imports train: the benchmark's questions are written by `python -m train.bench` in a
-child process (or read from --bench-dir); without train or scikit-learn the card has timings only.
+The benchmark comes from fmvr.tasks in-process (torch-free; its digit cards need scikit-learn, the
+`bench` extra): without scikit-learn the card has timings only and says so.
 """
 
 from __future__ import annotations
@@ -24,20 +24,19 @@ import argparse
 import io
 import json
 import math
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fmvr.atomic import write_bytes, write_text
+from fmvr.tasks import CATEGORIES as TASK_CATEGORIES
 from runtime.profile import Profile, ProfileError, load_profile, now_iso
 
 CARD_SCHEMA = 1
 STAGES = ("preprocess", "vision", "prefill", "decode_per_token")
-CATEGORIES = ("colour", "count", "region", "exist", "digit", "all")  # when no accuracy says otherwise
+CATEGORIES = (*TASK_CATEGORIES, "all")  # when no accuracy says otherwise
 ANSWER_TOKENS = 8  # greedy answer limit of the benchmark (as train.eval), and the plot's decode bar
 MIN_SAMPLES = 5  # fewer profile samples than this for a stage: measure it instead
 SPLIT = "test"
@@ -112,55 +111,31 @@ def entry(correct: int, n: int) -> dict[str, Any]:
     return {"correct": int(correct), "n": int(n), "accuracy": correct / n if n else None}
 
 
-def score(answer: str, target: str) -> bool:
-    """train.bench's rule: exact match after lower-casing and stripping spaces and a final full stop."""
-    return answer.strip().lower().rstrip(".").strip() == target.lower()
+Question = tuple[Any, str, str, str]  # (image, category, question, answer)
 
 
-def write_bench(out: Path, n: int, seed: int) -> tuple[Path | None, str]:
-    """The benchmark's test questions (LLaVA JSON + PNGs) written by `python -m train.bench` in a
-    child process: runtime never imports train. (None, why) when train or scikit-learn is absent."""
-    cmd = [sys.executable, "-m", "train.bench", "--out", str(out), "--split", SPLIT, "--n", str(n)]
-    here = Path(__file__).resolve().parents[1]  # run the train package beside this runtime
-    r = subprocess.run(
-        [*cmd, "--seed", str(seed), "--kind", "questions"], capture_output=True, text=True, cwd=here
-    )
-    if r.returncode == 0:
-        return out / f"{SPLIT}-questions.json", ""
-    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-    if "ModuleNotFoundError" not in last and "ImportError" not in last:
-        raise ValueError(f"writing the benchmark failed ({' '.join(cmd)}): {r.stderr[-2000:]}")
-    return None, (
-        f"timings only: the built-in benchmark needs the train extra ({last}); pip install "
-        "'fmvr-edge[train]', or write it elsewhere with `python -m train.bench --split test --kind "
-        "questions --out DIR` and pass --bench-dir DIR, or pass --accuracy FILE (train.eval --out JSON)"
-    )
+def bench_questions(n: int, seed: int) -> list[Question]:
+    """The benchmark's test questions, rendered in-process (fmvr.tasks is torch-free): one PIL
+    image per scene, shared by its questions. ImportError without scikit-learn (its digits)."""
+    from fmvr import tasks
+
+    out: list[Question] = []
+    for scene in tasks.scenes(SPLIT, n, seed):
+        image = tasks.render_scene(scene)
+        out += [(image, c, q, a) for c, q, a in scene.questions]
+    return out
 
 
-def read_bench(path: Path) -> list[tuple[Path, str, str, str]]:
-    """(image, category, question, answer) per record of a train.bench `--kind questions` file."""
-    try:
-        recs = json.loads(path.read_text())
-        return [
-            (path.parent / r["image"], r["category"], r["conversations"][0]["value"], r["answer"])
-            for r in recs
-        ]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(
-            f"{path}: not a benchmark question file ({type(e).__name__}: {e}); write one with "
-            f"`python -m train.bench --split {SPLIT} --kind questions --out DIR`"
-        ) from e
-
-
-def evaluate(pipe: Any, questions: list[tuple[Path, str, str, str]]) -> dict[int, dict]:
+def evaluate(pipe: Any, questions: list[Question]) -> dict[int, dict]:
     """Accuracy per budget and category: each question through pipe.ask at each forced budget, greedy."""
+    from fmvr.tasks import score
+
     seen = {c for _, c, _, _ in questions}
     cats = [c for c in CATEGORIES if c in seen] + sorted(seen - set(CATEGORIES))
     hits: dict[int, dict[str, list[bool]]] = {t: {c: [] for c in cats} for t in pipe.budgets}
     for k, (image, cat, question, target) in enumerate(questions):
-        data = image.read_bytes()
         for t in pipe.budgets:
-            r = pipe.ask(data, question, tokens=t, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+            r = pipe.ask(image, question, tokens=t, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
             hits[t][cat].append(score(r.answer, target))
         if (k + 1) % 25 == 0 or k + 1 == len(questions):
             print(f"  card: answered {k + 1}/{len(questions)} questions", file=sys.stderr, flush=True)
@@ -319,11 +294,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scenes = "benchmark test scenes, 5 questions each, asked at every budget (default 20; 0: timings only)"
     flag("--bench-n", metavar="N", type=n(0), default=20, help=scenes)
     flag("--bench-seed", metavar="SEED", type=n(0), default=0, help="benchmark seed, as train.eval's")
-    other = p.add_mutually_exclusive_group().add_argument
-    other(
-        "--bench-dir", metavar="DIR", help="ask the questions `python -m train.bench --kind questions` wrote"
-    )
-    other("--accuracy", metavar="FILE", help="take accuracy from a `python -m train.eval --out` JSON instead")
+    flag("--accuracy", metavar="FILE", help="take accuracy from a `python -m train.eval --out` JSON instead")
     flag("--warmup", type=n(0), default=2, help="untimed runs before timing the stages (default 2)")
     flag("--runs", type=n(1), default=10, help="timed runs per stage and budget (default 10)")
     flag("--decode-tokens", metavar="N", type=n(1), default=16, help="tokens per decode run (default 16)")
@@ -347,19 +318,18 @@ def _accuracy(pipe: Any, args: argparse.Namespace) -> tuple[dict | None, dict]:
     if args.accuracy:
         acc, note = accuracy_from_file(args.accuracy, list(pipe.budgets))
         return acc, {"source": "file", "note": note, "file": str(args.accuracy)}
-    if args.bench_n == 0 and not args.bench_dir:
+    if args.bench_n == 0:
         return None, {**meta, "source": "none", "note": "not measured (--bench-n 0): timings only"}
-    with tempfile.TemporaryDirectory(prefix="fmvr-card-bench-") as tmp:
-        if args.bench_dir:
-            path, why = Path(args.bench_dir) / f"{SPLIT}-questions.json", ""
-        else:
-            path, why = write_bench(Path(tmp), args.bench_n, args.bench_seed)
-        if path is None:
-            return None, {**meta, "source": "none", "note": why}
-        questions = read_bench(path)
-        acc = evaluate(pipe, questions)
-    meta["bench_n"] = len({q[0] for q in questions})
-    note = f"built-in benchmark, {SPLIT} split, {meta['bench_n']} scenes, through this runtime (greedy)"
+    try:
+        questions = bench_questions(args.bench_n, args.bench_seed)
+    except ImportError as e:
+        why = (
+            f"timings only: the built-in benchmark's digit cards need scikit-learn ({e}); "
+            "pip install 'fmvr-edge[bench]', or pass --accuracy FILE (a train.eval --out JSON)"
+        )
+        return None, {**meta, "source": "none", "note": why}
+    acc = evaluate(pipe, questions)
+    note = f"built-in benchmark, {SPLIT} split, {args.bench_n} scenes, through this runtime (greedy)"
     return acc, {**meta, "source": "runtime", "note": note}
 
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from fmvr.atomic import open_atomic, write_text
+from fmvr.tasks import APPEARED, clips, render_scene, scenes
 from runtime.pipeline import Pipeline
-from train.bench import APPEARED, clips, render_scene, scenes
 
 
 def two_scenes():

@@ -226,8 +226,8 @@ class BenchDataset(_Base):
         independent: bool = True,
         clips: int = 0,
     ) -> None:
+        from fmvr import tasks
         from fmvr.preprocess import Preprocessor
-        from train import bench
 
         super().__init__(strict=True)
         if kind not in ("qa", "caption", "mix"):
@@ -238,10 +238,10 @@ class BenchDataset(_Base):
             raise ValueError(
                 "two-frame clips are question blocks: use them with kind qa or mix (independent)"
             )
-        self.scenes = list(bench.scenes(split, n, seed))
-        self.clips = list(bench.clips(split, clips, seed))
+        self.scenes = list(tasks.scenes(split, n, seed))
+        self.clips = list(tasks.clips(split, clips, seed))
         record_kind = "qa" if kind == "mix" else kind
-        self.records = [bench.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]
+        self.records = [tasks.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]
         self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
         self.kind = kind
         self.independent = independent and kind in ("qa", "mix")
@@ -252,7 +252,7 @@ class BenchDataset(_Base):
 
     def example(self, i: int) -> Example | None:
         if i >= len(self.scenes):
-            from train.bench import clip_training_questions
+            from fmvr.tasks import clip_training_questions
 
             clip = self.clips[i - len(self.scenes)]
             qas = [(q, a) for _, q, a in clip_training_questions(clip)]
@@ -260,7 +260,7 @@ class BenchDataset(_Base):
             keys = (f"bench-{clip.seed}", f"bench-{clip.seed}-2")  # frame 1 is scene clip.seed itself
             return Example(tuple(ids), tuple(target), keys, i, tuple(blocks))
         if self.independent:
-            from train.bench import DESCRIBE, caption, training_questions
+            from fmvr.tasks import DESCRIBE, caption, training_questions
 
             qas = [(q, a) for _, q, a in training_questions(self.scenes[i])]
             if self.kind == "mix":  # the caption first: it is never dropped by max_length
@@ -274,7 +274,7 @@ class BenchDataset(_Base):
 
     def images(self, i: int) -> list[np.ndarray]:
         """float32 [3, S, S] per image: the scene, or a clip's two frames."""
-        from train.bench import render_scene
+        from fmvr.tasks import render_scene
 
         frames = self.clips[i - len(self.scenes)].frames if i >= len(self.scenes) else (self.scenes[i],)
         return list(self.pre([render_scene(f) for f in frames]))  # each [3, S, S]

@@ -142,17 +142,17 @@ def evaluate_bench(
 ) -> dict:
     """{"accuracy": {T: {category: acc, "all": acc}}, "n_questions": ..., "samples": [...]}.
     With clips > 0, also the "frames" category on that many two-frame clips (not in "all")."""
+    from fmvr import tasks
     from fmvr.preprocess import Preprocessor
-    from train import bench
 
     model.eval()
     pre = Preprocessor.from_config(model.cfg)
-    scenes = list(bench.scenes(split, n, seed))
+    scenes = list(tasks.scenes(split, n, seed))
     hits: dict[int, dict[str, list[bool]]] = {t: defaultdict(list) for t in budgets}
     samples = []
     for i in range(0, len(scenes), batch_scenes):
         chunk = scenes[i : i + batch_scenes]
-        pix = torch.from_numpy(pre([bench.render_scene(s) for s in chunk]))  # [b, 3, S, S]
+        pix = torch.from_numpy(pre([tasks.render_scene(s) for s in chunk]))  # [b, 3, S, S]
         visual = model.encode_budgets(pix, tuple(budgets))  # {T: [b, T, D]}
         qs = [(j, c, q, a) for j, s in enumerate(chunk) for c, q, a in s.questions]  # image-major
         parts = [split_at_image(prompt_ids(tok, model.cfg, q), model.cfg.image_token_id) for _, _, q, _ in qs]
@@ -172,19 +172,19 @@ def evaluate_bench(
             )
     if clips:
         _evaluate_clips(
-            model, tok, pre, budgets, list(bench.clips(split, clips, seed)), batch_scenes, hits, samples
+            model, tok, pre, budgets, list(tasks.clips(split, clips, seed)), batch_scenes, hits, samples
         )
     acc = {}
     for t in budgets:
-        acc[t] = {c: float(np.mean(hits[t][c])) for c in bench.CATEGORIES}
-        acc[t]["all"] = float(np.mean([h for c in bench.CATEGORIES for h in hits[t][c]]))
+        acc[t] = {c: float(np.mean(hits[t][c])) for c in tasks.CATEGORIES}
+        acc[t]["all"] = float(np.mean([h for c in tasks.CATEGORIES for h in hits[t][c]]))
         if clips:
-            acc[t][bench.CLIP_CATEGORY] = float(np.mean(hits[t][bench.CLIP_CATEGORY]))
+            acc[t][tasks.CLIP_CATEGORY] = float(np.mean(hits[t][tasks.CLIP_CATEGORY]))
     return {
         "accuracy": acc,
         "n_scenes": len(scenes),
         "n_clips": clips,
-        "n_questions": len(scenes) * len(bench.CATEGORIES) + clips,
+        "n_questions": len(scenes) * len(tasks.CATEGORIES) + clips,
         "split": split,
         "samples": samples,
     }
@@ -192,11 +192,11 @@ def evaluate_bench(
 
 def _evaluate_clips(model, tok, pre, budgets, clips, batch: int, hits, samples) -> None:
     """The "frames" questions: both frames in one prompt, the vision pass batched over them."""
-    from train import bench
+    from fmvr import tasks
 
     for i in range(0, len(clips), batch):
         chunk = clips[i : i + batch]
-        frames = [bench.render_scene(f) for c in chunk for f in c.frames]
+        frames = [tasks.render_scene(f) for c in chunk for f in c.frames]
         visual = model.encode_budgets(torch.from_numpy(pre(frames)), tuple(budgets))  # {T: [2b, T, D]}
         qs = [(c, q, a) for clip in chunk for c, q, a in clip.questions]
         if len(qs) != len(chunk):
@@ -212,7 +212,7 @@ def _score(
     hits, samples: list, scene: int, t: int, category: str, question: str, answer: str, text: str
 ) -> None:
     """Score one generated answer and keep it as a sample."""
-    from train.bench import score
+    from fmvr.tasks import score
 
     hits[t][category].append(score(text, answer))
     samples.append(
@@ -228,7 +228,7 @@ def _score(
 
 
 def format_table(acc: dict) -> str:
-    from train.bench import CATEGORIES, CLIP_CATEGORY
+    from fmvr.tasks import CATEGORIES, CLIP_CATEGORY
 
     has_frames = any(CLIP_CATEGORY in row for row in acc.values())
     cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if has_frames else [])

@@ -11,7 +11,7 @@ tokens straight onto such a grid, from the scene records' boxes; no LM forward, 
 projector and the cascade (~1 s for 32 images at every budget on 2 cores).
 
 For every budget T (a side x side grid, side = sqrt(T)), the target of token (r, c) is the sum of the
-LM's input embeddings of the words covering the centre of its cell (train.bench.cell_words):
+LM's input embeddings of the words covering the centre of its cell (train.tasks.cell_words):
 " red" + " triangle", " card" + " 3", else " empty"; with `position`, the words naming the layout cell
 (" top" + " left") are added (`--ground-position`, off by default), so each token also says where it
 sits, in words (the `small` tower appends fixed position channels to its features for this; the LM
@@ -61,15 +61,15 @@ def word_grid(embeddings: torch.Tensor, tok, words: list[tuple[str, ...]]) -> to
 def ground_targets(
     model, tok, scenes, budgets: tuple[int, ...], position: bool, digit: bool = False
 ) -> dict[int, torch.Tensor]:
-    """{T: [n, T, D]} targets of every scene at every budget (train.bench.cell_words)."""
-    from train import bench
+    """{T: [n, T, D]} targets of every scene at every budget (train.tasks.cell_words)."""
+    from fmvr import tasks
 
     table = model.language_model.get_input_embeddings().weight.detach().float()
     out = {}
     for t in budgets:
         side = math.isqrt(t)
         out[t] = torch.stack(
-            [word_grid(table, tok, bench.cell_words(s, side, position, digit)) for s in scenes]
+            [word_grid(table, tok, tasks.cell_words(s, side, position, digit)) for s in scenes]
         )
     return out
 
@@ -80,14 +80,14 @@ def tower_grid_features(model, scenes, batch: int = 16, progress: bool = True) -
     exported graph computes them: under bf16 autocast they are ~10 % off, see train.loss.VisionCache)."""
     from tqdm import tqdm
 
+    from fmvr import tasks
     from fmvr.preprocess import Preprocessor
-    from train import bench
     from train.loss import tower_features
 
     pre = Preprocessor.from_config(model.cfg)
     out = []
     for i in tqdm(range(0, len(scenes), batch), desc="tower features", unit="batch", disable=not progress):
-        px = torch.from_numpy(pre([bench.render_scene(s) for s in scenes[i : i + batch]]))
+        px = torch.from_numpy(pre([tasks.render_scene(s) for s in scenes[i : i + batch]]))
         out.append(tower_features(model, px))
     return torch.cat(out)
 
@@ -108,7 +108,7 @@ def ground_loss(
 
 def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Module, Path]:
     """Run the ground stage (one process); returns (the model, <out>/final)."""
-    from train import bench
+    from fmvr import tasks
     from train.ckpt import save_model_final, trainable_named
     from train.loop import _autocast, _bar, _log, build_model_and_tokenizer, make_optimizer, step_indices
     from train.loss import step_budgets
@@ -120,7 +120,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     model.train()
     model.vision_tower.eval()
     budgets_all = cfg.budget_list(model.cfg.budgets)
-    scenes = list(bench.scenes("train", cfg.bench_n, cfg.bench_seed))
+    scenes = list(tasks.scenes("train", cfg.bench_n, cfg.bench_seed))
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
     feats = tower_grid_features(model, scenes, progress=cfg.progress)
     targets = ground_targets(

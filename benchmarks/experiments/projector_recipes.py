@@ -44,11 +44,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.caption_qa import oracle_grid  # noqa: E402
+from fmvr import tasks  # noqa: E402
 from fmvr.config import preset  # noqa: E402
 from fmvr.model import build_model  # noqa: E402
 from fmvr.template import render, user_turn  # noqa: E402
 from fmvr.tokenizer import encode_segments, preset_tokenizer  # noqa: E402
-from train import bench  # noqa: E402
 from train.data import Example, collate, tokenize_blocks  # noqa: E402
 from train.loss import lm_loss_sum  # noqa: E402
 
@@ -125,9 +125,9 @@ else:
     t0 = time.time()
     for split, n in (("train", args.ntrain), ("test", args.ntest)):
         out = []
-        sc = list(bench.scenes(split, n))
+        sc = list(tasks.scenes(split, n))
         for i in range(0, n, 16):
-            px = torch.from_numpy(pre([bench.render_scene(s) for s in sc[i : i + 16]]))
+            px = torch.from_numpy(pre([tasks.render_scene(s) for s in sc[i : i + 16]]))
             with torch.no_grad():
                 out.append(model.vision_tower(px).to(torch.bfloat16))
         feats[split] = torch.cat(out)
@@ -165,8 +165,8 @@ if args.vocab_tau > 0:
     vocab = sorted(
         {
             i
-            for s_ in bench.scenes("train", args.ntrain)
-            for i in tok.encode(" " + bench.caption(s_), add_special_tokens=False).ids
+            for s_ in tasks.scenes("train", args.ntrain)
+            for i in tok.encode(" " + tasks.caption(s_), add_special_tokens=False).ids
         }
     )
     print("vocab size", len(vocab), flush=True)
@@ -217,22 +217,22 @@ def lr_factor(s: int) -> float:
 
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 cats = set(args.cats.split(","))
-train_scenes = list(bench.scenes("train", args.ntrain))
-test_scenes = list(bench.scenes("test", args.ntest))
+train_scenes = list(tasks.scenes("train", args.ntrain))
+test_scenes = list(tasks.scenes("test", args.ntest))
 
 
 def example(i):
-    qas = [(q, a) for c, q, a in bench.training_questions(train_scenes[i]) if c in cats]
+    qas = [(q, a) for c, q, a in tasks.training_questions(train_scenes[i]) if c in cats]
     if "caption" in cats:
-        qas.insert(0, (bench.DESCRIBE, bench.caption(train_scenes[i])))
+        qas.insert(0, (tasks.DESCRIBE, tasks.caption(train_scenes[i])))
     ids, target, blocks = tokenize_blocks(tok, cfg, "chatml", qas, 4096)
     return Example(tuple(ids), tuple(target), (str(i),), i, tuple(blocks))
 
 
 CANDS = {
-    "colour": list(bench.COLOURS),
-    "count": list(bench.NUMBERS[:5]),
-    "region": list(bench.SHAPES) + ["none"],
+    "colour": list(tasks.COLOURS),
+    "count": list(tasks.NUMBERS[:5]),
+    "region": list(tasks.SHAPES) + ["none"],
     "exist": ["yes", "no"],
     "digit": [str(d) for d in range(10)],
 }
@@ -292,7 +292,7 @@ def cap_embed(scenes_, idx):
     E = model.language_model.get_input_embeddings().weight
     out = []
     for i in idx:
-        ids = tok.encode(" " + bench.caption(scenes_[i]), add_special_tokens=False).ids[:CAPL]
+        ids = tok.encode(" " + tasks.caption(scenes_[i]), add_special_tokens=False).ids[:CAPL]
         ids = ids + [tok.encode(" ", add_special_tokens=False).ids[0]] * (CAPL - len(ids))
         out.append(E[torch.tensor(ids)])
     return torch.stack(out).detach()
@@ -358,7 +358,7 @@ def distill_step(exs, vis, cap):
 def caption_words(scenes_, idx):
     """[B, L] ids of the caption words (content words only kept later via mask)."""
     E = model.language_model.get_input_embeddings().weight
-    rows = [tok.encode(" " + bench.caption(scenes_[i]), add_special_tokens=False).ids for i in idx]
+    rows = [tok.encode(" " + tasks.caption(scenes_[i]), add_special_tokens=False).ids for i in idx]
     L = max(map(len, rows))
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     m = torch.zeros(len(rows), L, dtype=torch.bool)

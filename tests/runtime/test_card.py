@@ -116,56 +116,65 @@ class FakePipe:
         return SimpleNamespace(answer=f" {target.upper()}." if kw["tokens"] == 9 else "no idea")
 
 
-def test_evaluate_forces_each_budget_greedily_and_counts_correct_over_n(tmp_path):
-    from train import bench
+def test_evaluate_forces_each_budget_greedily_and_counts_correct_over_n():
+    from fmvr import tasks
 
-    questions = card.read_bench(bench.write_llava(tmp_path, "test", 3, kind="questions"))
+    questions = card.bench_questions(3, 0)
     pipe = FakePipe([a for *_, a in questions for _ in FakePipe.budgets])
     acc = card.evaluate(pipe, questions)
     assert not pipe.targets and {(c["tokens"], c["temperature"]) for c in pipe.calls} == {(9, 0.0), (1, 0.0)}
     assert acc[9]["all"] == {"correct": 15, "n": 15, "accuracy": 1.0}
-    assert all(acc[1][c] == {"correct": 0, "n": 3, "accuracy": 0.0} for c in bench.CATEGORIES)
-    assert (*bench.CATEGORIES, "all") == card.CATEGORIES == tuple(acc[1])
+    assert all(acc[1][c] == {"correct": 0, "n": 3, "accuracy": 0.0} for c in tasks.CATEGORIES)
+    assert (*tasks.CATEGORIES, "all") == card.CATEGORIES == tuple(acc[1])
 
 
-def test_a_benchmark_written_elsewhere_is_answered_from_bench_dir(tmp_path):
-    from train import bench
+def test_the_benchmark_is_built_in_process_without_a_subprocess(monkeypatch):
+    """The card needs no source tree and no child process: fmvr.tasks renders the questions."""
 
-    bench.write_llava(tmp_path, "test", 2, kind="questions")  # e.g. on a workstation, then copied
-    pipe = FakePipe([a for *_, a in card.read_bench(tmp_path / "test-questions.json") for _ in (9, 1)])
-    args = SimpleNamespace(accuracy=None, bench_dir=str(tmp_path), bench_n=20, bench_seed=0)
+    def refuse(*a, **kw):
+        raise AssertionError("the card started a subprocess")
+
+    for name in ("run", "Popen", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    questions = card.bench_questions(2, 0)
+    pipe = FakePipe([a for *_, a in questions for _ in FakePipe.budgets])
+    args = SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0)
     acc, meta = card._accuracy(pipe, args)
-    assert meta["source"] == "runtime" and meta["bench_n"] == 2 and acc[9]["all"]["n"] == 10
-    assert {c["image"] for c in pipe.calls} == {bytes}  # the PNG's bytes, as a client sends them
+    assert meta["source"] == "runtime" and meta["bench_n"] == 2
+    assert {c: acc[9][c]["n"] for c in card.CATEGORIES} == {
+        **dict.fromkeys(card.CATEGORIES[:-1], 2),
+        "all": 10,
+    }
+    assert acc[9]["all"]["accuracy"] == 1.0 and acc[1]["all"]["accuracy"] == 0.0
 
 
-@pytest.mark.parametrize("answer", ["7", " Seven.", "RED", "red.", "red . ", "a red", ""])
-def test_scoring_is_train_benchs(answer):
-    from train import bench
+def test_without_scikit_learn_the_card_has_timings_only(monkeypatch, fake_card):
+    import builtins
 
-    for target in ("red", "7", "seven"):
-        assert card.score(answer, target) == bench.score(answer, target)
+    real = builtins.__import__
 
+    def no_sklearn(name, *a, **kw):
+        if name.startswith("sklearn"):
+            raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+        return real(name, *a, **kw)
 
-def test_without_the_train_extra_the_card_has_timings_only(monkeypatch, tmp_path, fake_card):
-    err = "Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'sklearn'\n"
-    failed = subprocess.CompletedProcess([], 1, stdout="", stderr=err)
-    monkeypatch.setattr(card.subprocess, "run", lambda *a, **kw: failed)
-    path, note = card.write_bench(tmp_path, 2, 0)
-    assert path is None and "No module named 'sklearn'" in note and "--bench-dir DIR" in note
+    from fmvr.tasks import scene as task_scene
+
+    task_scene.digit_scans.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    acc, meta = card._accuracy(FakePipe([]), SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0))
+    monkeypatch.undo()
+    task_scene.digit_scans.cache_clear()
+    assert acc is None and meta["source"] == "none" and "fmvr-edge[bench]" in meta["note"]
     timings_only = card.build_card(
         SimpleNamespace(device={"cpu": "c"}, key="k", backend="b", created=""),
         {r["budget"]: r["stages_ms"] for r in fake_card["budgets"]},
         None,
         fake_card["timing"],
-        {"source": "none", "note": note},
+        meta,
     )
     md = card.render_markdown(timings_only)
     assert "No module named" in md and md.splitlines()[-1].endswith("| - | - | - | - | - | - |")
-    broken = subprocess.CompletedProcess([], 1, stdout="", stderr="OSError: disk full\n")
-    monkeypatch.setattr(card.subprocess, "run", lambda *a, **kw: broken)
-    with pytest.raises(ValueError, match="disk full"):  # only a missing module means "no benchmark here"
-        card.write_bench(tmp_path, 2, 0)
 
 
 def test_accuracy_from_a_train_eval_file(tmp_path):
@@ -212,10 +221,8 @@ def test_a_card_of_the_tiny_bundle_through_the_runtime(bundle, capsys):
     assert "wrote" in out and "next: python -m runtime ask --bundle" in out
 
 
-@pytest.mark.parametrize(
-    "flags", [["--bench-n", "-1"], ["--runs", "0"], ["--bench-dir", "d", "--accuracy", "f.json"]]
-)
+@pytest.mark.parametrize("flags", [["--bench-n", "-1"], ["--runs", "0"], ["--accuracy"]])
 def test_bad_flags_are_refused_before_the_bundle_loads(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as e:
         main(["card", "--bundle", str(tmp_path), *flags])
-    assert e.value.code == 2 and flags[-2] in capsys.readouterr().err
+    assert e.value.code == 2 and flags[0] in capsys.readouterr().err

@@ -7,12 +7,12 @@ import json
 
 def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokenizer, benchmark_script):
     cq = benchmark_script("caption_qa")
-    from train import bench
+    from fmvr import tasks
     from train.data import tokenize_blocks
 
-    scene = next(bench.scenes("train", 1))
+    scene = next(tasks.scenes("train", 1))
     ex = cq.example(tiny_tokenizer, tiny_cfg, scene, 0, "caption")
-    qas = [(q, a) for _, q, a in bench.training_questions(scene)]
+    qas = [(q, a) for _, q, a in tasks.training_questions(scene)]
     ids, target, blocks = tokenize_blocks(tiny_tokenizer, tiny_cfg, tiny_cfg.template, qas, 4096)
     words = tiny_tokenizer.encode(cq.caption_prefix(scene), add_special_tokens=False).ids
     at = ids.index(tiny_cfg.image_token_id)
@@ -41,9 +41,9 @@ def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_toke
     cq = benchmark_script("caption_qa")
     import torch
 
-    from train import bench
+    from fmvr import tasks
 
-    scene = next(bench.scenes("test", 1))
+    scene = next(tasks.scenes("test", 1))
     table = torch.randn(tiny_cfg.text.vocab_size, 8)
     grid = cq.oracle_grid(table, tiny_tokenizer, scene)
 
@@ -53,13 +53,13 @@ def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_toke
         return table[word_id(tiny_tokenizer, w)]
 
     assert grid.shape == (cq.GRID * cq.GRID, 8)
-    cell = bench.SIZE / cq.GRID
+    cell = tasks.SIZE / cq.GRID
     for o in scene.objects:  # the cell holding each object's centre carries its colour + shape
         cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
         k = int(cy // cell) * cq.GRID + int(cx // cell)
         assert torch.allclose(grid[k], word(o.colour) + word(o.shape))
     corner_free = not any(
-        bench.covers(b, (cell / 2, cell / 2)) for b in [o.box for o in scene.objects] + [scene.digit_box]
+        tasks.covers(b, (cell / 2, cell / 2)) for b in [o.box for o in scene.objects] + [scene.digit_box]
     )
     if corner_free:
         assert torch.allclose(grid[0], word("empty"))

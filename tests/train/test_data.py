@@ -59,7 +59,7 @@ def _ex(ids, target):
 
 
 def _dataset(tmp_path, tiny_cfg, tiny_tokenizer, strict):
-    from train.bench import make_scene, render_scene
+    from fmvr.tasks import make_scene, render_scene
 
     render_scene(make_scene(0)).save(tmp_path / "good.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -114,7 +114,7 @@ def test_bad_data_file(tmp_path):
 def test_mix_kind_adds_one_caption_block_per_scene(tiny_cfg, tiny_tokenizer):
     """kind "mix": the qa blocks plus a "Describe the image." block answered by the caption,
     first (never cut by max_length), each block its own independent question."""
-    from train import bench
+    from fmvr import tasks
     from train.data import BenchDataset
 
     qa = BenchDataset("train", 2, tiny_tokenizer, tiny_cfg, tiny_cfg.template, kind="qa")
@@ -123,8 +123,8 @@ def test_mix_kind_adds_one_caption_block_per_scene(tiny_cfg, tiny_tokenizer):
     assert max(b.blocks) == max(a.blocks) + 1
     first = [i for i, k in zip(b.ids, b.blocks) if k == 1]
     text = tiny_tokenizer.decode(first)
-    assert bench.DESCRIBE.lower().rstrip(".") in text.lower()
-    assert bench.caption(mix.scenes[0]).lower().rstrip(".") in text.lower()
+    assert tasks.DESCRIBE.lower().rstrip(".") in text.lower()
+    assert tasks.caption(mix.scenes[0]).lower().rstrip(".") in text.lower()
     with pytest.raises(ValueError, match="independent"):
         BenchDataset("train", 1, tiny_tokenizer, tiny_cfg, tiny_cfg.template, kind="mix", independent=False)
 
@@ -165,7 +165,7 @@ def test_bench_clips_carry_two_frames_in_the_shared_prefix(tiny_cfg, tiny_tokeni
 
 
 def test_llava_records_with_several_images(tmp_path, tiny_cfg, tiny_tokenizer):
-    from train.bench import make_scene, render_scene
+    from fmvr.tasks import make_scene, render_scene
 
     for n in (0, 1):
         render_scene(make_scene(n)).save(tmp_path / f"{n}.png")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from fmvr import tasks
 from fmvr.checkpoint import save_checkpoint
 from fmvr.model import build_model
-from train import bench
 from train.eval import evaluate_bench, generate_batch, main, prompt_ids
 
 
@@ -25,8 +25,8 @@ def test_batched_generation_equals_generate(tiny_cfg, tiny_tokenizer):
     from fmvr.preprocess import Preprocessor
 
     model = _peaky(tiny_cfg)
-    scene = bench.make_scene(7)
-    pix = torch.from_numpy(Preprocessor.from_config(tiny_cfg)(bench.render_scene(scene)))  # [1, 3, S, S]
+    scene = tasks.make_scene(7)
+    pix = torch.from_numpy(Preprocessor.from_config(tiny_cfg)(tasks.render_scene(scene)))  # [1, 3, S, S]
     questions = [
         "What colour is the circle?",
         "How many red objects are there in this picture today?",
@@ -50,8 +50,8 @@ def test_shared_prefix_generation_equals_full_prompts(tiny_cfg, tiny_tokenizer):
     from train.eval import generate_shared, split_at_image
 
     model = _peaky(tiny_cfg)
-    scenes = [bench.make_scene(7), bench.make_scene(8)]
-    pix = torch.from_numpy(Preprocessor.from_config(tiny_cfg)([bench.render_scene(s) for s in scenes]))
+    scenes = [tasks.make_scene(7), tasks.make_scene(8)]
+    pix = torch.from_numpy(Preprocessor.from_config(tiny_cfg)([tasks.render_scene(s) for s in scenes]))
     questions = [
         "What colour is the circle?",
         "How many red objects are there in this picture today?",
@@ -70,7 +70,7 @@ def test_shared_prefix_generation_equals_full_prompts(tiny_cfg, tiny_tokenizer):
 def test_evaluate_bench_structure(tiny_cfg, tiny_tokenizer):
     res = evaluate_bench(_peaky(tiny_cfg), tiny_tokenizer, (36, 1), n=2, split="val")
     assert set(res["accuracy"]) == {36, 1}
-    assert set(res["accuracy"][36]) == {*bench.CATEGORIES, "all"}
+    assert set(res["accuracy"][36]) == {*tasks.CATEGORIES, "all"}
     assert len(res["samples"]) == 2 * 5 * 2
 
 
@@ -85,7 +85,7 @@ def test_cli_bench_and_answers_file(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
         == 0
     )
     assert "saved result" in capsys.readouterr().out
-    qfile = bench.write_llava(tmp_path / "data", "test", 1, kind="questions")
+    qfile = tasks.write_llava(tmp_path / "data", "test", 1, kind="questions")
     answers = tmp_path / "answers.jsonl"
     args = [
         "--checkpoint",
@@ -133,13 +133,13 @@ def test_frames_category_asks_about_both_frames(tiny_cfg, tiny_tokenizer):
 
     model = _peaky(tiny_cfg)
     res = evaluate_bench(model, tiny_tokenizer, (9,), n=1, split="val", clips=3)
-    assert set(res["accuracy"][9]) == {*bench.CATEGORIES, "all", bench.CLIP_CATEGORY}
-    frames = [s for s in res["samples"] if s["category"] == bench.CLIP_CATEGORY]
+    assert set(res["accuracy"][9]) == {*tasks.CATEGORIES, "all", tasks.CLIP_CATEGORY}
+    frames = [s for s in res["samples"] if s["category"] == tasks.CLIP_CATEGORY]
     assert len(frames) == 3 and res["n_questions"] == 5 + 3
-    clip = next(bench.clips("val", 1))
+    clip = next(tasks.clips("val", 1))
     pre = Preprocessor.from_config(tiny_cfg)
-    prompt = prompt_ids(tiny_tokenizer, tiny_cfg, bench.APPEARED, images=2)
+    prompt = prompt_ids(tiny_tokenizer, tiny_cfg, tasks.APPEARED, images=2)
     assert prompt.count(tiny_cfg.image_token_id) == 2
-    feats = model.encode_image(torch.from_numpy(pre([bench.render_scene(f) for f in clip.frames])), 9)
+    feats = model.encode_image(torch.from_numpy(pre([tasks.render_scene(f) for f in clip.frames])), 9)
     got = tiny_tokenizer.decode(generate_batch(model, [prompt], feats, 9, images=2)[0]).strip()
     assert got == frames[0]["output"]

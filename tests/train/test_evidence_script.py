@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from train import bench
+from fmvr import tasks
 
 
 def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path, benchmark_script):
@@ -14,13 +14,13 @@ def test_tiny_study_with_clips_writes_rows_and_reproducible_command(tmp_path, be
     argv += ["--out", str(tmp_path / "out")]
     assert ev.main(argv) == 0
     data = json.loads((tmp_path / "out" / "train_evidence.json").read_text())
-    cats = {*bench.CATEGORIES, "all", bench.CLIP_CATEGORY}
+    cats = {*tasks.CATEGORIES, "all", tasks.CLIP_CATEGORY}
     assert {(r["pyramid"], r["category"]) for r in data["rows"]} == {
         (p, c) for p in ("fmvr", "m3") for c in cats
     }
     assert all(r["tokens"] == 9 and 0 <= r["accuracy"] <= 1 for r in data["rows"])
-    assert {r["category"]: r["n"] for r in data["rows"]}[bench.CLIP_CATEGORY] == 2
-    assert data["constant_baseline"][bench.CLIP_CATEGORY]["accuracy"] > 0
+    assert {r["category"]: r["n"] for r in data["rows"]}[tasks.CLIP_CATEGORY] == 2
+    assert data["constant_baseline"][tasks.CLIP_CATEGORY]["accuracy"] > 0
     md = (tmp_path / "out" / "train_evidence.md").read_text()
     command = next(line for line in md.splitlines() if line.startswith("Command:"))
     assert ev.parse_args(command.split("`")[1].split()[2:]) == ev.parse_args(argv)  # it reproduces the run

@@ -8,33 +8,33 @@ import json
 import pytest
 import torch
 
+from fmvr import tasks
 from fmvr.checkpoint import load_checkpoint
-from train import bench
 from train.ground import ground_targets, train_ground, word_grid, word_id
 from train.stages import TrainConfig
 
 
 def test_cell_words_name_what_covers_each_cell_and_where_it_is():
-    scene = next(bench.scenes("train", 1))
+    scene = next(tasks.scenes("train", 1))
     side = 24
-    size = bench.SIZE / side
-    words = bench.cell_words(scene, side)
-    placed = bench.cell_words(scene, side, position=True)
+    size = tasks.SIZE / side
+    words = tasks.cell_words(scene, side)
+    placed = tasks.cell_words(scene, side, position=True)
     assert len(words) == side * side
     for o in scene.objects:  # the token holding an object's centre names its colour and shape
         cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
         k = int(cy // size) * side + int(cx // size)
         assert words[k] == (o.colour, o.shape)
-        assert placed[k] == (o.colour, o.shape, *bench.CELL_NAMES[o.cell].split())
+        assert placed[k] == (o.colour, o.shape, *tasks.CELL_NAMES[o.cell].split())
     x0, y0, x1, y1 = scene.digit_box
     k = int((y0 + y1) / 2 // size) * side + int((x0 + x1) / 2 // size)
     assert words[k] == ("card", str(scene.digit))
-    assert bench.cell_words(scene, side, digit=False)[k] == ("card",)
+    assert tasks.cell_words(scene, side, digit=False)[k] == ("card",)
     occupied = [o.box for o in scene.objects] + [scene.digit_box]
     free = [
         k
         for k in range(side * side)
-        if not any(bench.covers(b, ((k % side + 0.5) * size, (k // side + 0.5) * size)) for b in occupied)
+        if not any(tasks.covers(b, ((k % side + 0.5) * size, (k // side + 0.5) * size)) for b in occupied)
     ]
     assert free and all(words[k] == ("empty",) for k in free)
     assert placed[0][-2:] == ("top", "left") and placed[-1][-2:] == ("bottom", "right")
@@ -95,7 +95,7 @@ def test_ground_targets_follow_the_budget_grid(tiny_tokenizer):
     from fmvr.model import build_model
 
     model = build_model(preset("tiny"), seed=0)
-    scenes = list(bench.scenes("train", 2))
+    scenes = list(tasks.scenes("train", 2))
     budgets = preset("tiny").budgets
     t = ground_targets(model, tiny_tokenizer, scenes, budgets, position=False)
     with_digit = ground_targets(model, tiny_tokenizer, scenes, budgets, position=False, digit=True)
@@ -103,9 +103,9 @@ def test_ground_targets_follow_the_budget_grid(tiny_tokenizer):
     for b in budgets:
         side = int(b**0.5)
         assert t[b].shape == (2, b, table.shape[1])
-        words = bench.cell_words(scenes[1], side, digit=False)  # the default: the card's cells say " card"
+        words = tasks.cell_words(scenes[1], side, digit=False)  # the default: the card's cells say " card"
         assert torch.allclose(t[b][1], word_grid(table, tiny_tokenizer, words))
-        words = bench.cell_words(scenes[1], side)
+        words = tasks.cell_words(scenes[1], side)
         assert torch.allclose(with_digit[b][1], word_grid(table, tiny_tokenizer, words))
     assert not torch.allclose(t[576], with_digit[576])
 

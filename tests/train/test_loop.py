@@ -154,10 +154,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_trains_from_llava_files_skipping_a_corrupt_image(tmp_path):
-    from train import bench
+    from fmvr import tasks
     from train.data import DataError
 
-    path = bench.write_llava(tmp_path / "d", "train", 4, kind="qa")
+    path = tasks.write_llava(tmp_path / "d", "train", 4, kind="qa")
     records = json.loads(path.read_text())
     (tmp_path / "d" / records[1]["image"]).write_bytes(b"broken")
     cfg = _cfg(tmp_path, "llava", data=str(path), image_folder=str(tmp_path / "d"), steps=2, batch_size=2)

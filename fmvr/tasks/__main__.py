@@ -1,0 +1,36 @@
+"""`python -m fmvr.tasks`: write the built-in benchmark in LLaVA format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fmvr.tasks.llava import write_llava
+from fmvr.tasks.scene import SPLIT_SEEDS
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m fmvr.tasks", description="Write the built-in benchmark in LLaVA format."
+    )
+    p.add_argument("--out", required=True, help="folder for images/ and <split>-<kind>.json")
+    p.add_argument("--split", default="train", choices=sorted(SPLIT_SEEDS), help="which split")
+    p.add_argument("--n", type=int, default=100, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="benchmark seed")
+    p.add_argument(
+        "--kind",
+        default="qa",
+        choices=("qa", "questions", "caption"),
+        help="qa: one multi-turn conversation of ~20 questions per scene (stage 2); questions: one record per question "
+        "(with category/answer, for scoring); caption: plain captions (stage 1)",
+    )
+    args = p.parse_args(argv)
+    path = write_llava(args.out, args.split, args.n, args.seed, args.kind)
+    print(f"wrote {path} ({args.n} scenes, images under {Path(args.out) / 'images'})")
+    print(f"next: python -m train --data {path} --image-folder {args.out} --out runs/llava-format")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
