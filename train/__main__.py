@@ -7,22 +7,21 @@
         --image-folder images --init llava-base --out runs/s1
     # continue an interrupted run exactly
     python -m train ... --resume
+
+Every stage runs through the stage table (train.stages.STAGES): each Stage names its runner.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmvr.cli import renamed_flags
 from fmvr.config import PYRAMIDS
 from train.ckpt import same_run
+from train.common import Interrupted
 from train.stages import BENCH_KINDS, PYRAMID_INITS, STAGES, TrainConfig
-
-RENAMED_FLAGS = {"--budgets": "--tokens"}  # renamed in 0.2 (old -> new), accepted for one release
 
 CHOICES = {  # argparse choices, from the tables that define them
     "stage": tuple(STAGES),
@@ -34,7 +33,7 @@ CHOICES = {  # argparse choices, from the tables that define them
     "budget_mode": ("mean", "random"),
     "pyramid_init": PYRAMID_INITS,
 }
-HELP = {
+HELP = {  # by flag_fields' name: an options record's knob as <record>_<knob>
     "stage": "training stage",
     "out": "run directory (checkpoints, log.jsonl, final/)",
     "preset": "model preset for a fresh model (ignored with --init)",
@@ -98,23 +97,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip-if-done", action="store_true", help="do nothing if --out/final exists with the same config"
     )
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+    for name, _, f in TrainConfig.flag_fields():
+        flag = "--" + name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+            p.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=HELP[name]
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            choices = CHOICES.get(f.name)
-            what = f"{HELP[f.name]}: {', '.join(choices)}" if choices else HELP[f.name]
+            choices = CHOICES.get(name)
+            what = f"{HELP[name]}: {', '.join(choices)}" if choices else HELP[name]
             p.add_argument(
-                flag, type=kind, default=None, choices=choices, help=f"{what} (default {f.default!r})"
+                flag,
+                dest=name,
+                type=kind,
+                default=None,
+                choices=choices,
+                help=f"{what} (default {f.default!r})",
             )
-    return p.parse_args(renamed_flags(argv, RENAMED_FLAGS))
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.loop import Interrupted, train
-
     args = parse_args(argv)
     try:
         cfg = TrainConfig.from_sources(args.config, vars(args))
@@ -126,12 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{final} is already trained with this config (delete it to retrain)")
         return 0
     try:
-        if cfg.stage == "ground":  # no LM step: its own short loop
-            from train.ground import train_ground
-
-            out = train_ground(cfg, resume=args.resume)[1]
-        else:
-            out = train(cfg, resume=args.resume)
+        out = cfg.stage_def().run(cfg, resume=args.resume)
     except Interrupted as e:
         print(str(e))
         return 130

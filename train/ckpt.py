@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from fmvr import atomic
-from train.stages import RENAMED_KEYS, TrainConfig
+from train.stages import TrainConfig
 
 
 def trainable_named(model) -> dict[str, torch.nn.Parameter]:
@@ -61,7 +62,7 @@ def save_model(model, path: Path, tok, extra: dict) -> None:
     if hasattr(model.language_model, "merge_and_unload"):
         model = copy.deepcopy(model)
         model.language_model = model.language_model.merge_and_unload()
-    save_checkpoint(model, path, tokenizer=tok, extra=extra, overwrite=True)  # atomic swap
+    save_checkpoint(model, path, tokenizer=tok, extra=extra, force=True)  # atomic swap
 
 
 def latest_checkpoint(out: str) -> Path | None:
@@ -122,13 +123,17 @@ def plain_copy(model):
 
 
 def same_run(final: Path, cfg: TrainConfig) -> bool:
-    """Whether checkpoint dir `final` was trained with this config (progress/logging aside)."""
+    """Whether checkpoint dir `final` was trained with this config (progress/logging aside). A
+    saved config this version cannot read (e.g. keys renamed since) is not the same run: warned."""
     extra = final / "extra.json"
     if not extra.is_file():
         return False
     saved = json.loads(extra.read_text()).get("train_config", {})
-    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
-    saved = {**TrainConfig().to_dict(), **saved}  # a knob added since then: its default
+    try:
+        saved = TrainConfig.from_dict(saved, f"{extra} (train_config)").to_dict()  # new knobs: defaults
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"{final} is not taken as this run: {e}", stacklevel=2)
+        return False
     ignore = {"progress", "stop_after", "log_every"}
     return {k: v for k, v in saved.items() if k not in ignore} == {
         k: v for k, v in cfg.to_dict().items() if k not in ignore

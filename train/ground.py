@@ -3,7 +3,7 @@
     python -m train --stage ground --preset small --out runs/ground --steps 200 --batch-size 32 --cache-vision
     python -m train --stage stage2 --init runs/ground/final --lora ...      # then the questions
 
-Why a stage of its own (benchmarks/results/recipe_experiments_small.md, F to L): from the answer loss
+Why a stage of its own (dev/results/recipe_experiments_small.md, F to L): from the answer loss
 alone, through a frozen 30-layer LM, the projector does not learn within a CPU budget to make tokens the
 LM reads (every such recipe stayed at the answer priors), while the same LM learns the questions in 30
 LoRA steps when the image is replaced by a grid of word embeddings. So this stage regresses the visual
@@ -13,7 +13,8 @@ projector and the cascade (~1 s for 32 images at every budget on 2 cores).
 For every budget T (a side x side grid, side = sqrt(T)), the target of token (r, c) is the sum of the
 LM's input embeddings of the words covering the centre of its cell (train.tasks.cell_words):
 " red" + " triangle", " card" + " 3", else " empty"; with `position`, the words naming the layout cell
-(" top" + " left") are added (`--ground-position`, off by default), so each token also says where it
+(" top" + " left") are added (`--ground-position`, off by default; the stage's knobs are
+train.stages.GroundOptions, TrainConfig.ground), so each token also says where it
 sits, in words (the `small` tower appends fixed position channels to its features for this; the LM
 sees the grid only as a sequence). Loss: mean over the step's budgets of
 MSE(model.visual_tokens(...)[T], target) / (mean square of the word embeddings).
@@ -33,6 +34,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from train.common import (
+    autocast,
+    build_model_and_tokenizer,
+    log_step,
+    make_optimizer,
+    progress_bar,
+    step_indices,
+)
 from train.stages import TrainConfig
 
 
@@ -106,11 +115,15 @@ def ground_loss(
     return sum(parts.values()) / len(parts), {t: float(v.detach()) for t, v in parts.items()}
 
 
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """The stage's runner (train.stages.STAGES["ground"], the signature of every runner): <out>/final."""
+    return train_ground(cfg, resume)[1]
+
+
 def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Module, Path]:
     """Run the ground stage (one process); returns (the model, <out>/final)."""
     from fmvr import tasks
     from train.ckpt import save_model_final, trainable_named
-    from train.loop import _autocast, _bar, _log, build_model_and_tokenizer, make_optimizer, step_indices
     from train.loss import step_budgets
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or resume:
@@ -124,7 +137,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
     feats = tower_grid_features(model, scenes, progress=cfg.progress)
     targets = ground_targets(
-        model, tok, scenes, budgets_all, position=cfg.ground_position, digit=cfg.ground_digit
+        model, tok, scenes, budgets_all, position=cfg.ground.position, digit=cfg.ground.digit
     )
     opt, sched = make_optimizer(cfg, model, total)
     params = list(trainable_named(model).values())
@@ -132,12 +145,12 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
-    bar = _bar(cfg, 0, total, 0)
+    bar = progress_bar(cfg, 0, total, 0)
     t0 = time.time()
     for step in range(total):
         budgets = step_budgets(budgets_all, cfg.budget_mode, random.Random(cfg.seed * 7919 + step))
         idx = step_indices(len(scenes), cfg.batch_size, cfg.seed, step)
-        with _autocast(cfg, torch.device("cpu")):
+        with autocast(cfg, torch.device("cpu")):
             loss, parts = ground_loss(model, feats[idx], {t: targets[t][idx] for t in budgets}, word_ms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +158,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
         opt.step()
         sched.step()
         stats = {"loss": float(loss.detach()), "budgets": parts, "grad_norm": float(gnorm)}
-        _log(log, bar, step, stats, sched, (step + 1) * cfg.batch_size / (time.time() - t0), cfg)
+        log_step(log, bar, step, stats, sched, (step + 1) * cfg.batch_size / (time.time() - t0), cfg)
     bar.close()
     final = out / "final"
     save_model_final(cfg, model, tok, final, total, {})

@@ -12,12 +12,14 @@ Checkpoints: <out>/ckpt-<step>/ = model/ (fmvr.checkpoint format, LoRA merged) +
 trainer.safetensors (trainable tensors, LoRA adapters included) + trainer.pt (optimizer,
 scheduler, RNG, step; loaded with weights_only=True) + train_config.json; written to a
 temp dir and renamed, keeping the last N. The final model is <out>/final.
+
+This is the runner of stages stage1, stage2 and finetune (train.stages.STAGES: "train.loop:train");
+what it shares with stage ground's loop (model, optimizer, data order, bf16, bar, log) is in
+train.common.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import signal
@@ -37,14 +39,22 @@ from train.ckpt import (
     save_state,
     trainable_named,
 )
+from train.common import (
+    Interrupted,
+    autocast,
+    build_model_and_tokenizer,
+    log_step,
+    make_optimizer,
+    progress_bar,
+    step_indices,
+    steps_per_epoch,
+)
+from train.common import (
+    add_lora as add_lora,  # re-exported: benchmarks and dev scripts import it from here
+)
 from train.data import Batch, Example, collate
 from train.loss import MatryoshkaStep, VisionCache, step_budgets
 from train.stages import TrainConfig
-
-
-class Interrupted(Exception):
-    pass
-
 
 # ---- setup -------------------------------------------------------------------------------
 
@@ -61,53 +71,6 @@ def dist_setup() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def build_model_and_tokenizer(cfg: TrainConfig):
-    from fmvr.config import preset
-    from fmvr.model import build_model
-    from fmvr.tokenizer import load_tokenizer, preset_tokenizer
-
-    if cfg.init:
-        from fmvr.checkpoint import load_checkpoint
-
-        model = load_checkpoint(cfg.init)
-        tok = load_tokenizer(cfg.tokenizer or cfg.init)
-    else:
-        mcfg = preset(cfg.preset, pyramid=cfg.pyramid, visual_norm=cfg.visual_norm)
-        model = build_model(mcfg, seed=cfg.seed)
-        if cfg.tower_seed >= 0 and not mcfg.vision.weights:
-            fixed_tower(model, cfg.tower_seed)
-        if cfg.pyramid_init == "pooling":
-            model.pyramid.start_as_pooling()
-        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else preset_tokenizer(mcfg)
-    model.trainable(cfg.stage_def().parts + (("vision_tower",) if cfg.tower_lr > 0 else ()))
-    if cfg.lora:
-        add_lora(model, cfg)
-    if cfg.grad_checkpointing:
-        model.language_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    return model, tok
-
-
-def fixed_tower(model, seed: int) -> None:
-    """Re-initialise a random vision tower from its own seed: a fresh model's frozen tower then
-    plays the part of a pretrained one, identical in every run whatever --seed (and cacheable)."""
-    from fmvr.towers import build_tower
-
-    torch.manual_seed(seed)
-    model.vision_tower = build_tower(model.cfg.vision).eval()
-    model.vision_tower.requires_grad_(False)
-
-
-def add_lora(model, cfg: TrainConfig) -> None:
-    """peft LoRA on every linear layer of the LLM; projector and pyramid stay fully trained."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0)
-    model.language_model = get_peft_model(model.language_model, lcfg)
 
 
 def make_dataset(cfg: TrainConfig, model, tok):
@@ -138,55 +101,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
     )
 
 
-def part_lr(cfg: TrainConfig, name: str) -> float:
-    """Learning rate of a parameter by the part it belongs to (tower / projector+pyramid / LLM)."""
-    part = name.split(".")[0]
-    if part == "vision_tower":
-        return cfg.tower_lr
-    if part in ("projector", "pyramid", "visual_norm"):
-        return cfg.projector_lr or cfg.learning_rate
-    return cfg.learning_rate
-
-
-def make_optimizer(cfg: TrainConfig, model, total_steps: int):
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in trainable_named(model).items():
-        wd = cfg.weight_decay if p.ndim >= 2 else 0.0  # matrices decay; vectors and scalars do not
-        groups.setdefault((part_lr(cfg, name), wd), []).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-        lr=cfg.learning_rate,
-    )
-    warm = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 # ---- data order --------------------------------------------------------------------------
-
-
-def steps_per_epoch(n: int, global_batch: int) -> int:
-    spe = n // global_batch
-    if spe < 1:
-        raise ValueError(
-            f"{n} samples cannot fill one global batch of {global_batch}: lower --batch-size/--grad-accum"
-        )
-    return spe
-
-
-def step_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
-    """The global batch of `step` (drop-last epochs, reshuffled per epoch from the seed)."""
-    spe = steps_per_epoch(n, global_batch)
-    epoch, pos = divmod(step, spe)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[pos * global_batch : (pos + 1) * global_batch].tolist()
 
 
 def rank_micro_batches(
@@ -229,10 +144,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | None = None):
     """As `train`, returning (the trained model, <out>/final). `cache` may be shared by runs
     with the same frozen tower (same preset and tower_seed, no --init)."""
-    if cfg.stage == "ground":
-        raise ValueError(
-            "stage ground has its own loop (no LM step): train.ground.train_ground; python -m train runs it"
-        )
+    if (runner := cfg.stage_def().runner) != f"{__name__}:train":
+        raise ValueError(f"stage {cfg.stage} has its own runner, {runner}: python -m train runs it")
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model, tok = build_model_and_tokenizer(cfg)
@@ -256,7 +169,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
         start = load_state(ck, model, opt, sched)
     run = Run(cfg, ddp, runner, ds, opt, sched, rank, world, device)
     stop = _install_sigint()
-    bar = _bar(cfg, rank, total, start)
+    bar = progress_bar(cfg, rank, total, start)
     log = Path(cfg.out) / "log.jsonl"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -264,7 +177,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, cache: VisionCache | Non
         stats = train_step(run, step)
         if rank == 0:
             rate = done_here * gb / (time.time() - t0)
-            _log(log, bar, step, stats, sched, rate, cfg)
+            log_step(log, bar, step, stats, sched, rate, cfg)
         last = step + 1 == total
         interrupted = stop["flag"] or (cfg.stop_after and done_here >= cfg.stop_after)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or interrupted or last:
@@ -322,7 +235,7 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum, parts_sum = 0.0, dict.fromkeys(budgets, 0.0)
     for k, b in enumerate(micro):
         sync = k == len(micro) - 1
-        with _maybe_no_sync(ddp, sync), _autocast(cfg, device):
+        with _maybe_no_sync(ddp, sync), autocast(cfg, device):
             loss, parts = ddp(b, budgets, n_targets / world)  # DDP averages over ranks: /world undone here
         loss.backward()
         loss_sum += float(loss.detach()) / world
@@ -381,14 +294,6 @@ def _maybe_no_sync(ddp, sync: bool):
     return ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
 
 
-def _autocast(cfg: TrainConfig, device):
-    import contextlib
-
-    if cfg.bf16:  # CUDA, or a CPU with bf16 matrix units (AMX/AVX512-BF16): ~1.7x on SmolLM2 here
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _all_sum(x: float, world: int) -> float:
     if world == 1:
         return x
@@ -427,33 +332,3 @@ def _install_sigint() -> dict:
 
     signal.signal(signal.SIGINT, handler)
     return state
-
-
-def _bar(cfg: TrainConfig, rank: int, total: int, start: int):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        disable=rank != 0 or not cfg.progress,
-        desc=cfg.stage,
-        unit="step",
-        dynamic_ncols=True,
-    )
-
-
-def _log(log: Path, bar, step: int, stats: dict, sched, rate: float, cfg: TrainConfig) -> None:
-    bar.update(1)
-    bar.set_postfix(loss=f"{stats['loss']:.3f}", samples_s=f"{rate:.1f}")
-    if step % cfg.log_every == 0:
-        row = {
-            "step": step + 1,
-            "loss": stats["loss"],
-            "per_budget": stats["budgets"],
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": stats["grad_norm"],
-            "samples_per_s": rate,
-            "time": time.time(),
-        }
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")

@@ -1,11 +1,22 @@
 """Training stages as data, and the training config (JSON file and/or flags).
 
-| stage    | trainable                         | template  | lr   | start from            |
-|----------|-----------------------------------|-----------|------|-----------------------|
-| ground   | projector, pyramid, visual_norm   | (no text) | 1e-3 | fresh (or --init); regresses visual tokens onto word grids (train.ground) |
-| stage1   | projector, pyramid, visual_norm   | plain     | 1e-3 | fresh (or --init)     |
-| stage2   | projector, pyramid, language_model| the model's (vicuna_v1, chatml) | 2e-5 | --init stage-1 output |
-| finetune | projector, pyramid, language_model| the model's | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) |
+| stage    | trainable                         | template  | lr   | start from            | runner |
+|----------|-----------------------------------|-----------|------|-----------------------|--------|
+| ground   | projector, pyramid, visual_norm   | (no text) | 1e-3 | fresh (or --init); regresses visual tokens onto word grids | train.ground:train |
+| stage1   | projector, pyramid, visual_norm   | plain     | 1e-3 | fresh (or --init)     | train.loop:train |
+| stage2   | projector, pyramid, language_model| the model's (vicuna_v1, chatml) | 2e-5 | --init stage-1 output | train.loop:train |
+| finetune | projector, pyramid, language_model| the model's | 2e-5 | --init (required): an existing LLaVA checkpoint (M3's recipe) | train.loop:train |
+
+Each `Stage` carries the function that runs it, `runner(cfg, resume=False) -> <out>/final`, named
+"module:function" and imported when the stage runs (`Stage.run`): the runners' modules import this
+one (for TrainConfig), so a direct reference would be an import circle; the name keeps the graph
+one-way (train.loop, train.ground -> train.common -> train.stages). `python -m train` runs
+`cfg.stage_def().run(cfg)` whatever the stage.
+
+A stage's own knobs live in their own options record, a field of TrainConfig named by
+`Stage.options` (stage ground: `TrainConfig.ground`, a `GroundOptions`); on the command line each
+is a flag `--<record>-<knob>` (`--ground-position`), in a JSON config file a nested object
+(`{"ground": {"position": true}}`), and it is refused with any other stage.
 
 The vision tower is frozen unless --tower-lr > 0 (the authors' finetune.sh trains it at 2e-5;
 its batch-norm statistics stay frozen). LoRA (`lora=true`) replaces full LLM training with peft adapters.
@@ -14,8 +25,11 @@ its batch-norm statistics stay frozen). LoRA (`lora=true`) replaces full LLM tra
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
-import warnings
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +38,8 @@ from fmvr.cli import parse_tokens
 
 BENCH_KINDS = ("caption", "qa", "mix")  # mix: every question + a "Describe the image." caption block
 PYRAMID_INITS = ("pooling", "released")  # a fresh model's FMVR stages (fmvr.pyramid.Pyramid.start_as_pooling)
-RENAMED_KEYS = {"budgets": "tokens"}  # config-file keys renamed in 0.2 (old -> new), accepted for one release
+
+Runner = Callable[..., Path]  # runner(cfg: TrainConfig, resume: bool = False) -> <out>/final
 
 
 @dataclass(frozen=True)
@@ -35,16 +50,48 @@ class Stage:
     lr: float
     kind: str  # built-in benchmark records: "caption" (stage 1), "qa", or "ground" (box labels, no text)
     needs_init: bool = False
+    runner: str = "train.loop:train"  # "module:function" that runs the stage (imported on use)
+    options: str = ""  # the TrainConfig field holding this stage's own knobs ("": none)
+
+    def runner_fn(self) -> Runner:
+        """The runner function, imported now."""
+        module, _, name = self.runner.partition(":")
+        fn = getattr(importlib.import_module(module), name, None)
+        if not callable(fn):
+            raise ValueError(f"stage {self.name}: runner {self.runner!r} is not a function")
+        return fn
+
+    def run(self, cfg: TrainConfig, resume: bool = False) -> Path:
+        """Run (or with `resume`, continue) this stage with `cfg`; returns <out>/final."""
+        if cfg.stage != self.name:
+            raise ValueError(f"stage {self.name} cannot run a config of stage {cfg.stage}")
+        return self.runner_fn()(cfg, resume=resume)
 
 
 STAGES: dict[str, Stage] = {
-    "ground": Stage("ground", ("projector", "pyramid", "visual_norm"), "plain", 1e-3, "ground"),
+    "ground": Stage(
+        "ground",
+        ("projector", "pyramid", "visual_norm"),
+        "plain",
+        1e-3,
+        "ground",
+        runner="train.ground:train",
+        options="ground",
+    ),
     "stage1": Stage("stage1", ("projector", "pyramid", "visual_norm"), "plain", 1e-3, "caption"),
     "stage2": Stage("stage2", ("projector", "pyramid", "visual_norm", "language_model"), "chat", 2e-5, "qa"),
     "finetune": Stage(
         "finetune", ("projector", "pyramid", "visual_norm", "language_model"), "chat", 2e-5, "qa", True
     ),
 }
+
+
+@dataclass(frozen=True)
+class GroundOptions:
+    """Stage ground's own knobs (TrainConfig.ground; flags --ground-<knob>; see train.ground)."""
+
+    position: bool = False  # the targets also name each token's layout cell ("top left")
+    digit: bool = False  # the digit card's cells say " card" + the digit, not " card" alone
 
 
 @dataclass(frozen=True)
@@ -96,15 +143,20 @@ class TrainConfig:
     fsdp: bool = False  # shard the LLM layers and the rest (tower excepted) with FSDP2 under torchrun
     grad_checkpointing: bool = False
     cache_vision: bool = False  # keep frozen-tower features in memory across epochs (small data only)
-    ground_position: bool = False  # stage ground: the targets also name each token's layout cell ("top left")
-    # stage ground: the digit card's cells say " card" + the digit, not " card" alone
-    ground_digit: bool = False
+    # each stage's own knobs (Stage.options): a nested record
+    ground: GroundOptions = dataclasses.field(default_factory=GroundOptions)
     # bookkeeping
     log_every: int = 1
     save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)
     keep_last: int = 2
     stop_after: int = 0  # stop (and save) after this many steps of this run: simulates an interruption
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, record in option_records().items():  # TrainConfig(**cfg.to_dict()) round-trips
+            value = getattr(self, name)
+            if not isinstance(value, record):
+                object.__setattr__(self, name, _record(record, value, f"{name!r}"))
 
     def stage_def(self) -> Stage:
         if self.stage not in STAGES:
@@ -132,11 +184,19 @@ class TrainConfig:
                 "--bench-clips adds two-frame question blocks to the built-in benchmark: use it without --data, "
                 "with --bench-kind qa or mix and --bench-qa independent"
             )
-        if self.stage == "ground" and (self.data or self.bench_clips or self.tower_lr):
+        if st.kind == "ground" and (self.data or self.bench_clips or self.tower_lr):
             raise ValueError(
-                "stage ground regresses visual tokens onto the built-in benchmark's box labels with a frozen "
-                "tower: drop --data, --bench-clips and --tower-lr"
+                f"stage {self.stage} regresses visual tokens onto the built-in benchmark's box labels with a "
+                "frozen tower: drop --data, --bench-clips and --tower-lr"
             )
+        for other in STAGES.values():
+            if other.options and other.options != st.options:
+                given = getattr(self, other.options)
+                if given != type(given)():
+                    raise ValueError(
+                        f"--{other.options.replace('_', '-')}-* options apply to stage {other.name} only, "
+                        f"not {self.stage}: drop them"
+                    )
         if self.pyramid_init not in PYRAMID_INITS:
             raise ValueError(f"pyramid init {self.pyramid_init!r}: choose one of {PYRAMID_INITS}")
         if self.budget_mode not in ("mean", "random"):
@@ -174,23 +234,79 @@ class TrainConfig:
         return self.lr or self.stage_def().lr
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, options records as nested dicts (what train_config.json holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_sources(cls, file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-        """Defaults < JSON config file < explicit flags (None = not given)."""
+    def from_dict(cls, values: dict[str, Any], where: str = "the config") -> TrainConfig:
+        """A config from `to_dict`'s form (missing fields: their defaults); unknown keys refused,
+        naming `where`. Not checked: call .check()."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        if file:
-            values = json.loads(Path(file).read_text())
-            for old, new in RENAMED_KEYS.items():
-                if old in values:
-                    warnings.warn(
-                        f"{file}: key {old!r} is deprecated; call it {new!r}", FutureWarning, stacklevel=2
-                    )
-                    values[new] = values.pop(old)
-            unknown = set(values) - known
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)} in {file}; known: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
-        return cls(**values).check()
+        unknown = set(values) - known
+        if unknown:
+            flat = sorted(k for k in unknown if k.partition("_")[0] in option_records())
+            hint = (
+                f" ({', '.join(flat)}: a stage's own knobs are a nested object now, "
+                f'e.g. {{"ground": {{"position": true}}}})'
+                if flat
+                else ""
+            )
+            raise ValueError(f"unknown keys {sorted(unknown)} in {where}{hint}; known: {sorted(known)}")
+        values = dict(values)
+        for name, record in option_records().items():
+            if name in values and not isinstance(values[name], record):
+                values[name] = _record(record, values[name], f"{where}: {name!r}")
+        return cls(**values)
+
+    @classmethod
+    def from_sources(cls, file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Defaults < JSON config file < explicit flags (None = not given). `overrides` are flat,
+        named as flag_fields names them (an options record's knob: ground_position)."""
+        cfg = cls.from_dict(json.loads(Path(file).read_text()), file) if file else cls()
+        top: dict[str, Any] = {}
+        for name, record, f in cls.flag_fields():
+            if overrides.get(name) is None:
+                continue
+            if record:
+                top.setdefault(record, {})[f.name] = overrides[name]
+            else:
+                top[name] = overrides[name]
+        for record in option_records():
+            if record in top:
+                top[record] = dataclasses.replace(getattr(cfg, record), **top[record])
+        return dataclasses.replace(cfg, **top).check()
+
+    @classmethod
+    def flag_fields(cls) -> list[tuple[str, str, dataclasses.Field]]:
+        """(name, record, field) of every knob, in order: a plain field is (its name, "", it); an
+        options record's knob is ("<record>_<knob>", record, the knob's field): flag --ground-position."""
+        out: list[tuple[str, str, dataclasses.Field]] = []
+        records = option_records()
+        for f in dataclasses.fields(cls):
+            if f.name in records:
+                out += [(f"{f.name}_{g.name}", f.name, g) for g in dataclasses.fields(records[f.name])]
+            else:
+                out.append((f.name, "", f))
+        return out
+
+
+@functools.cache
+def option_records() -> dict[str, type]:
+    """{TrainConfig field: its options record class}, for the fields that are records (ground)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(TrainConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def _record(record: type, values: Any, where: str):
+    """An options record from a JSON object, refusing what it does not know."""
+    known = {f.name for f in dataclasses.fields(record)}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be an object with keys among {sorted(known)}, not {values!r}")
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in {where}; known: {sorted(known)}")
+    return record(**values)

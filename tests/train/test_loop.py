@@ -9,7 +9,8 @@ import torch
 
 from fmvr.checkpoint import load_checkpoint
 from train.__main__ import main
-from train.loop import rank_micro_batches, step_indices, train
+from train.common import step_indices
+from train.loop import rank_micro_batches, train
 from train.stages import TrainConfig
 
 

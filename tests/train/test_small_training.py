@@ -47,7 +47,7 @@ def test_tower_lr_trains_the_tower_at_its_own_rate(tmp_path):
         budget_mode="random",
     ).check()
     model, _ = train_model(cfg)
-    from train.loop import build_model_and_tokenizer, make_optimizer
+    from train.common import build_model_and_tokenizer, make_optimizer
 
     fresh, _ = build_model_and_tokenizer(cfg)
     moved = [
@@ -73,14 +73,3 @@ def test_tokens_flag_restricts_and_validates(tmp_path):
     assert TrainConfig(out=str(tmp_path)).check().budget_list((576, 1)) == (576, 1)
     with pytest.raises(ValueError, match=r"\[100\] are not budgets"):
         TrainConfig(out=str(tmp_path), tokens="36,100").check().budget_list((576, 144, 36, 9, 1))
-
-
-def test_old_budgets_key_and_flag_still_work(tmp_path):
-    from train.__main__ import parse_args
-
-    cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"budgets": "36,9", "out": str(tmp_path)}))
-    with pytest.warns(FutureWarning, match="'budgets' is deprecated; call it 'tokens'"):
-        assert TrainConfig.from_sources(str(cfg_file), {}).tokens == "36,9"
-    with pytest.warns(FutureWarning, match="--budgets is deprecated.*use --tokens"):
-        assert parse_args(["--budgets", "36"]).tokens == "36"
