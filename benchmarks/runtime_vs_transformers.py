@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, out / "runtime_vs_transformers.png")
     print(md)
     print(f"wrote {out}/runtime_vs_transformers.{{json,md,png}}")
-    print("next: python -m runtime bench --bundle BUNDLE")
+    print("next: python -m runtime latency --bundle BUNDLE")
     return 0
 
 

@@ -181,7 +181,7 @@ def add_frame_input(model: Any, pixel_input: str, pre: Any, max_frame: tuple[int
 
 def frame_only_model(pre: Any, opset: int) -> Any:
     """The preprocessing alone, the same nodes, as a model: frames -> pixel_values float32. The
-    bundle ships it as vision/preprocess.onnx (the export's pixel check, `runtime bench`'s timing:
+    bundle ships it as vision/preprocess.onnx (the export's pixel check, `runtime latency`'s timing:
     onnxruntime runs a whole graph whatever outputs are asked for)."""
     from onnx import TensorProto, helper
 

@@ -7,16 +7,18 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fmvr.cli import renamed_flags
 from fmvr.video import COLLAGE_FRAMES, VIDEO_MODES
-from runtime.card import add_arguments as add_card_arguments
 from runtime.frame_input import PREPROCESS
 from runtime.options import OBJECTIVES, AskOptions, OptionsError
+from runtime.tools.card import add_arguments as add_card_arguments
 from runtime.vision import BACKENDS
 
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
+
 # Old spellings that keep working for one release (rewritten with a FutureWarning).
-RENAMED = {"--question": "--prompt"}
 DEFAULTS = AskOptions()  # one set of defaults for the CLI, the server and the Python API
 
 
@@ -121,9 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--profile-if-missing", action="store_true", help="measure the profile at startup if absent"
     )
-    b = sub.add_parser("bench", help="TTFT per budget vs FLOPs, and the policy under load")
+    b = sub.add_parser("latency", help="TTFT per budget vs FLOPs, and the policy under load")
     _common(b)
-    b.add_argument("--out", default="benchmarks/results", help="where runtime_bench.{json,md,png} go")
+    b.add_argument(
+        "--out",
+        default="",
+        help="where latency.{json,md,png} go (default: BUNDLE/latency, beside the profile)",
+    )
     b.add_argument("--runs", type=int, default=5, help="timed runs per budget")
     b.add_argument("--requests", type=int, default=40, help="requests in the policy-under-load run")
     b.add_argument(
@@ -141,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
-    args = ap.parse_args(renamed_flags(argv, RENAMED))
+    args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.cmd != "profile",
             preprocess=args.preprocess,
         )
-        commands = {"ask": _ask, "profile": _profile, "serve": _serve, "bench": _bench, "card": _card}
+        commands = {"ask": _ask, "profile": _profile, "serve": _serve, "latency": _latency, "card": _card}
         return commands[args.cmd](pipe, args)
     except (BundleError, ValueError) as e:  # ProfileError, OptionsError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
@@ -217,7 +223,7 @@ def _inputs(args: argparse.Namespace) -> tuple[list[object], str]:
     return [Path(p).read_bytes() if Path(p).is_file() else p for p in args.image], args.prompt
 
 
-def _ask(pipe, args) -> int:  # type: ignore[no-untyped-def]
+def _ask(pipe: Pipeline, args: argparse.Namespace) -> int:
     images, prompt = args.inputs
     if args.escalate:
         results = pipe.escalate(images[0], prompt, args.escalate, args.options[0])
@@ -258,7 +264,7 @@ def _print_result(r) -> None:  # type: ignore[no-untyped-def]
     print(f"  answer: {r.answer!r}")
 
 
-def _profile(pipe, args) -> int:  # type: ignore[no-untyped-def]
+def _profile(pipe: Pipeline, args: argparse.Namespace) -> int:
     from runtime.profile import profile_path
 
     prof = pipe.measure_profile(warmup=args.warmup, runs=args.runs)
@@ -276,9 +282,9 @@ def _profile(pipe, args) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
+def _serve(pipe: Pipeline, args: argparse.Namespace) -> int:
     try:
-        from runtime.server import ServerConfig, make_server
+        from runtime.serve.server import ServerConfig, make_server
     except ImportError as e:  # the serve extra is not installed: say how to get it
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -306,15 +312,16 @@ def _serve(pipe, args) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _bench(pipe, args) -> int:  # type: ignore[no-untyped-def]
-    from runtime.bench import run_bench
+def _latency(pipe: Pipeline, args: argparse.Namespace) -> int:
+    from runtime.tools.latency import run_latency
 
-    run_bench(pipe, Path(args.out), runs=args.runs, requests=args.requests, concurrency=args.concurrency)
+    out = Path(args.out) if args.out else Path(pipe.bundle_dir) / "latency"
+    run_latency(pipe, out, runs=args.runs, requests=args.requests, concurrency=args.concurrency)
     return 0
 
 
-def _card(pipe, args) -> int:  # type: ignore[no-untyped-def]
-    from runtime.card import run
+def _card(pipe: Pipeline, args: argparse.Namespace) -> int:
+    from runtime.tools.card import run
 
     return run(pipe, args)
 

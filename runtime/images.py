@@ -2,7 +2,6 @@
 the context check, and the batched vision pass (runtime.pipeline uses these; torch-free).
 
     as_images(image)                  one image source or a list of them -> a list (newest last)
-    prompt_turns(prompt, n)           a question or LLaVA turns -> turns holding n <image> placeholders
     per_image(tokens, n)              a forced budget (int: every image) or a list -> one per image
     forced_choice(policy, budgets, ...)
                                       the Choice of forced budgets, with the policy's prediction
@@ -25,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from fmvr.preprocess import SINGLE
-from fmvr.template import IMAGE_TOKEN, Turn, user_turn
 from fmvr.tokenizer import expand_image_tokens
 from runtime.options import AskOptions, OptionsError
 from runtime.policy import Choice, Policy
@@ -93,28 +91,6 @@ def per_image(tokens: int | Sequence[int], n: int) -> tuple[int, ...]:
             "or one number for all",
         )
     return tuple(tokens)
-
-
-def prompt_turns(prompt: str | Sequence[Turn], n: int) -> list[Turn]:
-    """The conversation with exactly `n` image placeholders: a question gets `<image>\\n` x n in
-    front; turns keep the placeholders they hold when that is n, and get n in front of the first
-    human turn when they hold none; any other count is a ValueError."""
-    if isinstance(prompt, str):
-        return [user_turn(prompt, n)]
-    turns = list(prompt)
-    found = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns if t.get("from") == "human")
-    if found == n:
-        return turns
-    if found:
-        raise ValueError(
-            f"the prompt holds {found} {IMAGE_TOKEN} placeholder(s) but {n} image(s) were given: put one "
-            f"{IMAGE_TOKEN} per image where it belongs, or none (then all go before the first question)"
-        )
-    first = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
-    if first is None:
-        raise ValueError("the conversation has no human turn to carry the image(s)")
-    turns[first] = user_turn(turns[first]["value"], n)
-    return turns
 
 
 def forced_choice(

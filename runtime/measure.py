@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from runtime.llm import SamplingParams
 from runtime.profile import Profile, fit_line, now_iso, percentiles
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
 
 log = logging.getLogger("runtime")
 PROFILE_PROMPT = "Describe the picture in one short sentence."
@@ -47,21 +50,23 @@ def time_ms(fn: Any, warmup: int, runs: int) -> list[float]:
     return out
 
 
-def prefill_ms(pipe: Any, embeds: np.ndarray) -> float:
+def prefill_ms(pipe: Pipeline, embeds: np.ndarray) -> float:
     gen = pipe.decoder.start(embeds, SamplingParams(max_new_tokens=1))
     for _ in gen:
         pass
     return gen.prefill_ms
 
 
-def decode_ms_per_token(pipe: Any, embeds: np.ndarray, tokens: int) -> float:
+def decode_ms_per_token(pipe: Pipeline, embeds: np.ndarray, tokens: int) -> float:
     gen = pipe.decoder.start(embeds, SamplingParams(max_new_tokens=tokens))  # no stop tokens
     for _ in gen:
         pass
     return gen.decode_ms / max(1, gen.decode_steps)
 
 
-def measure(pipe: Any, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, image: Any = None) -> Profile:
+def measure(
+    pipe: Pipeline, warmup: int = 2, runs: int = 5, decode_tokens: int = 16, image: Any = None
+) -> Profile:
     """A Profile of `pipe` (a runtime.pipeline.Pipeline) on this device."""
     image = synthetic_image() if image is None else image
     pre = time_ms(lambda: pipe.prepare(image), warmup, runs)

@@ -25,8 +25,8 @@ import numpy as np
 
 from fmvr.config import FMVRConfig
 from fmvr.preprocess import Preprocessor
-from fmvr.template import Turn, render
-from fmvr.tokenizer import encode_segments, load_tokenizer
+from fmvr.template import Turn
+from fmvr.tokenizer import load_tokenizer, prompt_ids
 from runtime.answer import Answer, Request, Result, VisionPass, build_result, measured_ms
 from runtime.bundle import BundleError, Manifest, verify_bundle
 from runtime.frame_input import blank_input, resolve, vision_input
@@ -37,7 +37,6 @@ from runtime.images import (
     forced_choice,
     merge_features,
     per_image,
-    prompt_turns,
 )
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, at_budget
@@ -154,11 +153,8 @@ class Pipeline:
 
     def prompt_ids(self, prompt: str | Sequence[Turn], images: int = 1) -> list[int]:
         """Token ids of the rendered prompt with one placeholder per image (not yet expanded):
-        runtime.images.prompt_turns lays them out."""
-        turns = prompt_turns(prompt, images)
-        segs = render(self.manifest.template, turns, add_generation_prompt=True)
-        ids, _ = encode_segments(self.tokenizer, segs, self.special.get("bos"))
-        return ids
+        fmvr.template.prompt_turns lays them out."""
+        return prompt_ids(self.tokenizer, self.manifest.template, prompt, images, self.special.get("bos"))
 
     def preprocess(self, image: Any) -> np.ndarray:
         """Path, bytes or PIL image -> pixels [1, 3, S, S] (fmvr.preprocess.ImageError if unreadable)."""

@@ -236,9 +236,11 @@ def load_profile(bundle_dir: str | Path, info: dict[str, str], backend: str) -> 
 # ---- fitting -----------------------------------------------------------------------------------
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "n": len(samples)}
+def percentiles(samples: list[float], qs: tuple[int, ...] = (50, 90, 95)) -> dict[str, float]:
+    """{"p50": ..., "p90": ..., "p95": ..., "n": count} of samples (ms): the one quantile helper of
+    the runtime (profiles, the budget card, runtime latency)."""
+    values = np.percentile(np.asarray(samples, dtype=np.float64), qs)
+    return {**{f"p{q}": float(v) for q, v in zip(qs, values)}, "n": len(samples)}
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:

@@ -1,7 +1,9 @@
 """The import graph, read from the source: no circles between our modules, and each package
-imports only what DESIGN.md allows (fmvr <- train; fmvr, runtime <- export; runtime never
-imports train or export). Imports inside functions count: a lazy import that calls back is
-still a circle."""
+imports only what docs/DESIGN.md allows (fmvr <- train; fmvr, runtime <- export; runtime never
+imports train or export; the benchmark, fmvr.tasks, sits below all of them and never imports
+torch; runtime's core never imports its rooms, and the rooms never import each other).
+Imports inside functions count: a lazy import that calls back is still a circle. Imports under
+`if TYPE_CHECKING:` are for annotations only: they count for who may import whom, not as circles."""
 
 from __future__ import annotations
 
@@ -27,11 +29,28 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
+def type_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under an `if TYPE_CHECKING:` block."""
+    out = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.If)
+            and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+        ):
+            out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return out
+
+
+def import_graph(types: bool = True) -> dict[str, set[str]]:
+    """{module: our modules it imports}; types=False leaves out imports for annotations only."""
     mods = modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skip = set() if types else type_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -88,7 +107,51 @@ def test_cycle_finder_finds_a_circle():
 
 
 def test_no_import_circles():
-    assert cycles(import_graph()) == []
+    assert cycles(import_graph(types=False)) == []
+
+
+def test_type_only_imports_are_told_apart():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nimport b\n")
+    names = {
+        n.names[0].name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) in type_only(tree)
+    }
+    assert names == {"a"}
+
+
+ROOMS = ("runtime.serve", "runtime.ros", "runtime.tools")
+
+
+def room(module: str) -> str | None:
+    return next((r for r in ROOMS if module == r or module.startswith(r + ".")), None)
+
+
+def test_the_runtime_core_never_imports_a_room_and_rooms_not_each_other():
+    graph = import_graph()
+    assert {m for m in graph if room(m)} >= {"runtime.serve.server", "runtime.ros.node", "runtime.tools.card"}
+    bad = []
+    for m, ts in graph.items():
+        if not m.startswith("runtime.") or m == "runtime.__main__":  # the CLI dispatches to the rooms
+            continue
+        bad += [f"{m} imports {t}" for t in ts if room(t) and room(t) != room(m)]
+    assert bad == []
+
+
+def test_the_benchmark_is_below_train_and_runtime_and_torch_free():
+    tasks = sorted((ROOT / "fmvr" / "tasks").glob("*.py"))
+    assert len(tasks) >= 5
+    graph = import_graph()
+    for m, ts in graph.items():
+        if m.startswith("fmvr.tasks"):
+            assert ts <= {"fmvr.atomic"} | {t for t in ts if t.startswith("fmvr.tasks")}, (m, ts)
+    for path in tasks:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not [
+                n for n in names if n.split(".")[0] in ("torch", "transformers", "train", "runtime")
+            ], path
+    users = {m for m, ts in graph.items() for t in ts if t.startswith("fmvr.tasks")}
+    assert {"runtime.tools.card", "train.data", "train.eval"} <= users
 
 
 def test_packages_import_only_what_they_may():

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from runtime import card
 from runtime.__main__ import main
+from runtime.tools import card
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -72,11 +72,11 @@ def test_strict_deadline_miss_and_timeout_exit_1(bundle, image_file, capsys):
     assert rc == 1 and "timed out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spelling", [["--question", "What is it?"], ["--question=What is it?"]])
-def test_question_still_works_for_a_release_with_a_future_warning(bundle, image_file, capsys, spelling):
-    with pytest.warns(FutureWarning, match="--question is deprecated.*use --prompt"):
-        rc = ask(bundle, image_file, *spelling, "--tokens", "1", "--max-new-tokens", "2", "--json")
-    assert rc == 0 and json.loads(capsys.readouterr().out)[0]["budget"] == 1
+def test_the_old_question_spelling_is_refused(capsys):
+    """Nothing was released: `--question` (now --prompt) has no alias (CHANGELOG.md)."""
+    with pytest.raises(SystemExit) as e:
+        main(["ask", "--bundle", "b", "--image", "i.png", "--prompt", "p", "--question", "What is it?"])
+    assert e.value.code == 2 and "--question" in capsys.readouterr().err
 
 
 def test_help_lists_only_the_new_spelling(capsys):

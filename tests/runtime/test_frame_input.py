@@ -1,6 +1,6 @@
 """The runtime with a frame-input bundle (the default export): numpy frames go straight into the
 vision graph (no PIL), files are decoded without resizing, the PIL path stays as the exact option,
-bad frames are refused saying what to do, and `runtime bench` compares the two."""
+bad frames are refused saying what to do, and `runtime latency` compares the two."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_in_graph_pixels_are_exposed_for_checks(pipe, photo):
 
 
 def test_bench_compares_host_and_graph_preprocessing(pipe):
-    from runtime.bench import preprocess_comparison, preprocess_markdown
+    from runtime.tools.latency import preprocess_comparison, preprocess_markdown
 
     rep = preprocess_comparison(pipe, runs=1)
     assert rep["budget"] == 36 and pipe.preprocess_mode == "graph"  # restored afterwards

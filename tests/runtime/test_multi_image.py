@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmvr.template import user_turn
+from fmvr.template import prompt_turns, user_turn
 from fmvr.tokenizer import expand_image_tokens
-from runtime.images import ContextError, encode_images, prompt_turns
+from runtime.images import ContextError, encode_images
 from runtime.llm import SamplingParams
 from runtime.options import OptionsError
 from runtime.policy import DeadlineError, Policy, ladder
@@ -239,7 +239,7 @@ def parts(images: list[bytes], text: str = PROMPT) -> list[dict]:
 @pytest.fixture(scope="module")
 def server(pipe):
     pytest.importorskip("starlette")
-    from runtime.server import ServerConfig, make_server, start_in_thread
+    from runtime.serve.server import ServerConfig, make_server, start_in_thread
 
     srv = make_server(pipe, ServerConfig(host="127.0.0.1", port=0))
     thread = start_in_thread(srv)
@@ -380,7 +380,7 @@ def test_the_cli_says_what_is_wrong(cli_bundle, files, capsys, tmp_path):
 
 
 def test_the_batching_measurement_counts_calls_and_renders(pipe):
-    from runtime.batching import batching, to_markdown
+    from runtime.tools.batching import batching, to_markdown
 
     rows = batching(pipe, [1, 2], runs=1, tokens=9, width=64, height=48)
     assert [(r["n"], r["calls"]) for r in rows] == [(1, 1), (2, 1), (2, 2)]  # mixed sizes: a call each

@@ -29,7 +29,7 @@ def torch_answer(model, pipe, image: bytes, tokens: int) -> list[int]:
 
     ids = expand_image_tokens(pipe.prompt_ids(PROMPT), pipe.special["image"], tokens)
     pixels = torch.from_numpy(pipe.preprocess(image))  # [1, 3, S, S]
-    return model.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)
+    return model.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)[0]
 
 
 @pytest.mark.parametrize("tokens", BUDGETS)

@@ -28,7 +28,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from runtime.answer import Result  # noqa: E402
-from runtime.ros import AnswerNode, Settings, declare, main  # noqa: E402
+from runtime.ros.node import AnswerNode, Settings, declare, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # A domain of our own per run (other runs on this machine stay apart), discovery on localhost only.
@@ -320,7 +320,7 @@ def test_without_rclpy_it_says_how_to_install_it():
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'rclpy': raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from runtime.ros import main\n"
+        "from runtime.ros.node import main\n"
         "raise SystemExit(main(['--bundle', 'b']))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from runtime.server import ServerConfig, make_server, start_in_thread
+from runtime.serve.server import ServerConfig, make_server, start_in_thread
 
 openai = pytest.importorskip("openai")
 PROMPT = "What is in the picture?"

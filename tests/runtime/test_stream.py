@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runtime.stream import FrameStream, LatestFrame
+from runtime.ros.stream import FrameStream, LatestFrame
 
 
 class FakePipeline:

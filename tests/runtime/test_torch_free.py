@@ -1,4 +1,5 @@
-"""Every runtime module imports with torch and transformers made unimportable."""
+"""Every runtime module, and the built-in benchmark the budget card uses, imports and runs with
+torch and transformers made unimportable."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fmvr.tasks
 import runtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,9 +34,12 @@ print("imported", len(MODULES), "modules")
 
 
 def runtime_modules() -> list[str]:
-    names = [f"runtime.{m.name}" for m in pkgutil.iter_modules(runtime.__path__)]
-    assert {"runtime.pipeline", "runtime.server", "runtime.llm", "runtime.vision"} <= set(names)
-    return ["runtime", *sorted(names)]
+    names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "runtime.")]
+    assert {"runtime.pipeline", "runtime.serve.server", "runtime.ros.node", "runtime.tools.card"} <= set(
+        names
+    )
+    tasks = [m.name for m in pkgutil.walk_packages(fmvr.tasks.__path__, "fmvr.tasks.")]
+    return ["runtime", *sorted(n for n in names if not n.endswith("__main__")), "fmvr.tasks", *tasks]
 
 
 def test_runtime_imports_without_torch():
@@ -49,3 +54,20 @@ def test_the_blocker_blocks():
     code = "MODULES = ['torch']\n" + BLOCKER
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "blocked" in out.stderr
+
+
+def test_the_public_api_and_the_benchmark_work_without_torch():
+    """`from runtime import Pipeline, Frame, AskOptions` and the card's questions, torch blocked."""
+    run = (
+        "from runtime import AskOptions, Frame, Pipeline, Result\n"
+        "from runtime.tools.card import bench_questions\n"
+        "import numpy as np\n"
+        "qs = bench_questions(1, 0)\n"
+        "assert len(qs) == 5 and np.asarray(qs[0][0]).shape == (336, 336, 3)\n"
+        "assert Pipeline.__name__ == 'Pipeline' and AskOptions().latency_ms is None\n"
+        "print('answered', len(qs), Frame.__name__, Result.__name__)\n"
+    )
+    code = "MODULES = []\n" + BLOCKER + run
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "answered 5 Frame Result" in out.stdout

@@ -11,7 +11,7 @@ Publishes   answer (std_msgs/String): JSON with the answer, question, mode, budg
             age_ms (node clock - stamp, when answered), frames dropped / received / rejected so far;
             "error" instead of "answer" when a question could not be answered.
 
-Callbacks only `put` into runtime.stream's one-frame mailbox (a burst never queues: the newest frame
+Callbacks only `put` into runtime.ros.stream's one-frame mailbox (a burst never queues: the newest frame
 replaces an unanswered one, counted as dropped); answers run in worker threads. Each flag is a ROS
 parameter too (--latency-ms -> latency_ms): the flag sets its default, `--ros-args -p` wins. rclpy
 is imported in main() only: ROS 2 from /opt/ros/<distro>, or the `ros` extra (PyPI wheels).
@@ -28,13 +28,16 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fmvr.frames import ENCODINGS, Frame
 from runtime.options import OBJECTIVES, AskOptions
 from runtime.policy import DeadlineError
-from runtime.stream import FrameStream, StreamAnswer
+from runtime.ros.stream import FrameStream, StreamAnswer
 from runtime.vision import BACKENDS
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
 
 APT = "with ROS 2 from apt (Humble, Jazzy): source /opt/ros/<distro>/setup.bash"
 INSTALL = f"install the ROS extra: make ros (x86-64 CPython 3.11 wheels from PyPI), or {APT}"
@@ -293,7 +296,7 @@ class AnswerNode:
         )
 
 
-def profile_lines(pipe: Any, s: Settings) -> list[str]:
+def profile_lines(pipe: Pipeline, s: Settings) -> list[str]:
     """The backend and the latency profile, as logged at start."""
     power = pipe.device.get("power_mode")
     lines = [

@@ -1,10 +1,10 @@
-"""`python -m runtime bench`: the load runs at several concurrencies and the promise check."""
+"""`python -m runtime latency`: the load runs at several concurrencies and the promise check."""
 
 from __future__ import annotations
 
 import json
 
-from runtime.bench import load_check, run_bench
+from runtime.tools.latency import load_check, run_latency
 
 
 def _run(config: str, deadline: float, met: float, budget: float) -> dict:
@@ -37,12 +37,12 @@ def test_bench_runs_one_load_run_per_concurrency(tiny_bundle, tmp_path):
 
     # its own pipeline: the bench measures a profile into it, which the shared `pipe` must not get
     pipe = Pipeline.load(tiny_bundle, threads=1)
-    rep = run_bench(pipe, tmp_path, runs=1, requests=3, concurrency=(1, 2))
+    rep = run_latency(pipe, tmp_path, runs=1, requests=3, concurrency=(1, 2))
     assert [load["concurrency"] for load in rep["load"]] == [1, 2]
     for load in rep["load"]:
         assert len(load["check"]) == len(load["deadlines_ms"]) == 3
         assert {r["config"] for r in load["runs"]} == {"policy", *(f"fixed {t}" for t in pipe.budgets)}
-    saved = json.loads((tmp_path / "runtime_bench.json").read_text())
+    saved = json.loads((tmp_path / "latency.json").read_text())
     assert [load["concurrency"] for load in saved["load"]] == [1, 2]
-    md = (tmp_path / "runtime_bench.md").read_text()
+    md = (tmp_path / "latency.md").read_text()
     assert "1 concurrent clients" in md and "2 concurrent clients" in md and md.count("| kept |") == 2

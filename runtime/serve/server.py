@@ -7,7 +7,7 @@ POST /v1/chat/completions (text + one or more image_url data URIs; `stream: true
 ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (prometheus-client).
 
 How a request runs. Its body is read up to max_body_bytes (413 past it) and validated by the
-pydantic model of runtime.api off the event loop (400 naming the field). Admission counts the
+pydantic model of runtime.serve.api off the event loop (400 naming the field). Admission counts the
 requests running or waiting: past max_concurrency + max_queue a request gets 429 at once; a
 waiting one gets a slot within queue_timeout_s or a 503. The pipeline (synchronous, CPU-bound)
 runs on a pool of max_concurrency threads; its text deltas reach the client through Starlette's
@@ -43,13 +43,13 @@ try:
 except ImportError as e:  # the base runtime does not carry the server's dependencies
     raise ImportError(f'the server needs its extra: pip install "fmvr-edge[serve]" ({e})') from e
 
-from runtime import api
 from runtime.images import ContextError
 from runtime.llm import GenerationTimeout
 from runtime.options import OptionsError
 from runtime.policy import DeadlineError
+from runtime.serve import api
 
-log = logging.getLogger("runtime.server")
+log = logging.getLogger("runtime.serve.server")
 Event = tuple[str, Any]  # ("delta", str) | ("done", Result) | ("error", ApiError), worker -> loop
 
 

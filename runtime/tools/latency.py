@@ -1,4 +1,4 @@
-"""`python -m runtime bench --bundle B`: what the budgets buy on this device.
+"""`python -m runtime latency --bundle B`: what the budgets buy on this device.
 
 1. TTFT per budget (median of `runs`) against the FLOPs ratio of fmvr.flops: how close
    TTFT(T)/TTFT(576) comes to the compute ratio (the physical limit).
@@ -10,9 +10,9 @@
    bundle, --preprocess graph): ms per request on the host and in the graph, and TTFT at 36
    tokens, for a JPEG request and a raw camera frame (numpy).
 4. Several frames per request (N = 1, 2, 4, 6 camera frames at 36 tokens each): one batched
-   vision pass vs N single passes, and the N-frame request's TTFT (runtime.batching).
+   vision pass vs N single passes, and the N-frame request's TTFT (runtime.tools.batching).
 
-Writes runtime_bench.json, runtime_bench.md and runtime_bench.png under --out.
+Writes latency.json, latency.md and latency.png under --out.
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fmvr.atomic import open_atomic, write_json, write_text
-from runtime.batching import batching as _batching
-from runtime.batching import to_markdown as to_markdown_batching
 from runtime.measure import synthetic_image, time_ms
+from runtime.tools.batching import batching as _batching
+from runtime.tools.batching import to_markdown as to_markdown_batching
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
 
 PROMPT = "What is in the picture? Answer the question using a single word or phrase."
 
 
-def ttft_per_budget(pipe: Any, image: Any, runs: int) -> list[dict[str, Any]]:
+def ttft_per_budget(pipe: Pipeline, image: Any, runs: int) -> list[dict[str, Any]]:
     from fmvr.flops import budget_table
 
     text = len(pipe.prompt_ids(PROMPT)) - 1
@@ -61,7 +64,7 @@ def ttft_per_budget(pipe: Any, image: Any, runs: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _load(pipe: Any, image: Any, n: int, concurrency: int, **kw: Any) -> list[Any]:
+def _load(pipe: Pipeline, image: Any, n: int, concurrency: int, **kw: Any) -> list[Any]:
     """n requests from `concurrency` threads; results in completion order."""
     results: list[Any] = []
     lock = threading.Lock()
@@ -97,7 +100,9 @@ def _summary(name: str, deadline: float, rs: list[Any], wall: float) -> dict[str
     }
 
 
-def policy_under_load(pipe: Any, image: Any, rows: list[dict[str, Any]], n: int, concurrency: int) -> dict:
+def policy_under_load(
+    pipe: Pipeline, image: Any, rows: list[dict[str, Any]], n: int, concurrency: int
+) -> dict:
     """Deadlines from the single-request TTFTs (tight: the middle budget's; loose: the largest's
     x1.5); under load every request is slower, so the policy must trade budget for time."""
     by_t = {r["budget"]: r["ttft_ms"] for r in rows}
@@ -117,7 +122,7 @@ def policy_under_load(pipe: Any, image: Any, rows: list[dict[str, Any]], n: int,
     return out
 
 
-def preprocess_comparison(pipe: Any, runs: int) -> dict[str, Any]:
+def preprocess_comparison(pipe: Pipeline, runs: int) -> dict[str, Any]:
     """Host (PIL) vs graph preprocessing per request: host ms (decode / pad + resize on the CPU),
     in-graph ms (the graph's pixels output alone, onnxruntime backends), TTFT at 36 tokens."""
     import io
@@ -142,7 +147,7 @@ def preprocess_comparison(pipe: Any, runs: int) -> dict[str, Any]:
     return {"budget": t, "rows": rows, "note": note}
 
 
-def _preprocess_times(pipe: Any, image: Any, tokens: int, runs: int) -> dict[str, Any]:
+def _preprocess_times(pipe: Pipeline, image: Any, tokens: int, runs: int) -> dict[str, Any]:
     host = statistics.median(time_ms(lambda: pipe.prepare(image), 2, runs))
     x = pipe.prepare(image)  # what the graph takes
     pixels = getattr(pipe.vision, "pixels", None) if pipe.manifest.vision.frame_input else None
@@ -152,7 +157,7 @@ def _preprocess_times(pipe: Any, image: Any, tokens: int, runs: int) -> dict[str
     return {"host_ms": host, "in_graph_ms": in_graph, f"ttft_{tokens}_ms": ttft}
 
 
-def multi_frame(pipe: Any, runs: int) -> dict[str, Any]:
+def multi_frame(pipe: Pipeline, runs: int) -> dict[str, Any]:
     """N = 1, 2, 4, 6 camera frames 640x480: batched vs single vision passes, N-frame TTFT."""
     t = 36 if 36 in pipe.budgets else pipe.budgets[len(pipe.budgets) // 2]
     return {"tokens": t, "rows": _batching(pipe, [1, 2, 4, 6], runs, t, 640, 480)}
@@ -312,8 +317,8 @@ def _load_panel(b: Any, load: dict[str, Any]) -> None:
     b.legend(fontsize=7)
 
 
-def run_bench(
-    pipe: Any, out: Path, runs: int = 5, requests: int = 40, concurrency: Sequence[int] = (1, 2, 4)
+def run_latency(
+    pipe: Pipeline, out: Path, runs: int = 5, requests: int = 40, concurrency: Sequence[int] = (1, 2, 4)
 ) -> dict[str, Any]:
     image = synthetic_image()
     print("measuring a fresh profile (this run's threads and load; not saved)")
@@ -331,12 +336,12 @@ def run_bench(
         "multi_frame": multi_frame(pipe, runs),
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "runtime_bench.json", rep, sort_keys=True)
+    write_json(out / "latency.json", rep, sort_keys=True)
     md = to_markdown(rep)
-    write_text(out / "runtime_bench.md", md)
-    made = ["runtime_bench.json", "runtime_bench.md"]
-    if plot(rep, out / "runtime_bench.png"):
-        made.append("runtime_bench.png")
+    write_text(out / "latency.md", md)
+    made = ["latency.json", "latency.md"]
+    if plot(rep, out / "latency.png"):
+        made.append("latency.png")
     print(md)
     print(f"wrote {', '.join(str(out / m) for m in made)}")
     print(f"next: python -m runtime serve --bundle {pipe.bundle_dir}")

@@ -1,6 +1,6 @@
 """Several frames per request: one batched vision pass vs N single passes, on this device.
 
-    python -m runtime.batching --bundle B [--frames 1,2,4,6] [--runs 10] [--tokens 36] [--size 640x480]
+    python -m runtime.tools.batching --bundle B [--frames 1,2,4,6] [--runs 10] [--tokens 36] [--size 640x480]
                                [--threads 1] [--preprocess auto|graph|host]
 
 For each N: the median ms of the vision pass for N same-size camera frames as one batch
@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime.frame_input import PREPROCESS
 from runtime.images import encode_images
 from runtime.measure import time_ms
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
 
 PROMPT = "What changed between the frames?"
 
@@ -32,7 +35,7 @@ def camera_frames(n: int, width: int, height: int, seed: int = 0) -> list[np.nda
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def batching(pipe: Any, ns: list[int], runs: int, tokens: int, width: int, height: int) -> list[dict]:
+def batching(pipe: Pipeline, ns: list[int], runs: int, tokens: int, width: int, height: int) -> list[dict]:
     """One row per N (and a mixed-size row at the largest N): batched and single ms, TTFT."""
     xs = [pipe.prepare(f) for f in camera_frames(max(ns), width, height)]  # [1, ...] each
     rows = [_row(pipe, xs[:n], tokens, runs, f"{n} x {width}x{height}") for n in ns]
@@ -43,7 +46,7 @@ def batching(pipe: Any, ns: list[int], runs: int, tokens: int, width: int, heigh
     return rows
 
 
-def _row(pipe: Any, xs: list[np.ndarray], tokens: int, runs: int, name: str) -> dict[str, Any]:
+def _row(pipe: Pipeline, xs: list[np.ndarray], tokens: int, runs: int, name: str) -> dict[str, Any]:
     ts = [tokens] * len(xs)
     _, calls = encode_images(pipe.vision, xs, ts)
     batched = statistics.median(time_ms(lambda: encode_images(pipe.vision, xs, ts), 2, runs))
@@ -90,7 +93,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.batching", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m runtime.tools.batching", description=__doc__)
     ap.add_argument("--bundle", required=True, help="bundle directory")
     ap.add_argument("--backend", default="auto", help="vision backend (as `runtime ask --backend`)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")

@@ -26,13 +26,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fmvr.atomic import write_bytes, write_text
 from fmvr.tasks import CATEGORIES as TASK_CATEGORIES
-from runtime.profile import Profile, ProfileError, load_profile, now_iso
+from runtime.profile import Profile, ProfileError, load_profile, now_iso, percentiles
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
 
 CARD_SCHEMA = 1
 STAGES = ("preprocess", "vision", "prefill", "decode_per_token")
@@ -45,9 +48,8 @@ LINE_COLOURS = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"
 
 
 def quantiles(samples: list[float], source: str = "measured") -> dict[str, Any]:
-    a = np.asarray(samples, dtype=np.float64)
-    p50, p95 = np.percentile(a, [50, 95])
-    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4), "n": len(samples), "source": source}
+    """p50 and p95 of samples (runtime.profile.percentiles), with where they came from."""
+    return {**percentiles(samples, (50, 95)), "source": source}
 
 
 def profile_stats(profile: Profile, budgets: list[int], text_tokens: int) -> dict[int, dict[str, Any]]:
@@ -66,7 +68,7 @@ def profile_stats(profile: Profile, budgets: list[int], text_tokens: int) -> dic
     return out
 
 
-def measure_samples(pipe: Any, warmup: int, runs: int, decode_tokens: int) -> dict[int, dict[str, list]]:
+def measure_samples(pipe: Pipeline, warmup: int, runs: int, decode_tokens: int) -> dict[int, dict[str, list]]:
     """Per budget and stage, `runs` samples (ms) with runtime.measure's frame, prompt and timers."""
     from runtime.measure import PROFILE_PROMPT, decode_ms_per_token, prefill_ms, synthetic_image, time_ms
 
@@ -89,7 +91,7 @@ def measure_samples(pipe: Any, warmup: int, runs: int, decode_tokens: int) -> di
     return out
 
 
-def timings(pipe: Any, profile: Profile, warmup: int, runs: int, decode_tokens: int) -> dict[int, dict]:
+def timings(pipe: Pipeline, profile: Profile, warmup: int, runs: int, decode_tokens: int) -> dict[int, dict]:
     """Per budget, {stage: {p50, p95, n, source}}: the profile's where it has them, else measured."""
     from runtime.measure import PROFILE_PROMPT
 
@@ -126,7 +128,7 @@ def bench_questions(n: int, seed: int) -> list[Question]:
     return out
 
 
-def evaluate(pipe: Any, questions: list[Question]) -> dict[int, dict]:
+def evaluate(pipe: Pipeline, questions: list[Question]) -> dict[int, dict]:
     """Accuracy per budget and category: each question through pipe.ask at each forced budget, greedy."""
     from fmvr.tasks import score
 
@@ -304,7 +306,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("--profile-if-missing", action="store_true", help=missing)
 
 
-def _load_profile(pipe: Any, args: argparse.Namespace) -> Profile:
+def _load_profile(pipe: Pipeline, args: argparse.Namespace) -> Profile:
     try:
         return load_profile(pipe.bundle_dir, pipe.device, pipe.vision.name)
     except ProfileError as e:
@@ -313,7 +315,7 @@ def _load_profile(pipe: Any, args: argparse.Namespace) -> Profile:
     return pipe.measure_profile(warmup=args.warmup, runs=args.runs)
 
 
-def _accuracy(pipe: Any, args: argparse.Namespace) -> tuple[dict | None, dict]:
+def _accuracy(pipe: Pipeline, args: argparse.Namespace) -> tuple[dict | None, dict]:
     meta = {"split": SPLIT, "bench_n": args.bench_n, "seed": args.bench_seed, "max_new_tokens": ANSWER_TOKENS}
     if args.accuracy:
         acc, note = accuracy_from_file(args.accuracy, list(pipe.budgets))
@@ -333,7 +335,7 @@ def _accuracy(pipe: Any, args: argparse.Namespace) -> tuple[dict | None, dict]:
     return acc, {**meta, "source": "runtime", "note": note}
 
 
-def run(pipe: Any, args: argparse.Namespace) -> int:
+def run(pipe: Pipeline, args: argparse.Namespace) -> int:
     """`python -m runtime card`: measure, evaluate, write the card, print where it went."""
     from runtime.measure import PROFILE_PROMPT
 
