@@ -25,7 +25,6 @@ from pathlib import Path
 
 from export.common import USER_ERRORS, ExportError, Source, load_source, parse_tokens
 from export.options import EXPORTERS, PREPROCESS, QUANTS, TARGETS, LLMOptions, VisionOptions
-from fmvr.cli import renamed_flags
 from runtime.bundle import LAYOUTS
 
 ASK = 'python -m runtime ask --bundle {out} --image photo.jpg --prompt "What is in the picture?"'
@@ -137,7 +136,7 @@ def export_main(argv: list[str] | None = None) -> int:
     """`python -m export`: vision graphs + decoder + tokenizer; --llm is the old --quant."""
     from export.build import build_bundle, print_summary
 
-    args = export_parser().parse_args(renamed_flags(argv, {"--llm": "--quant"}))
+    args = export_parser().parse_args(argv)
     try:
         vision, llm = vision_options(args), llm_options(args)
         src = source(args)

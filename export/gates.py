@@ -256,13 +256,11 @@ def engine_gate(bundle: Path, m: Manifest, tokens: int, max_batch: int, opt_batc
 # ---- LLM ---------------------------------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer: Any, template: str, bos_id: int | None) -> list[list[int]]:
-    """The fixed prompt set, text only (the image placeholder removed)."""
-    from fmvr.template import IMAGE_TOKEN, prompt_text
+def text_prompts(tokenizer: Any, template: str, bos_id: int | None) -> list[list[int]]:
+    """The fixed prompt set, text only (no image placeholder)."""
+    from fmvr.tokenizer import prompt_ids
 
-    texts = [prompt_text(template, q).replace(IMAGE_TOKEN + "\n", "") for q in QUESTIONS]
-    bos = [] if bos_id is None else [bos_id]
-    return [[*bos, *tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
+    return [prompt_ids(tokenizer, template, q, 0, bos_id) for q in QUESTIONS]
 
 
 def torch_logits(lm: Any, ids: list[int]) -> np.ndarray:
@@ -273,25 +271,13 @@ def torch_logits(lm: Any, ids: list[int]) -> np.ndarray:
 
 
 def torch_greedy(lm: Any, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
-    """transformers' greedy decoding with its KV cache (n tokens, no eos stop)."""
+    """transformers' forward with its KV cache through fmvr.model.decode (n tokens, no eos stop)."""
     import torch
 
-    out: list[int] = []
-    with torch.no_grad():
-        emb = lm.get_input_embeddings()(torch.tensor([ids]))  # [1, S, H]
-        mask = torch.ones(1, len(ids), dtype=torch.long)
-        res = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True)
-        for _ in range(n):
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)  # [1, P+1]
-            res = lm(
-                input_ids=torch.tensor([[nxt]]),
-                attention_mask=mask,
-                past_key_values=res.past_key_values,
-                use_cache=True,
-            )
-    return out
+    from fmvr.model import decode
+
+    emb = lm.get_input_embeddings()(torch.tensor([ids]))  # [1, S, H]
+    return decode(lm, emb, torch.ones(1, len(ids), dtype=torch.long), None, n, eos_id=None)[0]
 
 
 def runtime_greedy(dec: Any, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
@@ -338,7 +324,7 @@ def llm_gate(root: Path, section: LLMSection, model: Any, tokenizer: Any, target
             "rerun the export where it is available",
         }
     dec = load_decoder(root, section, provider, cfg.text.max_position_embeddings)
-    prompts = prompt_ids(tokenizer, cfg.template, cfg.bos_id)
+    prompts = text_prompts(tokenizer, cfg.template, cfg.bos_id)
     floor = quantization(section.quant).floor
     rec: dict[str, Any] = {
         "status": "measured",

@@ -39,15 +39,15 @@ def save_checkpoint(
     path: str | Path,
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write `model` (+ tokenizer, extra) as a checkpoint directory at `path`; returns the path.
 
-    Refuses an existing path unless overwrite=True (and then only one that is a checkpoint).
+    Refuses an existing path unless force=True (and then only one that is a checkpoint).
     Nothing appears at `path` unless every file was written.
     """
     path = Path(path)
-    _check_target(path, overwrite)
+    _check_target(path, force)
     state, tied = split_tied(model.state_dict())
     meta = {"format": "pt", "fmvr_config_hash": model.cfg.hash(), TIED_META: json.dumps(tied, sort_keys=True)}
     extra_text = _extra_json(extra) if extra is not None else None
@@ -93,13 +93,11 @@ def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, tied
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
+def _check_target(path: Path, force: bool) -> None:
     if not path.exists():
         return
-    if not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass overwrite=True to replace it, or choose a new path"
-        )
+    if not force:
+        raise FileExistsError(f"{path} already exists; pass force=True to replace it, or choose a new path")
     if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
         raise FileExistsError(
             f"{path} exists and is not an FMVR checkpoint directory; refusing to replace it"

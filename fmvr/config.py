@@ -221,7 +221,7 @@ class FMVRConfig:
     # the LM's word-embedding RMS (fmvr.model.VisualNorm). Off for the released LLaVA/FMVR
     # layouts and by default; `python -m train --visual-norm` turns it on for a fresh model (on
     # `small` the FMVR outputs otherwise reach norms ~1e4 at 9 tokens, word embeddings ~3;
-    # benchmarks/results/recipe_experiments_small.md, experiment C, for what it did).
+    # dev/results/recipe_experiments_small.md, experiment C, for what it did).
     visual_norm: bool = False
     # Declared budgets; each must be in the cascade of the grid (validated, never rounded).
     budgets: tuple[int, ...] = (576, 144, 36, 9, 1)

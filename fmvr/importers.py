@@ -385,14 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         "--base-preset", default="llava-1.5-7b", help="authors: preset for what their config lacks"
     )
     ap.add_argument("--strict", action="store_true", help="fail on unexpected source weights")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    ap.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     args = ap.parse_args(argv)
     if args.layout == "llava-hf":
         model, report = import_llava_hf(args.source, pyramid=args.pyramid, strict=args.strict)
     else:
         model, report = import_authors(args.source, base=preset(args.base_preset), strict=args.strict)
     tok = args.source / TOKENIZER_FILE
-    save_checkpoint(model, args.out, tokenizer=tok if tok.is_file() else None, overwrite=args.overwrite)
+    save_checkpoint(model, args.out, tokenizer=tok if tok.is_file() else None, force=args.force)
     print(report.summary())
     print(
         f"wrote {args.out} (budgets {list(model.cfg.budgets)}, tokenizer {'copied' if tok.is_file() else 'none'})"

@@ -8,6 +8,8 @@ pixels [B,3,H,W] -> tower grid features (fmvr.towers)  [B,N,Dv] (Dv = vision.hid
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -177,41 +179,81 @@ class FMVRLlava(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         input_ids: torch.Tensor,
         tokens: int,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[int]:
-        """Answer ids for one image [1,3,H,W] and one prompt [1,S] (placeholders expanded).
-
-        Greedy when temperature == 0, else temperature + top-p sampling with `seed`.
-        Stops at eos (not returned) or after max_new_tokens.
-        """
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> list[list[int]]:
+        """Answer ids per row of input_ids [B, S] (placeholders expanded to `tokens`, left-padded
+        where attention_mask [B, S] is 0), the images given as pixels [B*n, 3, H, W] or as their
+        visual tokens image_features [B*n, T, D]. Greedy when temperature == 0, else temperature +
+        top-p sampling with `seed`. Each row stops at eos (not returned) or after max_new_tokens."""
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or image_features")
+            image_features = self.encode_image(pixel_values, tokens)  # [B*n, T, D]
+        embeds = self.embed(input_ids, image_features)  # [B, S, D]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        feats = self.encode_image(pixel_values, tokens)
-        embeds = self.embed(input_ids, feats)  # [1, S, D]
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-        past, answer = out.past_key_values, []
-        for _ in range(max_new_tokens):
-            nxt = pick_token(out.logits[0, -1], temperature, top_p, gen)
-            if nxt == self.cfg.eos_token_id:
-                break
-            answer.append(nxt)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            out = self.language_model(
-                input_ids=torch.tensor([[nxt]]), attention_mask=mask, past_key_values=past, use_cache=True
-            )
-            past = out.past_key_values
-        return answer
+        return decode(
+            self.language_model,
+            embeds,
+            mask,
+            None,
+            max_new_tokens,
+            self.cfg.eos_token_id,
+            temperature,
+            top_p,
+            gen,
+        )
 
     def trainable(self, parts: tuple[str, ...]) -> None:
         """Freeze everything but `parts` (names of submodules: projector, pyramid, language_model)."""
         for name, p in self.named_parameters():
             p.requires_grad_(name.split(".")[0] in parts)
+
+
+@torch.no_grad()
+def decode(
+    lm: nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    past: Any = None,
+    max_new_tokens: int = 32,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    gen: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The one torch decoding loop (the model's generate, train.eval, export's gates): new ids per
+    row after embeds [B, S, D] under mask [B, P+S] (0 = left padding; P = the cached length of
+    `past`), positions counted over real tokens only. A row stops at eos_id (not returned);
+    eos_id None: always max_new_tokens."""
+    rows = embeds.shape[0]
+    answers: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for _ in range(max_new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -embeds.shape[1] :]  # [B, S] positions over real tokens
+        out = lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        nxt = [pick_token(out.logits[r, -1], temperature, top_p, gen) for r in range(rows)]
+        for r, token in enumerate(nxt):
+            if not done[r]:
+                done[r] = token == eos_id
+                if not done[r]:
+                    answers[r].append(token)
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)  # [B, P+S+1]
+        embeds = lm.get_input_embeddings()(torch.tensor(nxt)[:, None])  # [B, 1, D]
+    return answers
 
 
 def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

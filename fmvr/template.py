@@ -40,9 +40,31 @@ def render(template: str, turns: Sequence[Turn], add_generation_prompt: bool = F
     raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
 
-def prompt_text(template: str, question: str, images: int = 1) -> str:
-    """The inference prompt for one question about `images` images, as one string."""
-    turns = [user_turn(question, images)]
+def prompt_turns(prompt: str | Sequence[Turn], n: int) -> list[Turn]:
+    """The conversation with exactly `n` image placeholders (n = 0: a text-only prompt): a
+    question gets `<image>\\n` x n in front; turns keep the placeholders they hold when that is n, and get n in front of the first
+    human turn when they hold none; any other count is a ValueError."""
+    if isinstance(prompt, str):
+        return [user_turn(prompt, n) if n else {"from": "human", "value": prompt}]
+    turns = list(prompt)
+    found = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns if t.get("from") == "human")
+    if found == n:
+        return turns
+    if found:
+        raise ValueError(
+            f"the prompt holds {found} {IMAGE_TOKEN} placeholder(s) but {n} image(s) were given: put one "
+            f"{IMAGE_TOKEN} per image where it belongs, or none (then all go before the first question)"
+        )
+    first = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
+    if first is None:
+        raise ValueError("the conversation has no human turn to carry the image(s)")
+    turns[first] = user_turn(turns[first]["value"], n)
+    return turns
+
+
+def prompt_text(template: str, prompt: str | Sequence[Turn], images: int = 1) -> str:
+    """The inference prompt for a question (or LLaVA turns) about `images` images, as one string."""
+    turns = prompt_turns(prompt, images)
     return "".join(text for text, _ in render(template, turns, add_generation_prompt=True))
 
 

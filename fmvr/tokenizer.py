@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fmvr.template import EOS_TEXT, IMAGE_TOKEN, VICUNA_SYSTEM, Segment
+from fmvr.template import EOS_TEXT, IMAGE_TOKEN, VICUNA_SYSTEM, Segment, Turn, prompt_turns, render
 
 IGNORE_INDEX = -100
 # Fixed ids of the tiny tokenizer (fmvr.config.TINY uses them).
@@ -106,6 +106,17 @@ def encode_segments(
         ids.append(token_id)
         target.append(segments[bisect_right(ends, start)][1])
     return ids, target
+
+
+def prompt_ids(
+    tok: Tokenizer, template: str, prompt: str | Sequence[Turn], images: int = 1, bos_id: int | None = None
+) -> list[int]:
+    """Inference prompt ids: a question (or LLaVA turns) with one `<image>` placeholder per image,
+    not yet expanded to the budget, rendered with the generation prompt. The one path from a
+    prompt to ids: the runtime's pipeline, train.eval and export's quality gates all call it,
+    and training's `encode_segments` gives the same ids for the same text."""
+    segments = render(template, prompt_turns(prompt, images), add_generation_prompt=True)
+    return encode_segments(tok, segments, bos_id)[0]
 
 
 def expand_image_tokens(

@@ -28,7 +28,7 @@ say "2/4 training on the built-in benchmark (cached in $OUT)"
 # each cell: " red" + " triangle") at the 36- and 9-token budgets, no LM pass (train/ground.py); stage 2:
 # LoRA on the questions at 144/36/9 tokens (one budget a step), projector nearly frozen; both carry over
 # to 576. Grounding all five budgets carried over to 576 less; LoRA at 36/9 alone carried over less
-# reliably than with 144 in the mix (+5 % time): benchmarks/results/recipe_experiments_small.md
+# reliably than with 144 in the mix (+5 % time): dev/results/recipe_experiments_small.md
 "$PY" -m train --preset small --stage ground --out "$OUT/ground" --steps "$GROUND_STEPS" --batch-size 32 \
     --bench-n 600 --lr 1e-3 --tokens 36,9 "$BF16" --skip-if-done
 "$PY" -m train --stage stage2 --init "$OUT/ground/final" --out "$OUT/train" --steps "$STEPS" --batch-size 8 \

@@ -21,16 +21,9 @@ import numpy as np
 import torch
 
 from fmvr import atomic
-from fmvr.cli import parse_tokens, renamed_flags
-from fmvr.template import prompt_text
-from fmvr.tokenizer import expand_image_tokens
-
-
-def prompt_ids(tok, cfg, question: str, images: int = 1) -> list[int]:
-    """Inference prompt ids with one placeholder per image (question may carry '<image>\\n')."""
-    text = prompt_text(cfg.template, question, images)
-    bos = [] if cfg.bos_id is None else [cfg.bos_id]
-    return bos + tok.encode(text, add_special_tokens=False).ids
+from fmvr.cli import parse_tokens
+from fmvr.model import decode
+from fmvr.tokenizer import expand_image_tokens, prompt_ids
 
 
 @torch.no_grad()
@@ -52,8 +45,7 @@ def generate_batch(
     for r, row in enumerate(rows):
         ids[r, width - len(row) :] = torch.tensor(row)
         mask[r, width - len(row) :] = 1
-    embeds = model.embed(ids, feats)  # [B, S, D]
-    return _greedy(model, embeds, mask, None, max_new_tokens)
+    return model.generate(None, ids, tokens, max_new_tokens, attention_mask=mask, image_features=feats)
 
 
 def split_at_image(ids: Sequence[int], image_token_id: int) -> tuple[list[int], list[int]]:
@@ -95,37 +87,8 @@ def generate_shared(
     for r, row in enumerate(suffixes):
         ids[r, width - len(row) :] = torch.tensor(row)
         mask[r, head.shape[1] : head.shape[1] + width - len(row)] = 0  # padding between prefix and question
-    return _greedy(model, lm.get_input_embeddings()(ids), mask, past, max_new_tokens)
-
-
-def _greedy(model, step_embeds, mask, past, max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding from embeddings [B, S, D] after an optional cache; stops at eos."""
-    cfg, lm = model.cfg, model.language_model
-    rows = step_embeds.shape[0]
-    answers: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_embeds.shape[1] :]  # positions over real tokens
-        out = lm(
-            inputs_embeds=step_embeds,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)  # [B]
-        for r in range(rows):
-            if not done[r]:
-                if int(nxt[r]) == cfg.eos_token_id:
-                    done[r] = True
-                else:
-                    answers[r].append(int(nxt[r]))
-        if done.all():
-            break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        step_embeds = lm.get_input_embeddings()(nxt[:, None])  # [B, 1, D]
-    return answers
+    embeds = lm.get_input_embeddings()(ids)  # [b*q, L, D]
+    return decode(lm, embeds, mask, past, max_new_tokens, cfg.eos_token_id)
 
 
 @torch.no_grad()
@@ -155,7 +118,12 @@ def evaluate_bench(
         pix = torch.from_numpy(pre([tasks.render_scene(s) for s in chunk]))  # [b, 3, S, S]
         visual = model.encode_budgets(pix, tuple(budgets))  # {T: [b, T, D]}
         qs = [(j, c, q, a) for j, s in enumerate(chunk) for c, q, a in s.questions]  # image-major
-        parts = [split_at_image(prompt_ids(tok, model.cfg, q), model.cfg.image_token_id) for _, _, q, _ in qs]
+        parts = [
+            split_at_image(
+                prompt_ids(tok, model.cfg.template, q, 1, model.cfg.bos_id), model.cfg.image_token_id
+            )
+            for _, _, q, _ in qs
+        ]
         prefix = parts[0][0]
         if any(p != prefix for p, _ in parts):
             raise ValueError("benchmark prompts differ before the image placeholder")
@@ -201,7 +169,7 @@ def _evaluate_clips(model, tok, pre, budgets, clips, batch: int, hits, samples) 
         qs = [(c, q, a) for clip in chunk for c, q, a in clip.questions]
         if len(qs) != len(chunk):
             raise ValueError("a clip is scored on one question")
-        prompts = [prompt_ids(tok, model.cfg, q, images=2) for _, q, _ in qs]
+        prompts = [prompt_ids(tok, model.cfg.template, q, 2, model.cfg.bos_id) for _, q, _ in qs]
         for t in budgets:
             answers = generate_batch(model, prompts, visual[t], t, images=2)
             for clip, (c, q, a), ids in zip(chunk, qs, answers):
@@ -251,7 +219,11 @@ def answer_file(model, tok, questions: str, image_folder: str, out: str, tokens:
             pix = torch.from_numpy(pre(str(Path(image_folder) / rec["image"])))  # [1, 3, S, S]
             feats = model.encode_image(pix, tokens)  # [1, T, D]
             ids = generate_batch(
-                model, [prompt_ids(tok, model.cfg, question)], feats, tokens, max_new_tokens=64
+                model,
+                [prompt_ids(tok, model.cfg.template, question, 1, model.cfg.bos_id)],
+                feats,
+                tokens,
+                max_new_tokens=64,
             )[0]
             qid = rec.get("question_id", rec.get("id", k))
             row = {
@@ -264,12 +236,6 @@ def answer_file(model, tok, questions: str, image_folder: str, out: str, tokens:
             }
             f.write(json.dumps(row) + "\n")
     return len(records)
-
-
-RENAMED_FLAGS = {
-    "--ckpt": "--checkpoint",
-    "--budgets": "--tokens",
-}  # renamed in 0.2, accepted for one release
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -304,7 +270,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
     p.add_argument("--answers-file", default="answers.jsonl", help="where to write the answers (JSON Lines)")
-    return p.parse_args(renamed_flags(argv, RENAMED_FLAGS))
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

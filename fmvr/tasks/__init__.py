@@ -1,6 +1,6 @@
 """The built-in visual benchmark: synthetic scenes, deterministic from a seed, no download.
 Torch-free (numpy, PIL and scikit-learn's bundled digits), so train/, runtime/ (the budget
-card) and benchmarks/ all import it. `python -m fmvr.tasks` writes it in LLaVA format.
+card), benchmarks/ and dev/ all import it. `python -m fmvr.tasks` writes it in LLaVA format.
 
 A scene is a 336x336 image on a varied background (gradient, stripes or noise) with 2-4
 coloured shapes and one white card with a real handwritten digit (scikit-learn's bundled

@@ -210,7 +210,7 @@ def cell_words(scene: Scene, side: int, position: bool = False, digit: bool = Tr
     colour and shape of the object whose box (grown by GROW px) holds the cell's centre, ("card",
     digit) for the digit card (("card",) without `digit`), else ("empty",). With `position`, the words naming the layout cell
     the centre falls in follow ("top", "left"; "center"). The grounding stage's targets
-    (train.ground) and the oracle grid of benchmarks/caption_qa.py are built from these."""
+    (train.ground) and the oracle grid of dev/caption_qa.py are built from these."""
     size = SIZE / side
     out = []
     for r in range(side):

@@ -1,4 +1,4 @@
-"""The export command lines: one set of argument groups, options records, deprecated spellings."""
+"""The export command lines: one set of argument groups, options records, no old spellings."""
 
 from __future__ import annotations
 
@@ -25,17 +25,12 @@ def captured(monkeypatch):
     return calls
 
 
-def test_deprecated_llm_flag_works_and_warns(captured, tmp_path):
+def test_the_old_llm_flag_is_refused(captured, tmp_path, capsys):
     from export.cli import export_main
 
-    with pytest.warns(FutureWarning, match="--llm is deprecated.*use --quant"):
-        assert (
-            export_main(["--demo-tiny", "--out", str(tmp_path / "b"), "--llm", "int4", "--tokens", "36"]) == 2
-        )
-    assert captured[-1]["llm"] == LLMOptions(quant="int4")
-    with pytest.warns(FutureWarning, match="--llm is deprecated"):
-        export_main(["--demo-tiny", "--out", str(tmp_path / "b"), "--llm=none"])
-    assert captured[-1]["llm"] is None
+    with pytest.raises(SystemExit) as e:
+        export_main(["--demo-tiny", "--out", str(tmp_path / "b"), "--llm", "int4"])
+    assert e.value.code == 2 and "--llm" in capsys.readouterr().err and not captured
 
 
 def test_quant_flag_builds_the_options_once(captured, tmp_path):
@@ -50,17 +45,11 @@ def test_quant_flag_builds_the_options_once(captured, tmp_path):
     assert kw["llm"] == LLMOptions(quant="int4", target="cuda", exporter="auto", block_size=64)
 
 
-def test_deprecated_llm_keyword_of_build_tiny_bundle(monkeypatch, tmp_path):
-    import export.build as eb
+def test_build_tiny_bundle_takes_quant_and_no_old_keyword(tmp_path):
     from export import build_tiny_bundle
 
-    seen = {}
-    monkeypatch.setattr(eb, "build_tiny", lambda out, **kw: seen.update(kw) or out)
-    with pytest.warns(FutureWarning, match=r"llm=\.\.\.\) is deprecated.*quant="):
+    with pytest.raises(TypeError, match="llm"):
         build_tiny_bundle(tmp_path, llm="int8")
-    assert seen["quant"] == "int8"
-    with pytest.raises(TypeError, match="unexpected"):
-        build_tiny_bundle(tmp_path, lmm="int8")
 
 
 def test_options_refuse_what_will_not_run():

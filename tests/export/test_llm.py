@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from export.common import ExportError
-from export.gates import prompt_ids, runtime_greedy, torch_greedy
+from export.gates import runtime_greedy, text_prompts, torch_greedy
 from export.quant import QUANTIZATIONS
 from runtime.llm import Decoder
 
@@ -21,7 +21,7 @@ def decoder(root, section):
 
 
 def greedy_pair(src, root, section, prompt=0):
-    ids = prompt_ids(src.tokenizer, src.model.cfg.template, src.model.cfg.bos_token_id)[prompt]
+    ids = text_prompts(src.tokenizer, src.model.cfg.template, src.model.cfg.bos_token_id)[prompt]
     return runtime_greedy(decoder(root, section), ids), torch_greedy(src.model.language_model, ids)
 
 

@@ -83,6 +83,6 @@ def test_small_runtime_greedy_equals_pytorch(small_pipe, reduced_small, real_ima
     image = real_images[0]
     ids = expand_image_tokens(small_pipe.prompt_ids(PROMPT), 3, tokens)
     pixels = torch.from_numpy(small_pipe.preprocess(image))  # [1, 3, 384, 384]
-    want = reduced_small.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)
+    want = reduced_small.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)[0]
     got = small_pipe.ask(image, PROMPT, tokens=tokens, max_new_tokens=NEW)
     assert got.token_ids == want and got.budget == tokens

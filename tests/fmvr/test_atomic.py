@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from fmvr import atomic
-from fmvr.cli import renamed_flags
 
 
 def test_write_json_replaces_and_leaves_no_temp(tmp_path):
@@ -62,9 +61,3 @@ def test_swap_restores_old_folder_when_rename_fails(tmp_path, monkeypatch):
 def test_open_atomic_refuses_append():
     with pytest.raises(ValueError, match="mode"), atomic.open_atomic("x", "a"):
         pass
-
-
-def test_renamed_flags_rewrite_and_warn():
-    with pytest.warns(FutureWarning, match="--ckpt is deprecated.*use --checkpoint"):
-        out = renamed_flags(["--ckpt", "a", "--ckpt=b", "--", "--ckpt"], {"--ckpt": "--checkpoint"})
-    assert out == ["--checkpoint", "a", "--checkpoint=b", "--", "--ckpt"]

@@ -91,16 +91,16 @@ def test_tied_embeddings_stored_once_and_tied_after_load(tmp_path, tiny_cfg):
 
 def test_refuses_to_overwrite(tmp_path, tiny_model):
     path = save_checkpoint(tiny_model, tmp_path / "ck")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="force=True"):
         save_checkpoint(tiny_model, path)
     changed = _perturb(tiny_model)
-    save_checkpoint(changed, path, overwrite=True)
+    save_checkpoint(changed, path, force=True)
     _assert_same_state(changed, load_checkpoint(path))
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an FMVR checkpoint"):
-        save_checkpoint(tiny_model, other, overwrite=True)
+        save_checkpoint(tiny_model, other, force=True)
     assert (other / "keep.txt").read_text() == "mine"
 
 
@@ -124,7 +124,7 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, tiny_model, mo
 
     monkeypatch.setattr(ck, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(_perturb(build_model(tiny_model.cfg)), path, overwrite=True)
+        save_checkpoint(_perturb(build_model(tiny_model.cfg)), path, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     _assert_same_state(tiny_model, load_checkpoint(path))
 

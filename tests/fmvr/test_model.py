@@ -152,8 +152,8 @@ def test_pixel_values_need_tokens(model):
 
 def test_greedy_generate_is_deterministic_and_equals_a_no_cache_loop(model, tiny_cfg, tiny_tokenizer, pixels):
     ids = prompt_ids(tiny_tokenizer, tiny_cfg, 9)
-    first = model.generate(pixels[:1], ids, tokens=9, max_new_tokens=6)
-    assert first == model.generate(pixels[:1], ids, tokens=9, max_new_tokens=6)
+    first = model.generate(pixels[:1], ids, tokens=9, max_new_tokens=6)[0]
+    assert first == model.generate(pixels[:1], ids, tokens=9, max_new_tokens=6)[0]
     assert len(first) == 6
     with torch.no_grad():
         feats = model.encode_image(pixels[:1], 9)
@@ -168,17 +168,17 @@ def test_greedy_generate_is_deterministic_and_equals_a_no_cache_loop(model, tiny
 def test_generate_stops_at_eos(tiny_cfg, tiny_tokenizer, pixels):
     model = build_model(tiny_cfg, seed=0)
     ids = prompt_ids(tiny_tokenizer, tiny_cfg, 1)
-    tokens = model.generate(pixels[:1], ids, tokens=1, max_new_tokens=4)
+    tokens = model.generate(pixels[:1], ids, tokens=1, max_new_tokens=4)[0]
     model.cfg = model.cfg.replace(eos_token_id=tokens[1])
-    assert model.generate(pixels[:1], ids, tokens=1, max_new_tokens=4) == tokens[:1]
+    assert model.generate(pixels[:1], ids, tokens=1, max_new_tokens=4)[0] == tokens[:1]
 
 
 def test_sampling_with_a_seed_is_reproducible(model, tiny_cfg, tiny_tokenizer, pixels):
     ids = prompt_ids(tiny_tokenizer, tiny_cfg, 36)
     kw = dict(tokens=36, max_new_tokens=12, temperature=1.5, top_p=0.95)
-    a = model.generate(pixels[:1], ids, seed=3, **kw)
-    assert a == model.generate(pixels[:1], ids, seed=3, **kw)
-    assert a != model.generate(pixels[:1], ids, seed=4, **kw)
+    a = model.generate(pixels[:1], ids, seed=3, **kw)[0]
+    assert a == model.generate(pixels[:1], ids, seed=3, **kw)[0]
+    assert a != model.generate(pixels[:1], ids, seed=4, **kw)[0]
 
 
 def test_encode_budgets_equals_encode_image(model, pixels, tiny_cfg):
@@ -208,8 +208,8 @@ def test_other_language_models(tiny_cfg, tiny_tokenizer, pixels, arch, cls):
         loss = model(input_ids=ids, pixel_values=pixels[:1], tokens=36, labels=labels).loss
     assert torch.isfinite(loss)
     prompt = prompt_ids(tiny_tokenizer, cfg, 9)
-    out = model.generate(pixels[:1], prompt, tokens=9, max_new_tokens=3)
-    assert out == model.generate(pixels[:1], prompt, tokens=9, max_new_tokens=3) and len(out) <= 3
+    out = model.generate(pixels[:1], prompt, tokens=9, max_new_tokens=3)[0]
+    assert out == model.generate(pixels[:1], prompt, tokens=9, max_new_tokens=3)[0] and len(out) <= 3
 
 
 def test_crosslayer_projector(tiny_cfg, pixels):

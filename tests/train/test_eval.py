@@ -10,7 +10,8 @@ import torch
 from fmvr import tasks
 from fmvr.checkpoint import save_checkpoint
 from fmvr.model import build_model
-from train.eval import evaluate_bench, generate_batch, main, prompt_ids
+from fmvr.tokenizer import prompt_ids
+from train.eval import evaluate_bench, generate_batch, main
 
 
 def _peaky(cfg, seed=3):
@@ -32,7 +33,7 @@ def test_batched_generation_equals_generate(tiny_cfg, tiny_tokenizer):
         "How many red objects are there in this picture today?",
         "Is it?",
     ]
-    prompts = [prompt_ids(tiny_tokenizer, tiny_cfg, q) for q in questions]
+    prompts = [prompt_ids(tiny_tokenizer, tiny_cfg.template, q, 1, tiny_cfg.bos_id) for q in questions]
     for t in (36, 1):
         feats = model.encode_image(pix, t).expand(len(prompts), -1, -1)  # [3, T, D]
         batched = generate_batch(model, prompts, feats, t, max_new_tokens=5)
@@ -40,7 +41,7 @@ def test_batched_generation_equals_generate(tiny_cfg, tiny_tokenizer):
             from fmvr.tokenizer import expand_image_tokens
 
             ids = torch.tensor([expand_image_tokens(p, tiny_cfg.image_token_id, t)])
-            assert got == model.generate(pix, ids, t, max_new_tokens=5)
+            assert got == model.generate(pix, ids, t, max_new_tokens=5)[0]
         assert len({tuple(b) for b in batched}) > 1  # the rows really differ
 
 
@@ -57,7 +58,9 @@ def test_shared_prefix_generation_equals_full_prompts(tiny_cfg, tiny_tokenizer):
         "How many red objects are there in this picture today?",
         "Is it?",
     ]
-    prompts = [prompt_ids(tiny_tokenizer, tiny_cfg, q) for q in questions] * 2  # image-major
+    prompts = [
+        prompt_ids(tiny_tokenizer, tiny_cfg.template, q, 1, tiny_cfg.bos_id) for q in questions
+    ] * 2  # image-major
     parts = [split_at_image(p, tiny_cfg.image_token_id) for p in prompts]
     for t in (144, 9):
         feats = model.encode_image(pix, t)  # [2, T, D]
@@ -104,15 +107,11 @@ def test_cli_bench_and_answers_file(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
     assert len(rows) == 5 and {"question_id", "prompt", "text", "answer_id", "model_id"} <= set(rows[0])
 
 
-def test_old_flag_spellings_work_and_warn(tmp_path, tiny_cfg, tiny_tokenizer, capsys):
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(build_model(tiny_cfg, seed=0), ckpt, tokenizer=tiny_tokenizer)
-    with pytest.warns(FutureWarning) as seen:
-        assert main(["--ckpt", str(ckpt), "--bench-n", "1", "--budgets", "1"]) == 0
-    messages = " ".join(str(w.message) for w in seen)
-    assert "--ckpt is deprecated" in messages and "use --checkpoint" in messages
-    assert "--budgets is deprecated" in messages and "use --tokens" in messages
-    assert "| 1 |" in capsys.readouterr().out
+def test_old_flag_spellings_are_refused(capsys):
+    for old in (["--checkpoint", "c", "--ckpt", "c"], ["--checkpoint", "c", "--budgets", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main(old)
+        assert e.value.code == 2 and old[-2] in capsys.readouterr().err
 
 
 def test_bad_tokens_and_several_budgets_for_questions_are_clear_errors(
@@ -138,7 +137,7 @@ def test_frames_category_asks_about_both_frames(tiny_cfg, tiny_tokenizer):
     assert len(frames) == 3 and res["n_questions"] == 5 + 3
     clip = next(tasks.clips("val", 1))
     pre = Preprocessor.from_config(tiny_cfg)
-    prompt = prompt_ids(tiny_tokenizer, tiny_cfg, tasks.APPEARED, images=2)
+    prompt = prompt_ids(tiny_tokenizer, tiny_cfg.template, tasks.APPEARED, 2, tiny_cfg.bos_id)
     assert prompt.count(tiny_cfg.image_token_id) == 2
     feats = model.encode_image(torch.from_numpy(pre([tasks.render_scene(f) for f in clip.frames])), 9)
     got = tiny_tokenizer.decode(generate_batch(model, [prompt], feats, 9, images=2)[0]).strip()
