@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "train/README.md")
+DOCS = ("README.md", "train/README.md", "docs/USAGE.md")
 # `python -m mod args` or `torchrun ... -m mod args`, up to the end of the line or code span,
 # a pipe, a ; or && chain, or a shell comment
 COMMAND = re.compile(r"(?:python3?|torchrun)\b[^`\n]*?\s-m\s+([\w.]+)([^`\n|;#&]*)")
 SUBCOMMANDS = {
-    "runtime": ("ask", "profile", "serve", "bench", "card"),
+    "runtime": ("ask", "profile", "serve", "latency", "card"),
     "fmvr.importers": ("llava-hf", "authors"),
 }
 

@@ -3,9 +3,9 @@
 Not a benchmark of the shipped pipeline: one budget, cached frozen-tower features, the packed question
 blocks of train.data, and accuracy by candidate scoring (the category's answer word ranked first by the
 LM's next-token logit) on --ntest test scenes (50 -> one question per category each, +-7 points).
-Results and the command of every run: benchmarks/results/recipe_experiments_small.md (F to J).
+Results and the command of every run: dev/results/recipe_experiments_small.md (F to J).
 
-    python benchmarks/experiments/projector_recipes.py --cats colour --steps 50            # F: as the recipes
+    python dev/projector_recipes.py --cats colour --steps 50            # F: as the recipes
     ... --init identity --out-scale 1                                                       # G: every level at word scale
     ... --init identity --out-scale 1 --distill 1 --text-ce 1 --cats colour,count,region,exist,digit --bs 4
                                                                                             # H: distil from the caption
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.caption_qa import oracle_grid  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dev.caption_qa import oracle_grid  # noqa: E402
 from fmvr import tasks  # noqa: E402
 from fmvr.config import preset  # noqa: E402
 from fmvr.model import build_model  # noqa: E402

@@ -1,8 +1,8 @@
 """Does a checkpoint use the image? Its loss on held-out benchmark text with each scene's own
 image vs with another scene's image (the image list rolled by one), per budget.
 
-    python benchmarks/image_use.py --checkpoint runs/long/stage1/final --kind caption --tokens 36,9
-    python benchmarks/image_use.py --checkpoint runs/demo/train/final --kind qa
+    python dev/image_use.py --checkpoint runs/long/stage1/final --kind caption --tokens 36,9
+    python dev/image_use.py --checkpoint runs/demo/train/final --kind qa
 
 A model that reads the image scores a lower loss with the right image; one that answers from
 the text alone (the answer priors) scores the same with either: gap ~ 0. Writes
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="all", help="budgets, comma-separated, or all")
     p.add_argument("--n", type=int, default=64, help="held-out (val split) scenes")
     p.add_argument("--batch-size", type=int, default=8, help="scenes per forward")
-    p.add_argument("--out", default="benchmarks/results", help="folder for image_use_<name>.{json,md}")
+    p.add_argument("--out", default="dev/results", help="folder for image_use_<name>.{json,md}")
     p.add_argument("--name", default="", help="result name (default: the checkpoint's parent folder)")
     args = p.parse_args(argv)
     torch.manual_seed(0)

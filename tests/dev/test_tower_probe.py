@@ -1,4 +1,4 @@
-"""benchmarks/tower_probe.py: the box-to-grid read-out, and the script end to end on tiny."""
+"""dev/tower_probe.py: the box-to-grid read-out, and the script end to end on tiny."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 
-def test_box_features_read_the_cells_under_the_box_at_each_budget(benchmark_script):
-    tp = benchmark_script("tower_probe")
+def test_box_features_read_the_cells_under_the_box_at_each_budget(dev_script):
+    tp = dev_script("tower_probe")
     f = np.arange(24 * 24, dtype=np.float64).reshape(24, 24, 1)  # cell (r, c) holds 24 r + c
     # scene pixels 0..28 cover grid cells 0..1 (336 px -> 24 cells: 14 px each)
     assert tp.box_features(f, (0, 0, 28, 28), 576)[0] == pytest.approx(np.mean([0, 1, 24, 25]))
@@ -18,8 +18,8 @@ def test_box_features_read_the_cells_under_the_box_at_each_budget(benchmark_scri
     assert tp.box_features(f, box, 36)[0] == pytest.approx(f[4:8, 8:12].mean())
 
 
-def test_tiny_probe_writes_json_and_markdown(tmp_path, benchmark_script):
-    tp = benchmark_script("tower_probe")
+def test_tiny_probe_writes_json_and_markdown(tmp_path, dev_script):
+    tp = dev_script("tower_probe")
     assert (
         tp.main(
             [
@@ -44,6 +44,6 @@ def test_tiny_probe_writes_json_and_markdown(tmp_path, benchmark_script):
     assert "| 9 | shape |" in (tmp_path / "tower_probe_tiny.md").read_text()
 
 
-def test_unknown_budget_is_refused(tmp_path, benchmark_script):
+def test_unknown_budget_is_refused(tmp_path, dev_script):
     with pytest.raises(SystemExit):
-        benchmark_script("tower_probe").main(["--preset", "tiny", "--tokens", "50", "--out", str(tmp_path)])
+        dev_script("tower_probe").main(["--preset", "tiny", "--tokens", "50", "--out", str(tmp_path)])

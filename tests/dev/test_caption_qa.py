@@ -1,12 +1,12 @@
-"""benchmarks/caption_qa.py: the caption-text twin of a packed example, and the script end to end on tiny."""
+"""dev/caption_qa.py: the caption-text twin of a packed example, and the script end to end on tiny."""
 
 from __future__ import annotations
 
 import json
 
 
-def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokenizer, benchmark_script):
-    cq = benchmark_script("caption_qa")
+def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokenizer, dev_script):
+    cq = dev_script("caption_qa")
     from fmvr import tasks
     from train.data import tokenize_blocks
 
@@ -23,8 +23,8 @@ def test_text_example_puts_the_caption_where_the_image_was(tiny_cfg, tiny_tokeni
     assert sum(ex.target) == sum(target)  # answers only are learned, none of the caption
 
 
-def test_tiny_run_writes_json_and_markdown(tmp_path, benchmark_script):
-    cq = benchmark_script("caption_qa")
+def test_tiny_run_writes_json_and_markdown(tmp_path, dev_script):
+    cq = dev_script("caption_qa")
     argv = ["--preset", "tiny", "--train-n", "8", "--test-n", "3", "--steps", "2", "--batch-size", "2"]
     assert cq.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "caption_qa_tiny.json").read_text())
@@ -37,8 +37,8 @@ def test_tiny_run_writes_json_and_markdown(tmp_path, benchmark_script):
     assert "after 2 LoRA steps of 2" in md and "best constant answer" in md
 
 
-def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_tokenizer, benchmark_script):
-    cq = benchmark_script("caption_qa")
+def test_oracle_grid_sums_the_words_of_what_covers_each_cell(tiny_cfg, tiny_tokenizer, dev_script):
+    cq = dev_script("caption_qa")
     import torch
 
     from fmvr import tasks

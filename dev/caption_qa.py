@@ -1,8 +1,8 @@
 """Can the LM answer the benchmark's questions when the image is replaced by perfect text?
 
-    python benchmarks/caption_qa.py --preset small            # ~15 min on 2 cores
+    python dev/caption_qa.py --preset small            # ~15 min on 2 cores
 
-The language-model half of the question "where is the gap?" (benchmarks/tower_probe.py asks the
+The language-model half of the question "where is the gap?" (dev/tower_probe.py asks the
 tower half). Each test question is asked with the scene's caption in place of the image
 ("The image shows a red triangle at the top left, ... and a card with the digit 3."), first with
 the LM as it ships (zero-shot), then after a few LoRA steps on the train split's questions asked
@@ -72,7 +72,7 @@ def oracle_grid(
     layout: str = "sum",
     position: bool = False,
 ) -> torch.Tensor:
-    """[side*side, D] row-major, from the scene record (train.tasks.cell_words): per cell the word
+    """[side*side, D] row-major, from the scene record (fmvr.tasks.cell_words): per cell the word
     embeddings of the object (colour, shape) or card (" card", digit) whose box, grown by 8 px, holds the
     cell's centre, " empty" elsewhere. layout "sum": the words summed in every cell (train.ground.word_grid,
     the grounding stage's target); "checker": one word per cell, the first on even columns and the second
@@ -166,7 +166,7 @@ def train_lora(model, tok, cfg, scenes, presentation: str, args, log) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/caption_qa.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python dev/caption_qa.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="model preset (its LM and chat template)")
     p.add_argument("--train-n", type=int, default=400, help="train-split scenes the LoRA steps draw from")
     p.add_argument("--test-n", type=int, default=40, help="test-split scenes asked (5 questions each)")
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         "--presentations", default="caption,grid", help=f"comma-separated, from {', '.join(PRESENTATIONS)}"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--out", default="benchmarks/results", help="folder for caption_qa_<preset>.{json,md}")
+    p.add_argument("--out", default="dev/results", help="folder for caption_qa_<preset>.{json,md}")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     baseline = tasks.constant_baseline("test", args.test_n)
     report = {
         "preset": args.preset,
-        "command": "python benchmarks/caption_qa.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python dev/caption_qa.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_n": args.train_n,
         "test_n": args.test_n,
         "steps": args.steps,

@@ -1,6 +1,6 @@
 """Does the frozen vision tower carry what the benchmark asks? Linear probes on its grid features.
 
-    python benchmarks/tower_probe.py --preset small            # ~1 min on 2 cores
+    python dev/tower_probe.py --preset small            # ~1 min on 2 cores
 
 For each object of a scene (and the digit card), the tower's grid features under the object's box
 are averaged (at 576 tokens: the box's cells; at a pooled budget: the pooled cell holding the box
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-n", type=int, default=300, help="train-split scenes to fit the probes on")
     p.add_argument("--test-n", type=int, default=100, help="test-split scenes to score them on")
     p.add_argument("--tokens", default="576,36", help="budgets to probe at, comma-separated")
-    p.add_argument("--out", default="benchmarks/results", help="folder for tower_probe_<preset>.{json,md}")
+    p.add_argument("--out", default="dev/results", help="folder for tower_probe_<preset>.{json,md}")
     args = p.parse_args(argv)
     cfg = preset(args.preset)
     budgets = [int(t) for t in args.tokens.split(",")]
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Linear probes on the frozen `{args.preset}` tower ({args.train_n} train / {args.test_n} test scenes)",
         "",
         "Accuracy (%) of a logistic regression on the grid features under each object's box",
-        f"(`python benchmarks/tower_probe.py --preset {args.preset}`); prior: the most frequent label.",
+        f"(`python dev/tower_probe.py --preset {args.preset}`); prior: the most frequent label.",
         "",
         "| tokens | target | probe | prior | n |",
         "|---|---|---|---|---|",
