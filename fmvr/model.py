@@ -212,6 +212,12 @@ class FMVRLlava(nn.Module):
             gen,
         )
 
+    def with_cascade(self, pyramid: str) -> None:
+        """Swap the visual-token cascade (fmvr | m3 | none) for a fresh one of that kind; the
+        tower, projector and LM keep their weights (a plain-LLaVA checkpoint adapted to FMVR)."""
+        self.cfg = self.cfg.with_pyramid(pyramid).validate()
+        self.pyramid = Pyramid(self.cfg)
+
     def trainable(self, parts: tuple[str, ...]) -> None:
         """Freeze everything but `parts` (names of submodules: projector, pyramid, language_model)."""
         for name, p in self.named_parameters():

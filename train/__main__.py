@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fmvr.config import PYRAMIDS
+from fmvr.tasks.variants import VARIANTS
 from train.ckpt import same_run
 from train.common import Interrupted
 from train.stages import BENCH_KINDS, PYRAMID_INITS, STAGES, TrainConfig
@@ -32,12 +33,15 @@ CHOICES = {  # argparse choices, from the tables that define them
     "schedule": ("cosine", "constant"),
     "budget_mode": ("mean", "random"),
     "pyramid_init": PYRAMID_INITS,
+    "bench_variant": VARIANTS,
 }
 HELP = {  # by flag_fields' name: an options record's knob as <record>_<knob>
     "stage": "training stage",
     "out": "run directory (checkpoints, log.jsonl, final/)",
     "preset": "model preset for a fresh model (ignored with --init)",
-    "pyramid": "visual-token cascade of a fresh model",
+    "pyramid": "visual-token cascade (default: fmvr for a fresh model, the checkpoint's with --init; naming "
+    "another with --init swaps it in, new blocks starting as --pyramid-init says: the Matryoshka adaptation of a "
+    "plain-LLaVA start)",
     "pyramid_init": "a fresh model's FMVR stages: pooling (each level starts as plain 2x2 pooling, as M3's: every "
     "budget at the projector's scale) or released (the authors' code init: each level ~5x the one above)",
     "visual_norm": "a fresh model RMS-norms its visual tokens to the LM's word-embedding scale, so every budget "
@@ -57,7 +61,10 @@ HELP = {  # by flag_fields' name: an options record's knob as <record>_<knob>
     "strict_data": "fail on a missing/corrupt image instead of skipping it with a warning",
     "max_length": "max tokens per sample, counted with the image at its largest budget",
     "lr": "peak learning rate (0: the stage's default)",
-    "projector_lr": "learning rate of the projector and pyramid (0: --lr)",
+    "projector_lr": "learning rate of the projector (and of the pyramid unless --pyramid-lr is given; 0: --lr)",
+    "pyramid_lr": "the FMVR blocks' own learning rate (0: frozen; -1: as --projector-lr)",
+    "bench_variant": "built-in benchmark variant: easy (3x3 layout of large objects, a digit card) or detail (10-16 "
+    "objects of 12-28 px: pooling dilutes them, so the budget buys accuracy)",
     "tower_lr": "train the vision tower at this learning rate (0: frozen; the authors' --mm_vision_tower_lr 2e-5)",
     "weight_decay": "AdamW weight decay (matrices only)",
     "warmup_ratio": "linear warmup as a fraction of all steps",

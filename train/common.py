@@ -36,8 +36,12 @@ def build_model_and_tokenizer(cfg: TrainConfig):
 
         model = load_checkpoint(cfg.init)
         tok = load_tokenizer(cfg.tokenizer or cfg.init)
+        if cfg.pyramid and cfg.pyramid != model.cfg.pyramid:  # e.g. a plain-LLaVA start adapted to FMVR or M3
+            model.with_cascade(cfg.pyramid)
+            if cfg.pyramid_init == "pooling":
+                model.pyramid.start_as_pooling()
     else:
-        mcfg = preset(cfg.preset, pyramid=cfg.pyramid, visual_norm=cfg.visual_norm)
+        mcfg = preset(cfg.preset, pyramid=cfg.pyramid or "fmvr", visual_norm=cfg.visual_norm)
         model = build_model(mcfg, seed=cfg.seed)
         if cfg.tower_seed >= 0 and not mcfg.vision.weights:
             fixed_tower(model, cfg.tower_seed)
@@ -45,6 +49,8 @@ def build_model_and_tokenizer(cfg: TrainConfig):
             model.pyramid.start_as_pooling()
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else preset_tokenizer(mcfg)
     model.trainable(cfg.stage_def().parts + (("vision_tower",) if cfg.tower_lr > 0 else ()))
+    if cfg.pyramid_lr == 0:
+        model.pyramid.requires_grad_(False)
     if cfg.lora:
         add_lora(model, cfg)
     if cfg.grad_checkpointing:
@@ -74,10 +80,12 @@ def add_lora(model, cfg: TrainConfig) -> None:
 
 
 def part_lr(cfg: TrainConfig, name: str) -> float:
-    """Learning rate of a parameter by the part it belongs to (tower / projector+pyramid / LLM)."""
+    """Learning rate of a parameter by the part it belongs to (tower / pyramid / projector / LLM)."""
     part = name.split(".")[0]
     if part == "vision_tower":
         return cfg.tower_lr
+    if part == "pyramid" and cfg.pyramid_lr >= 0:
+        return cfg.pyramid_lr
     if part in ("projector", "pyramid", "visual_norm"):
         return cfg.projector_lr or cfg.learning_rate
     return cfg.learning_rate

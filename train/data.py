@@ -225,6 +225,7 @@ class BenchDataset(_Base):
         max_length: int = 2048,
         independent: bool = True,
         clips: int = 0,
+        variant: str = "easy",
     ) -> None:
         from fmvr import tasks
         from fmvr.preprocess import Preprocessor
@@ -238,7 +239,11 @@ class BenchDataset(_Base):
             raise ValueError(
                 "two-frame clips are question blocks: use them with kind qa or mix (independent)"
             )
-        self.scenes = list(tasks.scenes(split, n, seed))
+        if clips and variant != "easy":
+            raise ValueError(
+                "two-frame clips are built on easy-variant scenes: drop --bench-clips or use --bench-variant easy"
+            )
+        self.scenes = list(tasks.scenes(split, n, seed, variant))
         self.clips = list(tasks.clips(split, clips, seed))
         record_kind = "qa" if kind == "mix" else kind
         self.records = [tasks.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]

@@ -102,6 +102,7 @@ def evaluate_bench(
     batch_scenes: int = 8,
     progress: bool = False,
     clips: int = 0,
+    variant: str = "easy",
 ) -> dict:
     """{"accuracy": {T: {category: acc, "all": acc}}, "n_questions": ..., "samples": [...]}.
     With clips > 0, also the "frames" category on that many two-frame clips (not in "all")."""
@@ -110,7 +111,10 @@ def evaluate_bench(
 
     model.eval()
     pre = Preprocessor.from_config(model.cfg)
-    scenes = list(tasks.scenes(split, n, seed))
+    cats = tasks.categories(variant)
+    if clips and variant != "easy":
+        raise ValueError("two-frame clips are easy-variant scenes: score them with --bench-variant easy")
+    scenes = list(tasks.scenes(split, n, seed, variant))
     hits: dict[int, dict[str, list[bool]]] = {t: defaultdict(list) for t in budgets}
     samples = []
     for i in range(0, len(scenes), batch_scenes):
@@ -144,16 +148,18 @@ def evaluate_bench(
         )
     acc = {}
     for t in budgets:
-        acc[t] = {c: float(np.mean(hits[t][c])) for c in tasks.CATEGORIES}
-        acc[t]["all"] = float(np.mean([h for c in tasks.CATEGORIES for h in hits[t][c]]))
+        acc[t] = {c: float(np.mean(hits[t][c])) for c in cats}
+        acc[t]["all"] = float(np.mean([h for c in cats for h in hits[t][c]]))
         if clips:
             acc[t][tasks.CLIP_CATEGORY] = float(np.mean(hits[t][tasks.CLIP_CATEGORY]))
     return {
         "accuracy": acc,
         "n_scenes": len(scenes),
         "n_clips": clips,
-        "n_questions": len(scenes) * len(tasks.CATEGORIES) + clips,
+        "n_questions": len(scenes) * len(cats) + clips,
         "split": split,
+        "variant": variant,
+        "bench_seed": seed,
         "samples": samples,
     }
 
@@ -196,10 +202,11 @@ def _score(
 
 
 def format_table(acc: dict) -> str:
-    from fmvr.tasks import CATEGORIES, CLIP_CATEGORY
+    from fmvr.tasks import CLIP_CATEGORY
 
-    has_frames = any(CLIP_CATEGORY in row for row in acc.values())
-    cols = [*CATEGORIES, "all"] + ([CLIP_CATEGORY] if has_frames else [])
+    first = next(iter(acc.values()))
+    cols = [c for c in first if c not in ("all", CLIP_CATEGORY)] + ["all"]
+    cols += [CLIP_CATEGORY] if CLIP_CATEGORY in first else []
     lines = ["| tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for t, row in acc.items():
         lines.append(f"| {t} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
@@ -261,6 +268,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="benchmark split")
     p.add_argument("--bench-seed", type=int, default=0, help="benchmark seed")
+    p.add_argument(
+        "--bench-variant",
+        default="easy",
+        choices=("easy", "detail"),
+        help="built-in benchmark variant: easy (3x3 layout) or detail (many small objects)",
+    )
     p.add_argument("--out", default="", help="write the accuracy JSON (and per-question samples) here")
     p.add_argument(
         "--reuse", action="store_true", help="print the saved --out result if it is newer than the checkpoint"
@@ -314,7 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     res = evaluate_bench(
-        model, tok, budgets, args.bench_n, args.split, args.bench_seed, progress=True, clips=args.bench_clips
+        model,
+        tok,
+        budgets,
+        args.bench_n,
+        args.split,
+        args.bench_seed,
+        progress=True,
+        clips=args.bench_clips,
+        variant=args.bench_variant,
     )
     print(format_table(res["accuracy"]))
     if args.out:

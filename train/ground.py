@@ -133,7 +133,7 @@ def train_ground(cfg: TrainConfig, resume: bool = False) -> tuple[torch.nn.Modul
     model.train()
     model.vision_tower.eval()
     budgets_all = cfg.budget_list(model.cfg.budgets)
-    scenes = list(tasks.scenes("train", cfg.bench_n, cfg.bench_seed))
+    scenes = list(tasks.scenes("train", cfg.bench_n, cfg.bench_seed, cfg.bench_variant))
     total = cfg.steps or max(1, int(cfg.epochs * (len(scenes) // cfg.batch_size)))
     feats = tower_grid_features(model, scenes, progress=cfg.progress)
     targets = ground_targets(

@@ -98,6 +98,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
         cfg.max_length,
         independent=cfg.bench_qa == "independent",
         clips=cfg.bench_clips,
+        variant=cfg.bench_variant,
     )
 
 

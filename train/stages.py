@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from fmvr.cli import parse_tokens
+from fmvr.config import PYRAMIDS
+from fmvr.tasks.variants import VARIANTS
 
 BENCH_KINDS = ("caption", "qa", "mix")  # mix: every question + a "Describe the image." caption block
 PYRAMID_INITS = ("pooling", "released")  # a fresh model's FMVR stages (fmvr.pyramid.Pyramid.start_as_pooling)
@@ -101,7 +103,9 @@ class TrainConfig:
     stage: str = "stage2"
     out: str = "runs/train"
     preset: str = "tiny"
-    pyramid: str = "fmvr"
+    pyramid: str = (
+        ""  # "": fmvr for a fresh model, the checkpoint's with --init; else that cascade (swapped in)
+    )
     pyramid_init: str = (
         "pooling"  # a fresh model's FMVR stages: pooling (each level = plain pooling) | released
     )
@@ -114,6 +118,7 @@ class TrainConfig:
     bench_n: int = 800  # built-in benchmark training scenes (when no --data)
     bench_clips: int = 0  # built-in two-frame clips trained beside the scenes (the frames category)
     bench_seed: int = 0
+    bench_variant: str = "easy"  # easy (3x3 layout, large objects) | detail (many small objects): fmvr.tasks
     bench_qa: str = "independent"  # independent (question blocks sharing the image) | conversation
     bench_kind: str = ""  # "": the stage's (caption for stage1, qa otherwise) | caption | qa | mix
     template: str = ""  # "": the stage's (plain for stage1, the model's otherwise) | plain | chat
@@ -121,7 +126,8 @@ class TrainConfig:
     max_length: int = 2048
     # optimisation
     lr: float = 0.0  # 0: the stage's default
-    projector_lr: float = 0.0  # projector + pyramid; 0: --lr
+    projector_lr: float = 0.0  # projector (+ pyramid unless --pyramid-lr); 0: --lr
+    pyramid_lr: float = -1.0  # the FMVR blocks' own learning rate; 0: frozen; -1: as the projector's
     tower_lr: float = 0.0  # > 0: the vision tower trains too, at this lr (the authors' finetune.sh)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -197,6 +203,14 @@ class TrainConfig:
                         f"--{other.options.replace('_', '-')}-* options apply to stage {other.name} only, "
                         f"not {self.stage}: drop them"
                     )
+        if self.pyramid not in ("", *PYRAMIDS):
+            raise ValueError(f"pyramid {self.pyramid!r}: choose one of {', '.join(PYRAMIDS)}")
+        if self.bench_variant not in VARIANTS:
+            raise ValueError(f"bench variant {self.bench_variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.pyramid_lr < 0 and self.pyramid_lr != -1:
+            raise ValueError(
+                "--pyramid-lr must be >= 0 (0: the FMVR blocks stay frozen), or -1 (as --projector-lr)"
+            )
         if self.pyramid_init not in PYRAMID_INITS:
             raise ValueError(f"pyramid init {self.pyramid_init!r}: choose one of {PYRAMID_INITS}")
         if self.budget_mode not in ("mean", "random"):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from fmvr import atomic
 from fmvr.tasks.render import render_scene
-from fmvr.tasks.scene import DESCRIBE, Scene, caption, scenes, training_questions
+from fmvr.tasks.scene import DESCRIBE, Scene
+from fmvr.tasks.variants import caption, scenes, training_questions
 
 
 def llava_records(scene: Scene, image: str, kind: str) -> list[dict]:

@@ -15,8 +15,9 @@ def render_scene(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         _draw_shape(draw, o.shape, o.box, COLOURS[o.colour])
-    x0, y0, x1, y1 = scene.digit_box
-    img.paste(_digit_card(scene.digit_index, x1 - x0), (x0, y0))
+    if scene.digit_box is not None and scene.digit_index is not None:
+        x0, y0, x1, y1 = scene.digit_box
+        img.paste(_digit_card(scene.digit_index, x1 - x0), (x0, y0))
     return img
 
 
@@ -33,6 +34,8 @@ def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
     elif kind == "stripes":
         period = int(rng.integers(12, 40))
         base = np.where((np.arange(SIZE)[:, None] + np.arange(SIZE)[None, :]) // period % 2, lo, hi)  # [H, W]
+    elif kind == "grey":  # the detail variant: plain, so small objects are not lost in texture
+        base = rng.normal((lo + hi) / 2, 4, size=(SIZE, SIZE))  # [H, W]
     else:
         base = rng.normal((lo + hi) / 2, 18, size=(SIZE, SIZE))  # [H, W]
     rgb = base[..., None] + tint[None, None, :]  # [H, W, 3]

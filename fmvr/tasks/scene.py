@@ -55,11 +55,12 @@ class Obj:
 class Scene:
     seed: int
     objects: tuple[Obj, ...]
-    digit: int
-    digit_index: int  # index into load_digits
-    digit_cell: tuple[int, int]
-    digit_box: tuple[int, int, int, int]
     background: str
+    digit: int | None = None  # the digit card (the easy variant; the detail variant has none)
+    digit_index: int | None = None  # index into load_digits
+    digit_cell: tuple[int, int] | None = None
+    digit_box: tuple[int, int, int, int] | None = None
+    variant: str = "easy"  # "easy" (this module) | "detail" (fmvr.tasks.detail)
     questions: tuple[tuple[str, str, str], ...] = field(default=())  # (category, question, answer)
 
 
@@ -219,7 +220,7 @@ def cell_words(scene: Scene, side: int, position: bool = False, digit: bool = Tr
             hit = [o for o in scene.objects if covers(o.box, centre)]
             if hit:
                 words: tuple[str, ...] = (hit[0].colour, hit[0].shape)
-            elif covers(scene.digit_box, centre):
+            elif scene.digit_box is not None and covers(scene.digit_box, centre):
                 words = ("card", str(scene.digit)) if digit else ("card",)
             else:
                 words = ("empty",)

@@ -187,3 +187,49 @@ def test_visual_norm_flag_builds_a_normed_model_that_its_checkpoint_keeps(tmp_pa
     assert model.cfg.visual_norm and model.visual_norm is not None
     plain = load_checkpoint(train(_cfg(tmp_path, "plain", steps=1, bench_n=2)))
     assert plain.visual_norm is None
+
+
+# ---- the FMVR blocks' own learning rate, and a cascade swapped in at --init ---------------------
+
+
+def _pyramid(state):
+    return {k: v for k, v in state.items() if k.startswith("pyramid.")}
+
+
+def test_pyramid_lr_zero_freezes_the_blocks_and_a_nonzero_one_is_theirs_alone(tmp_path, init_ckpt):
+    from train.common import build_model_and_tokenizer, make_optimizer
+
+    before = _pyramid(_state(init_ckpt))
+    assert before and any(v.abs().sum() > 0 for v in before.values())
+    frozen = _cfg(tmp_path, "frozen", init=str(init_ckpt), pyramid_lr=0.0, projector_lr=1e-2)
+    after = _pyramid(_state(train(frozen)))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # not one block parameter moved
+    moving = _cfg(tmp_path, "moving", init=str(init_ckpt), pyramid_lr=1e-2, projector_lr=0.0, lr=1e-9)
+    after = _pyramid(_state(train(moving)))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    model, _ = build_model_and_tokenizer(
+        _cfg(tmp_path, "g", init=str(init_ckpt), pyramid_lr=3e-4, projector_lr=0.5)
+    )
+    opt, _ = make_optimizer(_cfg(tmp_path, "g", pyramid_lr=3e-4, projector_lr=0.5), model, 4)
+    ids = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {ids[id(p)] for p in model.pyramid.parameters()} == {
+        3e-4
+    }  # the projector's 0.5 never reaches them
+    assert {ids[id(p)] for p in model.projector.parameters()} == {0.5}
+
+
+def test_a_plain_llava_start_is_adapted_with_another_cascade(tmp_path):
+    none = train(_cfg(tmp_path, "none", pyramid="none", stage="stage1", tokens="576"))
+    assert load_checkpoint(none).cfg.pyramid == "none"
+    for arm in ("fmvr", "m3"):
+        out = train(_cfg(tmp_path, arm, init=str(none), pyramid=arm, tokens="144,36,9", budget_mode="random"))
+        model = load_checkpoint(out)
+        assert model.cfg.pyramid == arm and model.cfg.budgets == (576, 144, 36, 9, 1)
+        kept = {k: v for k, v in _state(none).items() if k.startswith("projector.")}
+        assert (
+            all(torch.equal(kept[k], model.state_dict()[k]) for k in kept) is False
+        )  # the projector trained on
+    with pytest.raises(ValueError, match="pyramid 'mmm'"):
+        _cfg(tmp_path, "bad", pyramid="mmm")
+    with pytest.raises(ValueError, match="--pyramid-lr"):
+        _cfg(tmp_path, "bad", pyramid_lr=-0.5)

@@ -1,0 +1,59 @@
+"""Which code made a result: every result file and training run records this, and a cached
+run is reused only when its `source_sha256` matches the code about to use it (torch-free).
+
+    code_version() -> {"commit": "1a2b3c4..." | None, "dirty": bool | None, "source_sha256": "..."}
+
+`source_sha256` hashes the Python sources of the packages and scripts (paths and bytes), so it
+changes with any edit, committed or not, and is the same in a clean clone of the same commit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("fmvr", "train", "export", "runtime", "benchmarks", "scripts")
+
+
+def source_sha256(root: Path = ROOT, folders: Sequence[str] = SOURCES) -> str:
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, str | bool | None]:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--", *SOURCES) if commit else None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "source_sha256": source_sha256(),
+    }
+
+
+def run_record(argv: Sequence[str] | None = None) -> dict:
+    """{"code": code_version(), "command": the command line, "created": UTC time}."""
+    args = list(sys.argv if argv is None else argv)
+    return {
+        "code": code_version(),
+        "command": shlex.join(["python", *args]) if args else "",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
