@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("fmvr", "train", "export", "runtime", "benchmarks", "scripts")
 
 
-def source_sha256(root: Path = ROOT, folders: Sequence[str] = SOURCES) -> str:
+def source_sha256(paths: Sequence[str] = SOURCES, root: Path = ROOT) -> str:
+    """sha256 over the Python files under each path (a folder, or one file), with their names."""
     h = hashlib.sha256()
-    for folder in folders:
-        for path in sorted((root / folder).rglob("*.py")):
+    for name in paths:
+        top = root / name
+        for path in sorted(top.rglob("*.py")) if top.is_dir() else [top]:
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -116,13 +116,13 @@ def entry(correct: int, n: int) -> dict[str, Any]:
 Question = tuple[Any, str, str, str]  # (image, category, question, answer)
 
 
-def bench_questions(n: int, seed: int) -> list[Question]:
+def bench_questions(n: int, seed: int, variant: str = "easy") -> list[Question]:
     """The benchmark's test questions, rendered in-process (fmvr.tasks is torch-free): one PIL
     image per scene, shared by its questions. ImportError without scikit-learn (its digits)."""
     from fmvr import tasks
 
     out: list[Question] = []
-    for scene in tasks.scenes(SPLIT, n, seed):
+    for scene in tasks.scenes(SPLIT, n, seed, variant):
         image = tasks.render_scene(scene)
         out += [(image, c, q, a) for c, q, a in scene.questions]
     return out
@@ -296,6 +296,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scenes = "benchmark test scenes, 5 questions each, asked at every budget (default 20; 0: timings only)"
     flag("--bench-n", metavar="N", type=n(0), default=20, help=scenes)
     flag("--bench-seed", metavar="SEED", type=n(0), default=0, help="benchmark seed, as train.eval's")
+    flag(
+        "--bench-variant",
+        default="easy",
+        choices=("easy", "detail"),
+        help="benchmark variant: easy (3x3 layout) or detail (many small objects), as train.eval's",
+    )
     flag("--accuracy", metavar="FILE", help="take accuracy from a `python -m train.eval --out` JSON instead")
     flag("--warmup", type=n(0), default=2, help="untimed runs before timing the stages (default 2)")
     flag("--runs", type=n(1), default=10, help="timed runs per stage and budget (default 10)")
@@ -317,13 +323,14 @@ def _load_profile(pipe: Pipeline, args: argparse.Namespace) -> Profile:
 
 def _accuracy(pipe: Pipeline, args: argparse.Namespace) -> tuple[dict | None, dict]:
     meta = {"split": SPLIT, "bench_n": args.bench_n, "seed": args.bench_seed, "max_new_tokens": ANSWER_TOKENS}
+    meta["variant"] = args.bench_variant
     if args.accuracy:
         acc, note = accuracy_from_file(args.accuracy, list(pipe.budgets))
         return acc, {"source": "file", "note": note, "file": str(args.accuracy)}
     if args.bench_n == 0:
         return None, {**meta, "source": "none", "note": "not measured (--bench-n 0): timings only"}
     try:
-        questions = bench_questions(args.bench_n, args.bench_seed)
+        questions = bench_questions(args.bench_n, args.bench_seed, args.bench_variant)
     except ImportError as e:
         why = (
             f"timings only: the built-in benchmark's digit cards need scikit-learn ({e}); "
@@ -331,7 +338,10 @@ def _accuracy(pipe: Pipeline, args: argparse.Namespace) -> tuple[dict | None, di
         )
         return None, {**meta, "source": "none", "note": why}
     acc = evaluate(pipe, questions)
-    note = f"built-in benchmark, {SPLIT} split, {args.bench_n} scenes, through this runtime (greedy)"
+    note = (
+        f"built-in benchmark ({args.bench_variant} variant), {SPLIT} split, {args.bench_n} scenes, "
+        "through this runtime (greedy)"
+    )
     return acc, {**meta, "source": "runtime", "note": note}
 
 

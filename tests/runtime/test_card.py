@@ -138,7 +138,7 @@ def test_the_benchmark_is_built_in_process_without_a_subprocess(monkeypatch):
         monkeypatch.setattr(subprocess, name, refuse)
     questions = card.bench_questions(2, 0)
     pipe = FakePipe([a for *_, a in questions for _ in FakePipe.budgets])
-    args = SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0)
+    args = SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0, bench_variant="easy")
     acc, meta = card._accuracy(pipe, args)
     assert meta["source"] == "runtime" and meta["bench_n"] == 2
     assert {c: acc[9][c]["n"] for c in card.CATEGORIES} == {
@@ -162,7 +162,9 @@ def test_without_scikit_learn_the_card_has_timings_only(monkeypatch, fake_card):
 
     task_scene.digit_scans.cache_clear()
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    acc, meta = card._accuracy(FakePipe([]), SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0))
+    acc, meta = card._accuracy(
+        FakePipe([]), SimpleNamespace(accuracy=None, bench_n=2, bench_seed=0, bench_variant="easy")
+    )
     monkeypatch.undo()
     task_scene.digit_scans.cache_clear()
     assert acc is None and meta["source"] == "none" and "fmvr-edge[bench]" in meta["note"]
@@ -226,3 +228,17 @@ def test_bad_flags_are_refused_before_the_bundle_loads(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as e:
         main(["card", "--bundle", str(tmp_path), *flags])
     assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_the_card_asks_the_variant_it_is_told():
+    questions = card.bench_questions(2, 0, "detail")
+    assert len(questions) == 10 and {c for _, c, _, _ in questions} == {
+        "colour",
+        "shape",
+        "count",
+        "where",
+        "exist",
+    }
+    pipe = FakePipe([a for *_, a in questions for _ in FakePipe.budgets])
+    acc = card.evaluate(pipe, questions)
+    assert acc[9]["all"] == {"correct": 10, "n": 10, "accuracy": 1.0} and acc[9]["shape"]["n"] == 2
