@@ -1,5 +1,11 @@
 """Assemble a bundle: tokenizer + vision graphs + decoder + manifest, written atomically.
 
+Atomically means (fmvr.atomic, fmvr.staging): stale staging folders of killed exports are
+swept, the estimate is checked against the free space before anything is written, the bundle
+is built in a staging folder and put at --out in one step, so --out always holds the old
+bundle or the new one; adding an LLM stages a hard-linked copy whose llm/ and manifest change
+together.
+
 Each part is gated through the runtime's own loaders (export.gates) inside the temporary
 bundle before it becomes the bundle. The manifest stores the options it was made with and
 the rebuild command generated from them.
@@ -8,8 +14,6 @@ the rebuild command generated from them.
 from __future__ import annotations
 
 import shlex
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,15 @@ from export.options import (
     build_record,
     options_from_build,
 )
-from fmvr.atomic import swap_into_place
+from fmvr import staging
+from fmvr.atomic import update_dir
+from fmvr.staging import fault_point
 from runtime.bundle import (
     FileEntry,
     LLMSection,
     Manifest,
     atomic_bundle,
+    check_output_free,
     file_entry,
     read_manifest,
     verify_bundle,
@@ -88,6 +95,9 @@ def build_bundle(
     out = Path(out)
     steps = Progress(4 if llm else 3)
     build = build_record(src.flags, out, tokens, vision, llm)
+    check_output_free(out, force)  # the plain refusal first
+    staging.sweep(out)
+    staging.check_space(out, export_bytes(src.model, tokens, vision, llm), f"bundle {out.name}")
     with atomic_bundle(out, force=force) as tmp:
         steps.start("parity images (real photos + built-in)")
         images, names = parity_images()
@@ -103,6 +113,7 @@ def build_bundle(
         m = gates.vision_gate(tmp, src.model, images, names)
         write_manifest(tmp, m)
         steps.done(vision_note(m))
+        fault_point("export.after-vision")
         if llm:
             steps.start(f"LLM decoder ({llm.quant}, {llm.target}, exporter {llm.exporter})")
             llm_section, llm_files = write_llm(src.model, src.tokenizer, tmp, llm)
@@ -112,11 +123,31 @@ def build_bundle(
             assert m.llm is not None
             record_quality(m.llm, m.files, gates.llm_gate(tmp, m.llm, src.model, src.tokenizer, llm.target))
             steps.done(agreement_note(m.llm.quantization["agreement"]))
+            fault_point("export.after-llm")
         steps.start("manifest, verification")
         write_manifest(tmp, m)
         verify_bundle(tmp)
         steps.done()
     return out, verify_bundle(out)
+
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
+
+
+def export_bytes(model: Any, tokens: tuple[int, ...], vision: VisionOptions, llm: LLMOptions | None) -> int:
+    """An upper estimate of what build_bundle writes at its peak: the vision graphs (vision
+    params x bytes per precision, once per graph) + the decoder's float export and its quantized
+    copy side by side + the embedding table + 16 MB of tokenizer and small files."""
+    text = model.language_model
+    text_params = sum(p.numel() for p in text.parameters())
+    vision_params = sum(p.numel() for p in model.parameters()) - text_params
+    graphs = 1 if vision.layout == "shared" else len(tokens)
+    need = vision_params * BYTES[vision.precision] * graphs + (16 << 20)
+    if llm is not None:
+        q = llm.quantization
+        embed = text.get_input_embeddings().weight.numel() * BYTES[q.export_precision]
+        need += text_params * (BYTES[q.export_precision] + BYTES.get(llm.quant, 4)) + embed
+    return int(need)
 
 
 def vision_note(m: Manifest) -> str:
@@ -155,17 +186,19 @@ def add_llm(src: Source, bundle: str | Path, llm: LLMOptions, force: bool) -> tu
     if m.llm is not None and not force:
         raise ExportError(f"bundle {bundle} already has an LLM ({m.llm.quant}); pass --force")
     vision, _ = options_from_build(m.build)
-    work = Path(tempfile.mkdtemp(prefix=".llm.partial-", dir=bundle))
-    try:
+    need = export_bytes(src.model, tuple(m.budgets), vision, llm) - export_bytes(src.model, (), vision, None)
+    # the new llm/ and the manifest replace the old ones together: one step (fmvr.atomic.update_dir)
+    with update_dir(
+        bundle, skip=("llm", "llm.work"), need=need, what=f"the LLM of bundle {bundle.name}"
+    ) as work:
         section, files = write_llm(src.model, src.tokenizer, work, llm)
         record_quality(section, files, gates.llm_gate(work, section, src.model, src.tokenizer, llm.target))
-        swap_into_place(work / "llm", bundle / "llm")  # the old or the new decoder, never neither
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    m.files = [f for f in m.files if not f.path.startswith("llm/")] + files
-    m.llm = section
-    m.build = build_record(shlex.split(m.build["checkpoint"]), bundle, tuple(m.budgets), vision, llm)
-    write_manifest(bundle, m)
+        m.files = [f for f in m.files if not f.path.startswith("llm/")] + files
+        m.llm = section
+        m.build = build_record(shlex.split(m.build["checkpoint"]), bundle, tuple(m.budgets), vision, llm)
+        write_manifest(work, m)
+        verify_bundle(work)
+        fault_point("export.llm-staged")
     return bundle, verify_bundle(bundle)
 
 

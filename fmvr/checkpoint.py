@@ -1,6 +1,7 @@
 """Checkpoints in our own format, and the machinery the importers share.
 
-A checkpoint is a directory, written to a temp dir then renamed into place:
+A checkpoint is a directory, written to a staging dir then put in place in one step
+(fmvr.atomic.atomic_dir: stale staging swept, free space checked first):
     config.json        FMVRConfig
     model.safetensors  every tensor of FMVRLlava.state_dict(), tied aliases stored once
     tokenizer.json     optional (tokenizers library)
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from fmvr import atomic
 from fmvr.config import FMVRConfig
 from fmvr.model import FMVRLlava
+from fmvr.staging import fault_point
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,14 +53,25 @@ def save_checkpoint(
     state, tied = split_tied(model.state_dict())
     meta = {"format": "pt", "fmvr_config_hash": model.cfg.hash(), TIED_META: json.dumps(tied, sort_keys=True)}
     extra_text = _extra_json(extra) if extra is not None else None
-    with atomic.atomic_dir(path) as tmp:
+    need = tensor_bytes(state.values()) + len(extra_text or "") + (8 << 20)  # + config, tokenizer
+    with atomic.atomic_dir(path, need=need, what=f"checkpoint {path.name}") as tmp:
         model.cfg.save(tmp / CONFIG_FILE)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=meta)
+        fault_point("checkpoint.after-weights")
         if tokenizer is not None:
             (tmp / TOKENIZER_FILE).write_text(_tokenizer_json(tokenizer))
         if extra_text is not None:
             (tmp / EXTRA_FILE).write_text(extra_text)
     return path
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes the tensors take once written (each storage counted once)."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

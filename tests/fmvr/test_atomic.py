@@ -40,6 +40,8 @@ def test_atomic_dir_replaces_and_failure_keeps_old(tmp_path):
 
 
 def test_swap_restores_old_folder_when_rename_fails(tmp_path, monkeypatch):
+    """The fallback swap (no renameat2 exchange): two renames, the old folder put back."""
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     d, new = tmp_path / "d", tmp_path / "new"
     d.mkdir()
     (d / "f").write_text("old")
