@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv ros demo test lint typecheck check clean
+.PHONY: venv ros demo test test-faults test-jetson lint typecheck check clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,29 @@ test: venv
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which is a failure here" >&2; fi; \
 	exit $$rc
+
+# SIGKILL at named steps of export, checkpoint save and the SmolLM2 cache (tests/faults, ~5 min):
+# marked slow, so `make test` leaves them out and CI runs them here.
+test-faults: venv
+	$(PY) -m pytest -q -m slow tests/faults
+
+# The torch-free runtime on a Jetson's Python and versions (JetPack 6: Python 3.10; numpy,
+# onnxruntime, pillow of constraints-jetson.txt): a bundle built by the main venv, then
+# `pip install .` and tests/jetson in a Python 3.10 venv without torch (~1 min, most of it pip).
+PY310   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
+JETSON  ?= build/jetson
+jetson-venv: $(JETSON)/venv/.installed
+
+$(JETSON)/venv/.installed: pyproject.toml constraints-jetson.txt
+	rm -rf $(JETSON)/venv
+	$(PY310) -m venv $(JETSON)/venv
+	$(JETSON)/venv/bin/python -m pip install -q -c constraints-jetson.txt '.[cpu]' pytest pytest-timeout
+	touch $@
+
+test-jetson: venv jetson-venv
+	$(PY) tests/jetson/prepare.py $(JETSON)
+	FMVR_JETSON_DIR=$(JETSON) FMVR_JETSON_STRICT=1 $(JETSON)/venv/bin/python -m pytest \
+		--noconftest -p no:cacheprovider -q tests/jetson
 
 lint: venv
 	$(VENV)/bin/ruff check .

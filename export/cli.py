@@ -25,9 +25,12 @@ from pathlib import Path
 
 from export.common import USER_ERRORS, ExportError, Source, load_source, parse_tokens
 from export.options import EXPORTERS, PREPROCESS, QUANTS, TARGETS, LLMOptions, VisionOptions
+from fmvr.staging import NotEnoughSpace
 from runtime.bundle import LAYOUTS
 
 ASK = 'python -m runtime ask --bundle {out} --image photo.jpg --prompt "What is in the picture?"'
+
+ERRORS = (*USER_ERRORS, NotEnoughSpace)  # + a refusal before writing (fmvr.staging.check_space)
 
 
 # ---- argument groups ---------------------------------------------------------------------------------
@@ -44,12 +47,8 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of --demo-tiny's random weights")
 
 
-def add_tokens_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
-    default = None if required else "all"
-    note = "" if required else " (default all)"
-    p.add_argument(
-        "--tokens", required=required, default=default, help=f"visual-token budgets: 36, 1,9,36 or all{note}"
-    )
+def add_tokens_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", default="all", help="visual-token budgets: 36, 1,9,36 or all (default all)")
 
 
 def add_vision_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +141,7 @@ def export_main(argv: list[str] | None = None) -> int:
         src = source(args)
         tokens = parse_tokens(args.tokens, tuple(src.model.cfg.budgets))
         out, manifest = build_bundle(src, args.out, tokens=tokens, vision=vision, llm=llm, force=args.force)
-    except USER_ERRORS as e:
+    except ERRORS as e:
         print(f"error: {e}")
         return 2
     print_summary(out, manifest)
@@ -177,7 +176,7 @@ def onnx_main(argv: list[str] | None = None) -> int:
         src = source(args)
         tokens = parse_tokens(args.tokens, tuple(src.model.cfg.budgets))
         out, manifest = build_bundle(src, args.out, tokens=tokens, vision=vision, llm=None, force=args.force)
-    except USER_ERRORS as e:
+    except ERRORS as e:
         print(f"error: {e}")
         return 2
     print_summary(out, manifest)
@@ -217,7 +216,7 @@ def llm_main(argv: list[str] | None = None) -> int:
                 f"(python -m export --checkpoint CKPT --out {args.out} --quant {llm.quant})"
             )
         out, manifest = add_llm(source(args), args.out, llm, args.force)
-    except USER_ERRORS as e:
+    except ERRORS as e:
         print(f"error: {e}")
         return 2
     print_summary(out, manifest)
@@ -232,7 +231,7 @@ def trt_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m export.trt", "TensorRT engines for the vision graphs, built on the device that runs them."
     )
-    add_tokens_arg(p, required=True)
+    add_tokens_arg(p)  # default all: every budget of the bundle
     p.add_argument("--bundle", help="existing bundle (python -m export / export.onnx); default ./bundle")
     add_source_args(p)
     g = p.add_argument_group("engine")
@@ -280,7 +279,7 @@ def trt_main(argv: list[str] | None = None) -> int:
         trt_module, gpu = trt.require_tensorrt(), trt.require_gpu()
         bundle = prepare_bundle(args)
         m = trt.build_engines(trt_module, gpu, bundle, args.tokens, opts)
-    except USER_ERRORS as e:
+    except ERRORS as e:
         print(f"error: {e}")
         return 2
     print_summary(bundle, m)

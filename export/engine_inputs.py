@@ -8,7 +8,9 @@
   [B, S, S, 3], one size so that they batch), the entropy calibrator over them (with its
   cache file) and the profile calibration runs at.
 
-tensorrt and torch are imported inside the functions that need them.
+No torch (a runtime-only Jetson has none): the images are preprocessed by fmvr.preprocess
+(PIL + numpy) and the calibrator's device buffer comes from cuda-python. tensorrt and
+cuda-python are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -110,25 +112,40 @@ def calibration_batches(
         yield np.ascontiguousarray(preprocess(files[i : i + batch]), dtype=dtype)  # [batch, ...]
 
 
-def make_calibrator(batches: Iterator[np.ndarray], batch: int, cache: Path) -> Any:
-    """IInt8EntropyCalibrator2 over preprocessed batches; the cache file skips recalibration."""
+def make_calibrator(batches: Iterator[np.ndarray], batch: int, cache: Path, cudart: Any = None) -> Any:
+    """IInt8EntropyCalibrator2 over preprocessed batches; the cache file skips recalibration.
+    One device buffer (cuda-python), sized by the first batch, reused for every batch."""
     import tensorrt as trt
-    import torch
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
-            self.current: torch.Tensor | None = None
+            self.device: Any = None  # cudaMalloc'd pointer
+            self.nbytes = 0
 
         def get_batch_size(self) -> int:
-            return batch
+            return batch  # ignored for explicit-batch networks: the calibration profile sets it
 
         def get_batch(self, names: list[str]) -> list[int]:
             arr = next(batches, None)
             if arr is None:
+                self.free()
                 return []
-            self.current = torch.from_numpy(arr).cuda()  # [batch, 3, S, S] on the GPU
-            return [int(self.current.data_ptr())]
+            rt = cudart or _runtime()
+            if self.device is None:
+                err, self.device = rt.cudaMalloc(arr.nbytes)
+                _ok(err, "cudaMalloc")
+                self.nbytes = arr.nbytes
+            if arr.nbytes != self.nbytes:  # every batch has the calibration profile's one shape
+                raise ExportError(f"calibration batch of {arr.nbytes} bytes, expected {self.nbytes}")
+            h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            _ok(rt.cudaMemcpy(self.device, arr.ctypes.data, arr.nbytes, h2d)[0], "cudaMemcpy")
+            return [int(self.device)]
+
+        def free(self) -> None:
+            if self.device is not None:
+                (cudart or _runtime()).cudaFree(self.device)
+                self.device = None
 
         def read_calibration_cache(self) -> bytes | None:
             return cache.read_bytes() if cache.is_file() else None
@@ -139,17 +156,28 @@ def make_calibrator(batches: Iterator[np.ndarray], batch: int, cache: Path) -> A
     return Calibrator()
 
 
+def _runtime() -> Any:
+    from runtime.vision import _cudart
+
+    return _cudart()
+
+
+def _ok(err: Any, what: str) -> None:
+    if int(err) != 0:
+        raise ExportError(f"{what} failed during INT8 calibration: CUDA error {int(err)}")
+
+
 def calibration_profile(
-    builder: Any, input_name: str, batch: int, size: int, frames: GraphPreprocess | None, profile: Any
+    builder: Any, input_name: str, batch: int, size: int, frames: GraphPreprocess | None, profile: Any = None
 ) -> Any:
-    """The profile INT8 calibration runs at: the build profile for pixels; for frames, one fixed
-    shape (calib batch, S, S, 3), the host-resized images calibration_input feeds."""
-    if frames is None:
-        return profile
+    """The profile INT8 calibration runs at: one fixed shape, the calibration batch's own
+    (calib batch, 3, S, S) pixels or (calib batch, S, S, 3) host-resized frames. TensorRT
+    calibrates at the calibration profile's opt shape: the build profile's opt (batch 1 by
+    default) would read 1 image of each 8-image batch, and past the buffer when opt > calib batch."""
     import tensorrt as trt
 
     fixed = builder.create_optimization_profile()
-    shape = trt.Dims([batch, size, size, 3])
+    shape = trt.Dims([batch, size, size, 3] if frames is not None else [batch, 3, size, size])
     fixed.set_shape(input_name, shape, shape, shape)
     return fixed
 

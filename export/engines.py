@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tensorrt as trt_types
 
-from export import gates
+from export import gates, trt_rules
 from export.common import ExportError, parse_tokens
 from export.engine_inputs import (  # calibration_files/_batches, make_calibrator: also used as et.*
     calibration_batches,
@@ -47,7 +47,7 @@ from export.engine_inputs import (  # calibration_files/_batches, make_calibrato
     make_calibrator,
     profile_record,
 )
-from fmvr.atomic import write_bytes, write_json
+from fmvr.atomic import update_dir, write_bytes, write_json
 from runtime.bundle import EngineEntry, GraphPreprocess, Manifest, file_entry, verify_bundle, write_manifest
 
 INSTALL_HELP = (
@@ -57,6 +57,10 @@ INSTALL_HELP = (
     "NVIDIA's index, https://pypi.nvidia.com). Engines are tied to the TensorRT version and GPU: build "
     "them on the device that runs them. The ONNX bundle runs anywhere with onnxruntime meanwhile."
 )
+# TensorRT 10 only: 11 removes BuilderFlag.FP16/INT8, the calibrators and set_calibration_profile (weakly
+# typed precision flags give way to strongly typed networks). The `trt` extra pins the same range.
+TRT_SUPPORTED = (10, 11)  # [lo, hi) major versions
+CUDA_PYTHON_SUPPORTED = (12, 13)  # cuda-python 13 needs a CUDA 13 driver; JetPack 6 has CUDA 12
 OOM_MARKERS = ("out of memory", "outofmemory", "insufficient memory", "cudaerrormemoryallocation", "oom")
 
 
@@ -189,27 +193,58 @@ def require_tensorrt(importer: Callable[[str], ModuleType] = importlib.import_mo
     if not hasattr(trt, "Builder"):  # tensorrt-stubs leaves a bare `tensorrt/` folder of .pyi files
         where = ", ".join(map(str, getattr(trt, "__path__", []))) or str(getattr(trt, "__file__", "?"))
         raise ExportError(f"{INSTALL_HELP} (the `tensorrt` importable here, {where}, holds only type stubs)")
-    if int(str(trt.__version__).split(".")[0]) < 10:
-        raise ExportError(f"TensorRT {trt.__version__} found; this exporter needs TensorRT 10 or newer")
+    major = int(str(trt.__version__).split(".")[0])
+    if not TRT_SUPPORTED[0] <= major < TRT_SUPPORTED[1]:
+        raise ExportError(
+            f"TensorRT {trt.__version__} found; this exporter supports TensorRT >=10,<11 (the API it is "
+            "written against: TensorRT 11 drops BuilderFlag.FP16/INT8 and the INT8 calibrators). "
+            "On x86: pip install 'tensorrt>=10,<11' (or '.[trt]'); on Jetson, JetPack 6 ships 10.x"
+        )
     return trt
 
 
-def require_gpu() -> tuple[str, str]:
-    """(GPU name, compute capability 'M.m') of CUDA device 0, or an ExportError."""
-    import torch
+def require_gpu(cudart: Any = None) -> tuple[str, str]:
+    """(GPU name, compute capability 'M.m') of CUDA device 0, or an ExportError. Through
+    cuda-python, not torch: a runtime-only Jetson has no torch (JetPack's is a special wheel)."""
+    if cudart is None:
+        if importlib.util.find_spec("cuda") is None:
+            raise ExportError(
+                "cuda-python is not installed: the build queries the GPU and the engine gate runs "
+                "(runtime.vision.TrtVision) with it: pip install 'cuda-python>=12,<13' (or '.[trt]')"
+            )
+        check_cuda_python()
+        from runtime.vision import _cudart
 
-    if importlib.util.find_spec("cuda") is None:
+        cudart = _cudart()
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
         raise ExportError(
-            "cuda-python is not installed: each engine is checked by the runtime's own TensorRT "
-            "backend (runtime.vision.TrtVision), which needs it: pip install cuda-python"
+            f"no CUDA GPU visible (cudaGetDeviceCount: error {int(err)}, {count if int(err) == 0 else 0} "
+            "devices): TensorRT engines are built on the GPU that runs them. Check nvidia-smi (tegrastats "
+            "on Jetson) and that cuda-python's major version matches the driver's CUDA (12 on JetPack 6)"
         )
-    if not torch.cuda.is_available():
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise ExportError(f"cudaGetDeviceProperties(0) failed: error {int(err)}")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
+
+
+def check_cuda_python(version: str | None = None) -> None:
+    """ExportError unless cuda-python's major version is in CUDA_PYTHON_SUPPORTED."""
+    from importlib import metadata
+
+    if version is None:
+        try:
+            version = metadata.version("cuda-python")
+        except metadata.PackageNotFoundError:
+            return  # cuda-bindings alone, or JetPack's own build: let the device query speak
+    major = int(version.split(".")[0])
+    if not CUDA_PYTHON_SUPPORTED[0] <= major < CUDA_PYTHON_SUPPORTED[1]:
         raise ExportError(
-            "no CUDA GPU visible: TensorRT engines are built on the GPU that runs them. Check nvidia-smi; "
-            "PyTorch must be a CUDA build (on Jetson the JetPack wheel) to hand TensorRT device memory"
+            f"cuda-python {version} found; supported: >=12,<13 (cuda-python 13 needs a CUDA 13 driver, "
+            "JetPack 6 has CUDA 12): pip install 'cuda-python>=12,<13'"
         )
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
 def make_logger() -> Any:
@@ -314,20 +349,21 @@ def build_one(
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".trt-") as tmp:
         work = Path(tmp)
         onnx_path, onnx_rel = single_budget_graph(bundle, m, tokens, work)
-        missing = unsupported_ops(onnx_path)
-        if missing:
+        frames = m.vision.preprocess
+        size = m.vision.image_size
+        shapes = input_profile(opts, size, frames)
+        broken = [str(v) for v in trt_rules.check_file(onnx_path, {m.vision.input_name: shapes})]
+        if broken:
             raise ExportError(
-                f"{onnx_rel} uses ops TensorRT does not list as supported: {', '.join(missing)}"
+                f"{onnx_rel} breaks TensorRT's rules (export/trt_rules.py):\n  {trt_rules.explain(broken)}"
             )
         calib = None
-        frames = m.vision.preprocess
         if opts.precision == "int8":
-            dtype = np.uint8 if frames else np.float32
+            dtype = np.uint8 if frames else np.dtype(m.vision.input_dtype)  # what the graph takes
             files = calibration_files(opts.calib_images)
             batches = calibration_batches(files, opts.calib_batch, calibration_input(m), dtype)
             calib = make_calibrator(batches, opts.calib_batch, bundle / f"vision/t{tokens}.int8.calib")
-        size = m.vision.image_size
-        profile = profile_record(input_profile(opts, size, frames), frames is not None)
+        profile = profile_record(shapes, frames is not None)
         t0 = time.perf_counter()
         engine = build_engine(onnx_path, m.vision.input_name, opts, size, calib, frames)
         build_s = time.perf_counter() - t0
@@ -391,7 +427,9 @@ def build_engines(
         print(
             f"[trt] building t{t} ({opts.precision}) on {gpu[0]} (sm {gpu[1]}), TensorRT {trt.__version__} ..."
         )
-        build_one(trt, gpu, bundle, m, t, opts)
+        need = sum(f.bytes for f in m.files if f.role in ("vision-onnx", "vision-data"))  # ~ one engine
+        with update_dir(bundle, need=need, what=f"engine t{t} of {bundle.name}") as work:
+            build_one(trt, gpu, work, m, t, opts)  # the engine and the manifest change in one step
     return verify_bundle(bundle)
 
 

@@ -132,7 +132,10 @@ def preprocess_nodes(pre: Any, out_dtype: str) -> tuple[list[Any], list[Any], st
     g = _Graph()
     size = int(pre.size)
     bg = np.asarray(pre.pad_color, dtype=np.float32).reshape(1, 3, 1, 1)  # [1, 3, 1, 1]
-    shape = g.op("Shape", FRAME_INPUT)
+    # TensorRT takes a UINT8 network input only when a Cast to float is its sole consumer
+    # (export/trt_rules.py, "uint8-into-cast"): the shape is read from the cast, never from the frames.
+    frames = g.op("Cast", FRAME_INPUT, to=1)  # [B, H, W, 3] float32, grey levels 0..255
+    shape = g.op("Shape", frames)
     h = g.op("Gather", shape, g.const("dim_h", 1, np.int64), axis=0)
     w = g.op("Gather", shape, g.const("dim_w", 2, np.int64), axis=0)
     side = g.op("Max", h, w)
@@ -141,7 +144,7 @@ def preprocess_nodes(pre: Any, out_dtype: str) -> tuple[list[Any], list[Any], st
     weights = _weights(g, side, size)  # [S, side]
     wx = g.op("Transpose", _columns(g, weights, left, w), perm=[1, 0])  # [W, S]
     wy = _columns(g, weights, top, h)  # [S, H]
-    x = g.op("Transpose", g.op("Cast", FRAME_INPUT, to=1), perm=[0, 3, 1, 2])  # [B, 3, H, W]
+    x = g.op("Transpose", frames, perm=[0, 3, 1, 2])  # [B, 3, H, W]
     x = g.op("Sub", x, g.const("pad", bg))  # the pad is zero from here on
     rows = _round_uint8(g, g.op("MatMul", x, wx), g.const("pad_half", bg + 0.5))  # [B, 3, H, S]
     rows = g.op("Sub", rows, g.const("pad_again", bg))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from export import trt_rules
 from export.common import ExportError, compare
 from export.quant import quantization
 from runtime.bundle import BundleError, LLMSection, Manifest, verify_bundle
@@ -96,6 +97,9 @@ def vision_gate(root: Path, model: Any, images: list[Any], names: list[str]) -> 
     from runtime import vision
 
     m = verify_bundle(root)
+    broken = trt_rules.check_bundle(root, m)  # what TensorRT would refuse fails here, on any machine
+    if broken:
+        raise ExportError(f"the vision graphs break TensorRT's rules:\n  {trt_rules.explain(broken)}")
     tokens = tuple(m.budgets)
     pre = Preprocessor.from_dict(m.preprocessing)
     fp16 = any(f.precision == "fp16" for f in m.files if f.role == "vision-onnx")

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError as e:  # aarch64 Linux: `pip install .` leaves onnxruntime to JetPack (pyproject.toml)
+    raise ImportError(
+        "onnxruntime is not installed. On a Jetson install NVIDIA's onnxruntime-gpu for your JetPack "
+        "(docs/USAGE.md, 'Installing only the runtime (Jetson)'); elsewhere pip install 'fmvr-edge[cpu]' "
+        f"(or onnxruntime-gpu on an NVIDIA x86 machine). ({e})"
+    ) from e
 
 from runtime.bundle import LLMSection
 

@@ -42,9 +42,29 @@ from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, at_budget
 from runtime.policy import QUANTILE, Choice, Policy
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
-from runtime.vision import VisionBackend, load_backend
+from runtime.vision import VisionBackend, check_providers, load_backend
 
 log = logging.getLogger("runtime")
+
+
+def llm_target(m: Manifest) -> str:
+    assert m.llm is not None
+    return str(m.llm.quantization.get("target", "cpu"))
+
+
+def decoder_providers(m: Manifest, vision_backend: str) -> list[str]:
+    """The decoder's providers follow its quantization target (export --target), not the vision
+    backend: a cpu-target int8/int4 decoder (MatMulNBits with accuracy_level 4, the CPU's kernel)
+    may fail to create a CUDA session, and its fp32 GroupQueryAttention falls back to CPU; a
+    cuda-target decoder goes to CUDA when onnxruntime has it and vision is not on CPU."""
+    if llm_target(m) != "cuda" or vision_backend == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    log.warning("the decoder was exported for --target cuda, but this onnxruntime has no CUDA provider: CPU")
+    return ["CPUExecutionProvider"]
 
 
 class Pipeline:
@@ -72,6 +92,13 @@ class Pipeline:
         self.special = manifest.special_tokens
         self.quantile, self.profile_if_missing = quantile, profile_if_missing
         self.device = device_info(vision.provider)  # the provider, not the backend name
+        # What the sessions actually got (a requested GPU provider missing is refused at load):
+        session = getattr(decoder, "session", None)
+        self.providers = {
+            "vision": list(getattr(vision, "providers", [vision.provider])),
+            "llm": list(session.get_providers()) if session is not None else [decoder.provider],
+        }
+        log.info("serving budgets %s with vision %s", list(self.budgets), vision.name)
         self.policy: Policy | None = None
         self.profile_note = ""
         self._profile_lock = threading.Lock()
@@ -103,15 +130,13 @@ class Pipeline:
                 f"bundle {root} has no LLM (vision-only); rebuild it with one: {m.rebuild_command()}"
             )
         vision = load_backend(root, m, backend, threads)
-        providers = ["CPUExecutionProvider"]
-        if vision.name != "ort-cpu":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = decoder_providers(m, vision.name)
         cfg = FMVRConfig.from_dict(m.model["config"])
         decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
-        log.info("LLM provider: %s", decoder.provider)
+        check_providers(decoder.session.get_providers(), providers[0], f"decoder {m.llm.decoder}")
+        log.info(
+            "LLM providers: %s (quantized for --target %s)", decoder.session.get_providers(), llm_target(m)
+        )
         tok = load_tokenizer(root / m.tokenizer)
         pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile, preprocess)
         if warmup:
@@ -135,6 +160,7 @@ class Pipeline:
         from runtime.measure import measure
 
         prof = measure(self, warmup=warmup, runs=runs)
+        prof.providers = dict(self.providers)  # recorded, not part of the device key
         if save:
             path = save_profile(self.bundle_dir, prof)
             log.info("saved latency profile %s", path)
@@ -145,9 +171,13 @@ class Pipeline:
     def check_budget(self, tokens: int) -> int:
         """`tokens` if this bundle serves it, else a ValueError listing the budgets it does."""
         if tokens not in self.budgets:
+            why = (
+                f"served by the bundle's {self.vision.name} vision backend only at"
+                if tokens in self.manifest.budgets
+                else "not a budget of this bundle;"
+            )
             raise ValueError(
-                f"{tokens} visual tokens is not a budget of this bundle; "
-                f"valid budgets: {', '.join(map(str, self.budgets))}"
+                f"{tokens} visual tokens is {why} valid budgets: {', '.join(map(str, self.budgets))}"
             )
         return tokens
 

@@ -7,7 +7,7 @@ A profile is saved in the bundle as `profile-<device key>.json`:
      "preprocess_ms": 3.1,
      "vision_ms": {"576": {"p50": 41.0, "p90": 44.2, "n": 10}, ...},
      "prefill": {"intercept_ms": 1.2, "ms_per_token": 0.05, "points": [[tokens, ms], ...]},
-     "decode_ms_per_token": 0.9}
+     "decode_ms_per_token": 0.9, "providers": {"vision": [...], "llm": [...]}}
 
 The device identity (CPU model or GPU name, the vision backend's execution provider such as
 "CPUExecutionProvider" - not the backend name "ort-cpu", which the profile records apart - and
@@ -140,6 +140,8 @@ class Profile:
     preprocess_ms: float = 0.0
     prefill_points: list[list[float]] = field(default_factory=list)
     created: str = ""
+    # {"vision": [...], "llm": [...]}: the providers the sessions actually got when measured
+    providers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -171,6 +173,7 @@ class Profile:
                 "points": self.prefill_points,
             },
             "decode_ms_per_token": self.decode_ms_per_token,
+            "providers": self.providers,
         }
 
     @classmethod
@@ -190,6 +193,7 @@ class Profile:
                 decode_ms_per_token=float(d["decode_ms_per_token"]),
                 preprocess_ms=float(d.get("preprocess_ms", 0.0)),
                 created=d.get("created", ""),
+                providers={k: list(v) for k, v in d.get("providers", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"malformed profile ({e}); re-run `python -m runtime profile`") from e

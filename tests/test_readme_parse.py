@@ -94,8 +94,8 @@ def test_the_harness_catches_bad_values_and_old_spellings(monkeypatch):
     assert parse(monkeypatch, "export", ["--checkpoint", "c", "--quant", "int8"]) == ("ok", [])
     outcome, _ = parse(monkeypatch, "export", ["--checkpoint", "c", "--quant", "int9"])
     assert outcome.startswith("exit 2") and "invalid choice" in outcome
-    outcome, _ = parse(monkeypatch, "export.trt", ["--bundle", "b"])  # --tokens is required
-    assert outcome.startswith("exit 2") and "--tokens" in outcome
+    outcome, _ = parse(monkeypatch, "export.trt", ["--bundle", "b", "--max-batch", "many"])
+    assert outcome.startswith("exit 2") and "--max-batch" in outcome
     outcome, _ = parse(monkeypatch, "export", ["--checkpoint", "c", "--llm", "int8"])
     assert outcome.startswith("exit 2") and "--llm" in outcome
 

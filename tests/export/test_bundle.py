@@ -128,14 +128,23 @@ def test_atomic_writer_replaces_with_force_and_cleans_up(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
-def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):
-    """--force over an existing bundle: if the new one cannot be renamed in, the old one is back."""
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch, swap):
+    """--force over an existing bundle: if the new one cannot be put in place, the old one is
+    there (the one-step exchange, and the fallback's rename aside + rename in)."""
     import fmvr.atomic
 
     out = tmp_path / "b"
     with atomic_bundle(out) as d:
         (d / MANIFEST_NAME).write_text("old")
     real = fmvr.atomic.os.replace
+
+    def no_exchange(a, b):
+        if swap == "exchange":
+            raise OSError("disk full")
+        return False
+
+    monkeypatch.setattr(fmvr.atomic, "exchange", no_exchange)
 
     def failing(src, dst):
         if ".partial-" in str(src):
@@ -222,3 +231,16 @@ def test_a_manifest_path_outside_the_bundle_is_refused(bundle_copy):
     (bundle_copy / MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="outside the bundle"):
         verify_bundle(bundle_copy)
+
+
+def test_export_into_a_nearly_full_disk_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """The free-space query says 70 MB: the tiny export's estimate + margin does not fit."""
+    from export.cli import export_main
+    from fmvr import staging
+
+    monkeypatch.setattr(staging, "free_bytes", lambda path: 70 << 20)
+    out = tmp_path / "b"
+    assert export_main(["--demo-tiny", "--out", str(out)]) == 2
+    msg = capsys.readouterr().out
+    assert "not enough free space" in msg and str(out) in msg and "70.0 MB free" in msg, msg
+    assert list(tmp_path.iterdir()) == []  # nothing written

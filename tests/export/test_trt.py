@@ -204,21 +204,32 @@ def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
             return build
 
     class Parser:
-        num_errors = 0 if parse_ok else 1
-
         def __init__(self, network, logger):
             pass
 
         def parse_from_file(self, path):
-            return parse_ok
+            self.broken = uint8_rule(path)  # TensorRT's UINT8 rule, modelled (NvInferRuntimeBase.h)
+            return parse_ok and not self.broken
 
         def get_error(self, i):
+            if getattr(self, "broken", None):
+                name, op = self.broken[i]
+                return types.SimpleNamespace(
+                    node=lambda: i,
+                    node_name=lambda: name,
+                    node_operator=lambda: op,
+                    desc=lambda: "UINT8 network input must be consumed only by a Cast to float",
+                )
             return types.SimpleNamespace(
                 node=lambda: 7,
                 node_name=lambda: "/x",
                 node_operator=lambda: "Foo",
                 desc=lambda: "no importer",
             )
+
+        @property
+        def num_errors(self):
+            return len(getattr(self, "broken", None) or []) or (0 if parse_ok else 1)
 
     trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, Parser
     trt.float32, trt.int64 = "FLOAT", "INT64"
@@ -229,6 +240,22 @@ def fake_trt(parse_ok=True, build=b"ENGINE", log=None):
     )
     trt.Dims = tuple
     return trt
+
+
+def uint8_rule(path) -> list[tuple[str, str]]:
+    """TensorRT takes a UINT8 network input only when a Cast to float is its sole consumer:
+    the (node name, op) of every other consumer, or of a second one (a missing file: nothing)."""
+    if not Path(path).is_file():
+        return []
+    g = onnx.load(str(path), load_external_data=False).graph
+    bad = []
+    for i in g.input:
+        if i.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+            continue
+        users = [n for n in g.node if i.name in n.input]
+        if len(users) != 1 or users[0].op_type != "Cast":
+            bad += [(n.name, n.op_type) for n in users if n.op_type != "Cast"] or [(i.name, "Cast")]
+    return bad
 
 
 class FakeLayer:
@@ -613,3 +640,328 @@ def test_a_failed_rebuild_leaves_the_old_engine(fake_build, bundle_copy, monkeyp
     after = verify_bundle(bundle_copy)  # same files, same hashes
     assert after.vision.engines == before.vision.engines
     assert (bundle_copy / "vision/t36.fp16.engine").read_bytes() == b"ENGINE"
+
+
+# ---- issue #27: the UINT8 rule, torch-free builds, version ranges, partial engine sets ------------------
+
+
+def old_frames_graph(tmp_path):
+    """The frame graph as it was: `frames` read by a Shape and a Cast (TensorRT refuses it)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Shape", ["frames"], ["s"], name="preprocess/shape_1"),
+        helper.make_node("Cast", ["frames"], ["f"], name="preprocess/cast_2", to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["s"], ["sf"], name="preprocess/cast_3", to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["sf"], ["m"], name="preprocess/reducemax_4", keepdims=0),
+        helper.make_node("Div", ["f", "m"], ["pixel_values"], name="preprocess/div_5"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "old",
+        [helper.make_tensor_value_info("frames", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_the_fake_parser_models_the_uint8_rule_and_todays_frame_graph_obeys_it(monkeypatch, tmp_path):
+    from export.framegraph import frame_only_model
+    from fmvr.config import preset
+    from fmvr.preprocess import Preprocessor
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt())
+    with pytest.raises(
+        ExportError, match=r"could not parse old.onnx:\n  node #0 'preprocess/shape_1' \(Shape\)"
+    ):
+        et.build_engine(old_frames_graph(tmp_path), "frames", opts(), 336, None, frame_spec())
+    pre = Preprocessor(preset("tiny").vision.image_size)
+    today = tmp_path / "preprocess.onnx"
+    onnx.save(frame_only_model(pre, 18), str(today))
+    assert uint8_rule(today) == []
+    assert et.build_engine(today, "frames", opts(), 336, None, frame_spec()) == b"ENGINE"
+
+
+class FakeCudart:
+    """cuda-python's runtime API on host memory: every pointer is a real address (numpy buffers)."""
+
+    class cudaMemcpyKind:  # noqa: N801 - cuda-python's names
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self, devices=1):
+        self.bufs, self.devices = {}, devices
+        self.calls = {"malloc": 0, "malloc_host": 0, "stream": 0}
+
+    def _alloc(self, n, kind):
+        a = np.zeros(max(n, 1), np.uint8)
+        self.bufs[a.ctypes.data] = a
+        self.calls[kind] += 1
+        return 0, a.ctypes.data
+
+    def cudaMalloc(self, n):  # noqa: N802
+        return self._alloc(n, "malloc")
+
+    def cudaMallocHost(self, n):  # noqa: N802
+        return self._alloc(n, "malloc_host")
+
+    def cudaFree(self, p):  # noqa: N802
+        self.bufs.pop(int(p))
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpy(self, dst, src, n, kind):  # noqa: N802
+        import ctypes
+
+        ctypes.memmove(int(dst), int(src), n)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+        return self.cudaMemcpy(dst, src, n, kind)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        self.calls["stream"] += 1
+        return 0, 1
+
+    def cudaStreamSynchronize(self, s):  # noqa: N802
+        return (0,)
+
+    def cudaStreamDestroy(self, s):  # noqa: N802
+        return (0,)
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return 0, self.devices
+
+    def cudaGetDeviceProperties(self, i):  # noqa: N802
+        return 0, types.SimpleNamespace(name=b"Fake Orin\x00", major=8, minor=7)
+
+
+def test_export_trt_builds_an_fp16_engine_with_torch_unimportable(monkeypatch, bundle_copy, capsys):
+    """`python -m export.trt` (export/trt.py's main, no --tokens: every budget) on a runtime-only
+    Jetson: torch blocked, the GPU queried through (fake) cuda-python."""
+    import export.gates as eg
+    import runtime.vision as rv
+    from export.trt import main
+    from runtime.bundle import verify_bundle
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt())
+    monkeypatch.setattr(rv, "_cudart", FakeCudart)
+    monkeypatch.setattr(et.importlib.util, "find_spec", lambda name: object() if name == "cuda" else None)
+    ok = {"parity": {"cosine": 1.0, "max_abs": 0.0}, "latency_ms": {"median": 1.0}}
+    monkeypatch.setattr(eg, "engine_gate", lambda *a: ok)
+    assert main(["--bundle", str(bundle_copy), "--fp16", "--max-batch", "2"]) == 0, capsys.readouterr().out
+    m = verify_bundle(bundle_copy)
+    assert sorted(m.vision.engines, key=int) == ["1", "9", "36", "144", "576"]  # no --tokens: all
+    assert {e.gpu_name for e in m.vision.engines.values()} == {"Fake Orin"}
+    assert {e.compute_capability for e in m.vision.engines.values()} == {"8.7"}
+    with pytest.raises(ExportError, match="no CUDA GPU visible"):
+        et.require_gpu(FakeCudart(devices=0))
+
+
+def test_tensorrt_11_and_cuda_python_13_get_the_supported_range():
+    eleven = types.SimpleNamespace(Builder=object, __version__="11.0.0.7")
+    with pytest.raises(
+        ExportError, match=r"TensorRT 11.0.0.7 found; this exporter supports TensorRT >=10,<11"
+    ):
+        et.require_tensorrt(lambda name: eleven)
+    assert et.require_tensorrt(
+        lambda name: types.SimpleNamespace(Builder=object, __version__="10.3.0")
+    ).__version__
+    with pytest.raises(ExportError, match=r"cuda-python 13.0.1 found; supported: >=12,<13"):
+        et.check_cuda_python("13.0.1")
+    et.check_cuda_python("12.6.2")
+
+
+def test_the_trt_extra_pins_the_majors():
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    trt = extra["project"]["optional-dependencies"]["trt"]
+    assert any(r.startswith("tensorrt>=10,<11") for r in trt) and "cuda-python>=12,<13" in trt
+
+
+def test_export_trt_on_tensorrt_11_refuses_with_the_range(monkeypatch, capsys):
+    from export.cli import trt_main
+
+    eleven = fake_trt()
+    eleven.__version__ = "11.1.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", eleven)
+    assert trt_main(["--tokens", "36", "--bundle", "nowhere", "--fp16"]) == 2
+    out = capsys.readouterr().out
+    assert "supports TensorRT >=10,<11" in out and "AttributeError" not in out
+
+
+def test_int8_calibrates_pixels_at_the_calibration_batch(monkeypatch, tmp_path):
+    """The calibration profile is the calibration batch's own shape (not the build profile's
+    opt batch 1); the calibrator copies each full batch into one reused device buffer."""
+    trt = fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cuda = FakeCudart()
+    batches = iter([np.full((4, 3, 8, 8), v, np.float32) for v in (1.0, 2.0)])
+    calib = et.make_calibrator(batches, 4, tmp_path / "c.calib", cudart=cuda)
+    et.build_engine(tmp_path / "g.onnx", "pixel_values", opts(precision="int8", calib_batch=4), 336, calib)
+    assert trt.calls["calib"].shapes == ("pixel_values", (4, 3, 336, 336), (4, 3, 336, 336), (4, 3, 336, 336))
+    for v in (1.0, 2.0):
+        (ptr,) = calib.get_batch(["pixel_values"])
+        assert np.all(cuda.bufs[ptr].view(np.float32) == v)  # the whole batch, all 4 images
+    assert calib.get_batch(["pixel_values"]) == [] and cuda.calls["malloc"] == 1 and not cuda.bufs
+
+
+def fake_trt_runtime(bundle, max_batch=2):
+    """fake_trt() plus what runtime.vision.TrtVision uses: each 'engine' runs its budget through
+    onnxruntime (CPU), reading and writing the (fake) device buffers it is given."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    from runtime.bundle import verify_bundle
+
+    trt = fake_trt()
+    m = verify_bundle(bundle)
+    calls = trt.calls.setdefault("contexts", [])
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="IN", OUTPUT="OUT")
+    trt.nptype = lambda dtype: np.float32
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shape, self.addr = engine, None, {}
+            calls.append(self)
+
+        def set_input_shape(self, name, shape):
+            if not 1 <= shape[0] <= max_batch:
+                return False
+            self.shape = shape
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.shape[0], self.engine.t, m.vision.hidden_size)
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream):
+            n = int(np.prod(self.shape)) * 4
+            x = np.frombuffer(ctypes.string_at(self.addr[m.vision.input_name], n), np.float32).reshape(
+                self.shape
+            )
+            out = m.vision.budgets[str(self.engine.t)].output
+            y = np.ascontiguousarray(self.engine.session.run([out], {m.vision.input_name: x})[0], np.float32)
+            ctypes.memmove(self.addr[out], y.ctypes.data, y.nbytes)
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def __init__(self, t):
+            self.t = t
+            self.names = [m.vision.input_name, m.vision.budgets[str(t)].output]
+            file = bundle / m.vision.budgets[str(t)].file
+            self.session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return "IN" if name == self.names[0] else "OUT"
+
+        def get_tensor_dtype(self, name):
+            return "FLOAT"
+
+        def get_tensor_profile_shape(self, name, i):
+            s = m.vision.image_size
+            return [(1, 3, s, s), (1, 3, s, s), (max_batch, 3, s, s)]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine(int(data.decode().rsplit("t", 1)[1]))
+
+    trt.Runtime = Runtime
+    return trt
+
+
+def test_an_engine_for_36_only_serves_36_and_refuses_a_forced_144(
+    fake_build, bundle_copy, monkeypatch, caplog
+):
+    """Engines for a subset (the README's `--tokens 36`): both `tensorrt` and `auto` serve the
+    budgets that have engines, say so at start, and refuse the others naming those they have."""
+    import logging
+
+    import runtime.vision as rv
+    from export.cli import trt_main
+    from runtime.pipeline import Pipeline
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(build=b"FAKE-ENGINE t36"))
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "36", "--fp16", "--max-batch", "2"]) == 0
+    trt = fake_trt_runtime(bundle_copy)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cuda = FakeCudart()
+    monkeypatch.setattr(rv, "_cudart", lambda: cuda)
+    image = np.zeros((1, 3, 336, 336), np.float32)
+    for backend in ("tensorrt", "auto"):
+        with caplog.at_level(logging.INFO, logger="runtime"):
+            pipe = Pipeline.load(bundle_copy, backend=backend)
+        assert pipe.vision.name == "tensorrt" and pipe.budgets == (36,)
+        assert "serves budgets [36]" in caplog.text and "no engine for [576, 144, 9, 1]" in caplog.text
+        assert pipe.providers["vision"] == ["TensorRT 10.13.0"]
+        frame = np.full((48, 64, 3), 128, np.uint8)
+        r = pipe.ask(frame, "What is in the picture?", max_new_tokens=2)
+        assert r.budget == 36
+        with pytest.raises(ValueError, match=r"144 visual tokens .*valid budgets: 36$"):
+            pipe.ask(frame, "What is in the picture?", tokens=144, max_new_tokens=2)
+    # parity with onnxruntime through the fake device buffers; the slot is cached across calls
+    ref = rv.OrtVision(bundle_copy, pipe.manifest, "ort-cpu").encode(np.repeat(image, 2, 0), [36])[36]
+    vision = pipe.vision
+    contexts = len(trt.calls["contexts"])
+    for _ in range(3):
+        np.testing.assert_allclose(vision.encode(np.repeat(image, 2, 0), [36])[36], ref, rtol=1e-6, atol=1e-6)
+    assert len(trt.calls["contexts"]) == contexts  # no context, stream or buffer per call
+    with pytest.raises(ValueError, match=r"outside engine t36's profile"):
+        vision.encode(np.repeat(image, 3, 0), [36])
+    vision.close()
+
+
+def test_trt_slots_are_bounded_under_concurrency(fake_build, bundle_copy, monkeypatch):
+    import threading
+
+    import runtime.vision as rv
+    from export.cli import trt_main
+    from runtime.bundle import verify_bundle
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(build=b"FAKE-ENGINE t9"))
+    assert trt_main(["--bundle", str(bundle_copy), "--tokens", "9", "--max-batch", "2"]) == 0
+    trt = fake_trt_runtime(bundle_copy)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cuda = FakeCudart()
+    monkeypatch.setattr(rv, "_cudart", lambda: cuda)
+    monkeypatch.setenv("FMVR_TRT_CONTEXTS", "2")
+    vision = rv.TrtVision(bundle_copy, verify_bundle(bundle_copy))
+    image = np.zeros((1, 3, 336, 336), np.float32)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(3):
+                assert vision.encode(image, [9])[9].shape[:2] == (1, 9)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and 1 <= len(trt.calls["contexts"]) <= 2 and cuda.calls["stream"] <= 2
+    vision.close()
+    assert not cuda.bufs  # every device and pinned buffer freed
