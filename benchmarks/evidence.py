@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adapt-steps", type=int, default=80, help="adaptation steps at --adapt-tokens")
     a("--adapt-tokens", default="144,36,9", help="budgets the adaptation draws from (one per step)")
     a("--batch-size", type=int, default=8, help="scenes per stage-2 / adaptation step")
+    a(
+        "--bench-questions",
+        type=int,
+        default=5,
+        help="question blocks per scene (0: all 14; 5: one per category)",
+    )
     a("--lora-lr", type=float, default=5e-4, help="LoRA learning rate (start and the lora arms)")
     a(
         "--projector-lr",
@@ -139,7 +145,7 @@ def train_cfg(args, out: Path, **kw):
 
     base = dict(
         out=str(out), preset=args.preset, bench_variant=args.variant, bench_n=args.bench_n, bf16=args.bf16,
-        progress=False, log_every=10, cache_vision=True,
+        bench_questions=args.bench_questions, progress=False, log_every=10, cache_vision=True,
     )  # fmt: skip
     return TrainConfig(**(base | kw)).check()
 

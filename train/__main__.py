@@ -51,6 +51,8 @@ HELP = {  # by flag_fields' name: an options record's knob as <record>_<knob>
     "data": "LLaVA-format JSON list or JSON Lines file (default: the built-in benchmark)",
     "image_folder": "folder the data file's image paths are relative to",
     "bench_n": "built-in benchmark training scenes",
+    "bench_questions": "built-in stage-2 question blocks per scene: 0 all it supports (14 on detail), N a fixed "
+    "subset of N per scene, one of each category first (shorter sequences: cheaper steps)",
     "bench_clips": "built-in two-frame clips trained beside the scenes (the frames category: what appeared)",
     "bench_seed": "built-in benchmark seed",
     "bench_qa": "built-in stage-2 questions: independent (blocks sharing the image, each seeing only the image; "

@@ -205,6 +205,18 @@ class LlavaDataset(_Base):
         return out
 
 
+def question_subset(qs: Sequence[tuple[str, str, str]], n: int) -> list[tuple[str, str, str]]:
+    """The first `n` of a scene's (category, question, answer) list (already shuffled from the
+    scene's seed), taking one of each category before a second of any; n <= 0: all of them."""
+    if n <= 0 or n >= len(qs):
+        return list(qs)
+    firsts, rest, seen = [], [], set()
+    for q in qs:
+        (rest if q[0] in seen else firsts).append(q)
+        seen.add(q[0])
+    return (firsts + rest)[:n]
+
+
 class BenchDataset(_Base):
     """The built-in benchmark generated on the fly: kind "qa" (stage 2: every question a scene
     supports, as independent blocks sharing the image, or with independent=False one multi-turn
@@ -226,6 +238,7 @@ class BenchDataset(_Base):
         independent: bool = True,
         clips: int = 0,
         variant: str = "easy",
+        questions: int = 0,
     ) -> None:
         from fmvr import tasks
         from fmvr.preprocess import Preprocessor
@@ -248,7 +261,7 @@ class BenchDataset(_Base):
         record_kind = "qa" if kind == "mix" else kind
         self.records = [tasks.llava_records(s, f"scene-{s.seed}", record_kind)[0] for s in self.scenes]
         self.tok, self.cfg, self.template, self.max_length = tok, cfg, template, max_length
-        self.kind = kind
+        self.kind, self.questions = kind, questions
         self.independent = independent and kind in ("qa", "mix")
         self.pre = Preprocessor.from_config(cfg)
 
@@ -267,7 +280,7 @@ class BenchDataset(_Base):
         if self.independent:
             from fmvr.tasks import DESCRIBE, caption, training_questions
 
-            qas = [(q, a) for _, q, a in training_questions(self.scenes[i])]
+            qas = [(q, a) for _, q, a in question_subset(training_questions(self.scenes[i]), self.questions)]
             if self.kind == "mix":  # the caption first: it is never dropped by max_length
                 qas.insert(0, (DESCRIBE, caption(self.scenes[i])))
             ids, target, blocks = tokenize_blocks(self.tok, self.cfg, self.template, qas, self.max_length)

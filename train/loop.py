@@ -99,6 +99,7 @@ def make_dataset(cfg: TrainConfig, model, tok):
         independent=cfg.bench_qa == "independent",
         clips=cfg.bench_clips,
         variant=cfg.bench_variant,
+        questions=cfg.bench_questions,
     )
 
 

@@ -121,6 +121,7 @@ class TrainConfig:
     bench_variant: str = "easy"  # easy (3x3 layout, large objects) | detail (many small objects): fmvr.tasks
     bench_qa: str = "independent"  # independent (question blocks sharing the image) | conversation
     bench_kind: str = ""  # "": the stage's (caption for stage1, qa otherwise) | caption | qa | mix
+    bench_questions: int = 0  # qa blocks per scene (0: all it supports; N: N of them, every category first)
     template: str = ""  # "": the stage's (plain for stage1, the model's otherwise) | plain | chat
     strict_data: bool = False
     max_length: int = 2048
@@ -183,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"template {self.template!r}: choose plain or chat (the model's own template)")
         if self.bench_kind == "mix" and self.bench_qa != "independent":
             raise ValueError("--bench-kind mix needs --bench-qa independent (the caption is one more block)")
+        if self.bench_questions < 0:
+            raise ValueError(f"bench questions {self.bench_questions}: pass a count >= 0 (0: every question)")
         if self.bench_clips < 0:
             raise ValueError(f"bench clips {self.bench_clips}: pass a count >= 0")
         if self.bench_clips and (self.data or self.data_kind == "caption" or self.bench_qa != "independent"):

@@ -182,3 +182,19 @@ def test_llava_records_with_several_images(tmp_path, tiny_cfg, tiny_tokenizer):
         warnings.simplefilter("always")
         assert ds.example(1) is None
     assert any("with 2 image(s) needs 2" in k for k in ds.skipped)
+
+
+def test_bench_questions_keeps_n_blocks_one_of_each_category_first(tiny_cfg, tiny_tokenizer):
+    from fmvr import tasks
+    from fmvr.tasks.detail import CATEGORIES
+    from train.data import BenchDataset, question_subset
+
+    qs = tasks.training_questions(tasks.make_scene(3, "detail"))
+    five = question_subset(qs, 5)
+    assert sorted(c for c, _, _ in five) == sorted(CATEGORIES)  # every category once, not 5 counts
+    assert question_subset(qs, 7)[:5] == five and len(question_subset(qs, 7)) == 7
+    assert question_subset(qs, 0) == qs == question_subset(qs, 99)
+    full = BenchDataset("train", 1, tiny_tokenizer, tiny_cfg, tiny_cfg.template, variant="detail")
+    cut = BenchDataset("train", 1, tiny_tokenizer, tiny_cfg, tiny_cfg.template, variant="detail", questions=5)
+    assert max(full.example(0).blocks) == len(qs) and max(cut.example(0).blocks) == 5
+    assert len(cut.example(0).ids) < len(full.example(0).ids) / 2
