@@ -2,7 +2,9 @@
 
     frame_batch(image, pre, spec)   any image source -> uint8 [1, H, W, 3], no resize:
                                     numpy arrays / fmvr.frames.Frame as they are (no PIL call
-                                    for RGB/BGR/grey), files and bytes decoded (EXIF, -> RGB)
+                                    for RGB/BGR/grey), files and bytes decoded (EXIF, -> RGB);
+                                    a frame larger than the graph's declared maximum is
+                                    downscaled on the host first (aspect kept, antialiased)
     host_batch(image, pre)          the exact option: fmvr.preprocess's pad + bicubic resize on the
                                     host -> uint8 [1, S, S, 3] (the graph's resize is then the identity)
     check_frames(x, spec)           the graph's contract: uint8, [B, H, W, 3], H and W within the
@@ -62,26 +64,38 @@ def frame_batch(image: Any, pre: Preprocessor, spec: GraphPreprocess) -> np.ndar
     """One image source -> uint8 [1, H, W, 3] RGB at its own size (ImageError if unusable)."""
     if not isinstance(image, (np.ndarray, Frame)):
         rgb = np.asarray(load_image(image, pre.max_pixels, pre.pad_color))  # decoded, [H, W, 3]
-        _refuse(rgb.shape[1], rgb.shape[0], pre, spec)
-        return rgb[None]  # [1, H, W, 3]
+        _refuse(rgb.shape[1], rgb.shape[0], pre)
+        return fit(rgb, spec)[None]  # [1, H, W, 3]
     try:
         frame = image if isinstance(image, Frame) else Frame.from_array(image)  # bare arrays are RGB
         frame.check()
     except FrameError as e:
         raise ImageError(str(e)) from e
-    _refuse(frame.width, frame.height, pre, spec)
-    return np.ascontiguousarray(frame.rgb(pre.pad_color))[None]  # [1, H, W, 3]; alpha over the pad colour
+    _refuse(frame.width, frame.height, pre)
+    return fit(np.ascontiguousarray(frame.rgb(pre.pad_color)), spec)[None]  # alpha over the pad colour
 
 
-def _refuse(width: int, height: int, pre: Preprocessor, spec: GraphPreprocess) -> None:
+def fit(rgb: np.ndarray, spec: GraphPreprocess) -> np.ndarray:
+    """uint8 [H, W, 3] as it is when the graph takes it, else downscaled on the host to fit the
+    declared maximum: aspect kept, antialiased (PIL's box filter averages every source pixel, so a
+    thin 4000x40 banner keeps its content). The graph's own pad + resize then brings it to the
+    tower's size, as the host path does from the original (answers compared in the tests)."""
+    h, w = rgb.shape[:2]
+    if too_large(w, h, spec) is None:
+        return rgb
+    from PIL import Image
+
+    scale = min(spec.max_width / w, spec.max_height / h)
+    size = (max(1, min(spec.max_width, round(w * scale))), max(1, min(spec.max_height, round(h * scale))))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def _refuse(width: int, height: int, pre: Preprocessor) -> None:
     if width * height > pre.max_pixels:
         raise ImageError(
             f"frame {width}x{height} = {width * height:,} pixels exceeds the limit of {pre.max_pixels:,} "
             "(decompression-bomb guard); downscale it first"
         )
-    why = too_large(width, height, spec)
-    if why:
-        raise ImageError(why)
 
 
 def host_batch(image: Any, pre: Preprocessor) -> np.ndarray:

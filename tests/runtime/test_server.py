@@ -239,6 +239,23 @@ def test_cli_server_and_api_build_the_same_options(pipe, tiny_bundle, image_byte
     assert seen == [want, want, want]
 
 
+def test_a_wide_banner_is_answered_not_refused(server, client, pipe):
+    """A valid 4000x40 JPEG (over the graph's 1920x1920 maximum) is downscaled and answered."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 4000, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    want = pipe.ask(buf.getvalue(), PROMPT, tokens=9, max_new_tokens=4)
+    r = client.chat.completions.create(
+        model=server.model, messages=messages(buf.getvalue()), max_tokens=4, extra_body={"visual_tokens": 9}
+    )
+    assert r.choices[0].message.content == want.answer
+
+
 def test_bad_image_gets_400_and_the_server_goes_on(server, client, image_bytes):
     for bad in (b"garbage bytes", image_bytes[0][:2000]):
         with pytest.raises(openai.BadRequestError, match="image"):
