@@ -8,8 +8,15 @@ Decoder contract (runtime/bundle.py LLMSection, onnxruntime-genai naming):
 One `Decoder` serves any number of threads: it holds the session and read-only buffers
 (an all-ones mask and the position ramp, preallocated to the model's context length and
 sliced per step); every `Generation` holds its own KV cache, so concurrent requests never
-share cache state. The KV cache moves through IO binding: each step's `present` OrtValues
-are bound as the next step's `past` without a copy (and stay on the GPU under CUDA).
+share cache state. The KV cache moves through IO binding and stays on the device:
+- shared (a GroupQueryAttention decoder, exporter "onnxruntime-genai"): one K and one V buffer
+  per layer, [1, kv_heads, prompt + max_new_tokens, head_dim], allocated once per generation and
+  bound as both `past` and `present`. GroupQueryAttention sees the same memory on both sides and
+  writes only the new positions in place (its past_present_share_buffer mode; the valid length
+  comes from attention_mask), so a step neither allocates nor copies the cache, and the binding
+  is made once: a step rebinds only the new token's embedding and the mask.
+- copy (standard attention, exporter "torch-dynamo"): each step's `present` OrtValues (past + S
+  long, a fresh allocation and a copy of the cache) are bound as the next step's `past`.
 """
 
 from __future__ import annotations
@@ -129,6 +136,8 @@ class Decoder:
             )
             for i in range(spec.num_layers)
         ]
+        # GroupQueryAttention updates a shared past/present buffer in place; standard attention cannot.
+        self.shared_kv = spec.exporter == "onnxruntime-genai"
 
     @classmethod
     def load(
@@ -173,6 +182,13 @@ class Decoder:
         z = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self.kv_dtype)  # [1, kv, 0, hd]
         return ort.OrtValue.ortvalue_from_numpy(z, self.device, 0)
 
+    def kv_buffer(self, length: int) -> Any:
+        """An uninitialised [1, kv, length, hd] cache buffer on the decoder's device (only the
+        positions below the mask's length are ever read)."""
+        spec = self.spec
+        shape = [1, spec.num_kv_heads, length, spec.head_dim]
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+
 
 class Generation:
     """Iterate to get answer token ids (stop tokens are not yielded). Timings in ms after use."""
@@ -193,7 +209,17 @@ class Generation:
         self.embeds = np.ascontiguousarray(embeds, dtype=dec.embed_dtype)
         self.rng = np.random.default_rng(params.seed)
         self.step_embed = np.empty((1, 1, embeds.shape[2]), dtype=dec.embed_dtype)  # [1, 1, D], reused
-        self.past = [(dec.empty_past(), dec.empty_past()) for _ in range(dec.spec.num_layers)]
+        self.io = dec.session.io_binding()
+        self.io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in first-bind order
+        if dec.shared_kv:  # bound once, for every step: past and present are the same buffers
+            for pk, pv, ok, ov in dec.kv_names:
+                k, v = dec.kv_buffer(need), dec.kv_buffer(need)
+                self.io.bind_ortvalue_input(pk, k)
+                self.io.bind_ortvalue_input(pv, v)
+                self.io.bind_ortvalue_output(ok, k)
+                self.io.bind_ortvalue_output(ov, v)
+        else:
+            self.past = [(dec.empty_past(), dec.empty_past()) for _ in range(dec.spec.num_layers)]
         self.length = 0  # tokens in the cache
         self.prefill_ms = 0.0
         self.decode_ms = 0.0  # decoder calls after prefill
@@ -204,22 +230,22 @@ class Generation:
     def _run(self, embeds: np.ndarray, every_position: bool = False) -> np.ndarray:
         """One decoder call on [1, S, D]: updates the cache, returns last-position logits [V]
         (every_position: all of them, [S, V])."""
-        dec, s = self.dec, embeds.shape[1]
-        io = dec.session.io_binding()
+        dec, s, io = self.dec, embeds.shape[1], self.io
         io.bind_cpu_input("inputs_embeds", embeds)
         io.bind_cpu_input("attention_mask", dec.ones[:, : self.length + s])  # [1, past + S]
         if dec.has_position_ids:
             io.bind_cpu_input("position_ids", dec.positions[:, self.length : self.length + s])  # [1, S]
-        for (pk, pv, _, _), (k, v) in zip(dec.kv_names, self.past):
-            io.bind_ortvalue_input(pk, k)
-            io.bind_ortvalue_input(pv, v)
-        io.bind_output("logits", "cpu")
-        for _, _, ok, ov in dec.kv_names:
-            io.bind_output(ok, dec.device)
-            io.bind_output(ov, dec.device)
+        io.bind_output("logits", "cpu")  # rebound each step: unallocated, so ORT sizes it for [1, S, V]
+        if not dec.shared_kv:
+            for (pk, pv, ok, ov), (k, v) in zip(dec.kv_names, self.past):
+                io.bind_ortvalue_input(pk, k)
+                io.bind_ortvalue_input(pv, v)
+                io.bind_output(ok, dec.device)
+                io.bind_output(ov, dec.device)
         dec.session.run_with_iobinding(io)
-        outs = io.get_outputs()  # logits, then present k/v per layer in bind order
-        self.past = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(len(dec.kv_names))]
+        outs = io.get_outputs()  # in bind order: logits first, then (copy) present k/v per layer
+        if not dec.shared_kv:
+            self.past = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(len(dec.kv_names))]
         self.length += s
         logits = outs[0].numpy()[0]  # [S, V]
         return logits if every_position else logits[-1]  # [S, V] or [V]

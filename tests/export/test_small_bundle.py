@@ -86,3 +86,16 @@ def test_small_runtime_greedy_equals_pytorch(small_pipe, reduced_small, real_ima
     want = reduced_small.generate(pixels, torch.tensor([ids]), tokens=tokens, max_new_tokens=NEW)[0]
     got = small_pipe.ask(image, PROMPT, tokens=tokens, max_new_tokens=NEW)
     assert got.token_ids == want and got.budget == tokens
+
+
+def test_small_shared_kv_decoder_equals_the_copy_loop_at_every_budget(small_pipe, real_images):
+    dec = small_pipe.decoder
+    assert dec.shared_kv  # the small bundle's decoder is onnxruntime-genai's (GroupQueryAttention)
+    try:
+        for tokens in (576, 144, 36, 9, 1):
+            dec.shared_kv = False
+            want = small_pipe.ask(real_images[0], PROMPT, tokens=tokens, max_new_tokens=NEW).token_ids
+            dec.shared_kv = True
+            assert small_pipe.ask(real_images[0], PROMPT, tokens=tokens, max_new_tokens=NEW).token_ids == want
+    finally:
+        dec.shared_kv = True

@@ -58,3 +58,34 @@ def test_an_embedding_table_of_another_dtype_is_refused(tiny_bundle, spec, tmp_p
     np.save(root / spec.embed_tokens, table.astype(np.float16))
     with pytest.raises(ValueError, match="float16, the decoder's inputs_embeds is float32"):
         load(root, spec)
+
+
+def test_shared_kv_buffers_give_the_copy_loops_tokens_and_update_in_place(tiny_bundle, spec):
+    """A GroupQueryAttention decoder (onnxruntime-genai) decodes into one K/V buffer per layer,
+    bound as past and present: same greedy tokens and logits as the per-step copy, and the
+    present output is the very buffer bound at the start (nothing allocated per step)."""
+    dec = load(tiny_bundle, spec)
+    assert spec.exporter == "onnxruntime-genai" and dec.shared_kv
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 90):
+        ids = rng.integers(4, spec.vocab_size, n)
+        got = {}
+        for shared in (False, True):
+            dec.shared_kv = shared
+            gen = dec.start(dec.embed(ids), SamplingParams(max_new_tokens=12, stop_token_ids=()))
+            got[shared] = list(gen)
+        assert got[True] == got[False] and len(got[True]) == 12, n
+    dec.shared_kv = False
+    want = dec.logits(dec.embed(IDS))
+    dec.shared_kv = True
+    np.testing.assert_array_equal(dec.logits(dec.embed(IDS)), want)
+    gen = dec.start(dec.embed(IDS), SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    it = iter(gen)
+    next(it)
+    ptr = gen.io.get_outputs()[1].data_ptr()  # present.0.key after the prefill
+    list(it)
+    assert gen.io.get_outputs()[1].data_ptr() == ptr and gen.length == len(IDS) + 5
+
+
+def test_a_standard_attention_decoder_keeps_the_copy_loop(tiny_bundle, spec):
+    assert not load(tiny_bundle, dataclasses.replace(spec, exporter="torch-dynamo")).shared_kv
