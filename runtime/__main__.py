@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fmvr.video import COLLAGE_FRAMES, VIDEO_MODES
 from runtime.frame_input import PREPROCESS
 from runtime.options import OBJECTIVES, AskOptions, OptionsError
+from runtime.prefix_cache import DEFAULT_MB
 from runtime.tools.card import add_arguments as add_card_arguments
 from runtime.vision import BACKENDS
 
@@ -34,6 +35,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=PREPROCESS,
         help="auto: as the bundle's graphs do; graph: frames straight into a frame-input graph; "
         "host: fmvr.preprocess (PIL) pad + resize first, the exact path",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=DEFAULT_MB,
+        help="ask/serve: keep a frame's prompt prefix (up to its visual tokens) for follow-up questions "
+        f"about it, at most this many MB (default {DEFAULT_MB}; 0: off). The timing commands never use it",
     )
     p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
 
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             profile_if_missing=getattr(args, "profile_if_missing", False),
             warmup=args.cmd != "profile",
             preprocess=args.preprocess,
+            prefix_cache_mb=args.prefix_cache_mb if args.cmd in ("ask", "serve") else 0,
         )
         commands = {"ask": _ask, "profile": _profile, "serve": _serve, "latency": _latency, "card": _card}
         return commands[args.cmd](pipe, args)

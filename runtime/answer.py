@@ -46,6 +46,7 @@ class Result:
     predicted_ms: dict[str, float] = field(default_factory=dict)
     measured_ms: dict[str, float] = field(default_factory=dict)
     vision_reused: bool = False
+    prefix_reused: int = 0  # prompt positions whose KV state came from the prefix cache (0: none)
     load: int = 0  # other requests in flight on this pipeline when this one started
     budgets: list[int] = field(default_factory=list)  # per image in prompt order; the last is `budget`
 
@@ -65,6 +66,8 @@ class Request:
     reused: bool = False  # the vision pass was charged to an earlier answer
     load: int = 0  # other requests in flight when it started
     waited_ms: float = 0.0  # spent before the pipeline saw it (a server's queue)
+    prefix: Any = None  # runtime.prefix_cache.PrefixEntry of this frame and budget (a hit), or None
+    prefix_key: str | None = None  # its key: a miss saves the prefix under it after the prefill
 
     @property
     def text_tokens(self) -> int:
@@ -111,7 +114,8 @@ def build_result(
         candidates_ms=dict(choice.candidates),
         predicted_ms={k: round(v, 3) for k, v in predicted.items()},
         measured_ms={k: round(v, 3) for k, v in measured.items()},
-        vision_reused=req.reused,
+        vision_reused=req.reused or req.prefix is not None,
+        prefix_reused=getattr(gen, "reused_prefix", 0),
         load=req.load,
         budgets=list(choice.budgets),
     )

@@ -165,11 +165,27 @@ class Decoder:
         """Token embeddings [1, S, D] in the decoder's input dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=self.embed_dtype)[None]
 
-    def start(self, embeds: np.ndarray, params: SamplingParams, timeout_s: float | None = None) -> Generation:
+    def start(
+        self,
+        embeds: np.ndarray,
+        params: SamplingParams,
+        timeout_s: float | None = None,
+        prefix: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        save_prefix: int = 0,
+    ) -> Generation:
         """A new generation from prompt embeddings [1, S, D] (its own KV cache). With timeout_s,
-        decoding stops with GenerationTimeout once that many seconds have passed from now."""
+        decoding stops with GenerationTimeout once that many seconds have passed from now.
+        prefix: the KV state of the prompt's first P positions (per layer (k, v), each
+        [1, kv, P, hd]; a `saved_prefix` of an earlier generation): only positions P.. are
+        prefilled. save_prefix=P: keep the first P positions' KV state as `saved_prefix` after the
+        prefill. Both need a shared-buffer decoder on the CPU (`can_reuse_prefix`)."""
         stop_at = None if timeout_s is None else time.monotonic() + timeout_s
-        return Generation(self, embeds, params.check(), stop_at)
+        return Generation(self, embeds, params.check(), stop_at, prefix, save_prefix)
+
+    @property
+    def can_reuse_prefix(self) -> bool:
+        """A prompt prefix's KV state can be saved and reused (runtime.prefix_cache)."""
+        return self.shared_kv and self.device == "cpu"
 
     def logits(self, embeds: np.ndarray) -> np.ndarray:
         """Logits at every position [S, V] of embeddings [1, S, D]: one prefill, cache dropped
@@ -182,21 +198,32 @@ class Decoder:
         z = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self.kv_dtype)  # [1, kv, 0, hd]
         return ort.OrtValue.ortvalue_from_numpy(z, self.device, 0)
 
-    def kv_buffer(self, length: int) -> Any:
+    def kv_buffer(self, length: int) -> tuple[Any, np.ndarray | None]:
         """An uninitialised [1, kv, length, hd] cache buffer on the decoder's device (only the
-        positions below the mask's length are ever read)."""
+        positions below the mask's length are ever read): (OrtValue, the numpy array it shares
+        memory with on the CPU, else None)."""
         spec = self.spec
         shape = [1, spec.num_kv_heads, length, spec.head_dim]
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+        if self.device == "cpu":
+            a = np.empty(shape, dtype=self.kv_dtype)
+            return ort.OrtValue.ortvalue_from_numpy(a), a  # shares a's memory
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0), None
 
 
 class Generation:
     """Iterate to get answer token ids (stop tokens are not yielded). Timings in ms after use."""
 
     def __init__(
-        self, dec: Decoder, embeds: np.ndarray, params: SamplingParams, stop_at: float | None = None
+        self,
+        dec: Decoder,
+        embeds: np.ndarray,
+        params: SamplingParams,
+        stop_at: float | None = None,
+        prefix: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        save_prefix: int = 0,
     ) -> None:
-        """stop_at: time.monotonic() after which decoding stops (GenerationTimeout); None: never."""
+        """stop_at: time.monotonic() after which decoding stops (GenerationTimeout); None: never.
+        prefix, save_prefix: as Decoder.start."""
         if embeds.ndim != 3 or embeds.shape[0] != 1:
             raise ValueError(f"prompt embeddings must be [1, S, D], got {embeds.shape}")
         need = embeds.shape[1] + params.max_new_tokens
@@ -209,18 +236,38 @@ class Generation:
         self.embeds = np.ascontiguousarray(embeds, dtype=dec.embed_dtype)
         self.rng = np.random.default_rng(params.seed)
         self.step_embed = np.empty((1, 1, embeds.shape[2]), dtype=dec.embed_dtype)  # [1, 1, D], reused
+        if (prefix is not None or save_prefix) and not dec.can_reuse_prefix:
+            raise ValueError(
+                "a saved prompt prefix needs a shared-buffer decoder on the CPU (can_reuse_prefix)"
+            )
+        if prefix is not None and not 0 < prefix[0][0].shape[2] < embeds.shape[1]:
+            raise ValueError(
+                f"a prefix of {prefix[0][0].shape[2]} positions for a {embeds.shape[1]}-token prompt"
+            )
+        if not 0 <= save_prefix <= embeds.shape[1]:
+            raise ValueError(f"save_prefix {save_prefix} for a {embeds.shape[1]}-token prompt")
         self.io = dec.session.io_binding()
         self.io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in first-bind order
+        self.kv: list[tuple[np.ndarray | None, np.ndarray | None]] = []  # numpy views of the buffers (CPU)
         if dec.shared_kv:  # bound once, for every step: past and present are the same buffers
             for pk, pv, ok, ov in dec.kv_names:
-                k, v = dec.kv_buffer(need), dec.kv_buffer(need)
+                (k, k_np), (v, v_np) = dec.kv_buffer(need), dec.kv_buffer(need)
                 self.io.bind_ortvalue_input(pk, k)
                 self.io.bind_ortvalue_input(pv, v)
                 self.io.bind_ortvalue_output(ok, k)
                 self.io.bind_ortvalue_output(ov, v)
+                self.kv.append((k_np, v_np))
         else:
             self.past = [(dec.empty_past(), dec.empty_past()) for _ in range(dec.spec.num_layers)]
         self.length = 0  # tokens in the cache
+        if prefix is not None:  # the prompt's first P positions, computed by an earlier generation
+            n = prefix[0][0].shape[2]
+            for (k_np, v_np), (k, v) in zip(self.kv, prefix):
+                k_np[:, :, :n], v_np[:, :, :n] = k, v  # type: ignore[index]
+            self.length = n
+        self.reused_prefix = 0 if prefix is None else self.length
+        self.save_prefix = save_prefix
+        self.saved_prefix: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
         self.prefill_ms = 0.0
         self.decode_ms = 0.0  # decoder calls after prefill
         self.decode_steps = 0
@@ -253,7 +300,10 @@ class Generation:
     def __iter__(self) -> Iterator[int]:
         p = self.params
         t0 = time.perf_counter()
-        logits = self._run(self.embeds)
+        logits = self._run(self.embeds[:, self.length :])  # after a reused prefix: only the rest
+        if self.save_prefix:
+            n = self.save_prefix
+            self.saved_prefix = tuple((k[:, :, :n].copy(), v[:, :, :n].copy()) for k, v in self.kv)  # type: ignore[index]
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         try:
             while True:

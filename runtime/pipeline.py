@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from runtime.images import (
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, at_budget
 from runtime.policy import QUANTILE, Choice, Policy
+from runtime.prefix_cache import DEFAULT_MB, PrefixCache, PrefixEntry, prefix_key
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, check_providers, load_backend
 
@@ -78,6 +80,7 @@ class Pipeline:
         profile_if_missing: bool = False,
         quantile: float = QUANTILE,
         preprocess: str = "auto",
+        prefix_cache_mb: float = DEFAULT_MB,
     ) -> None:
         self.bundle_dir, self.manifest = bundle_dir, manifest
         self.preprocess_mode = resolve(preprocess, manifest.vision.preprocess)  # graph | host
@@ -104,6 +107,10 @@ class Pipeline:
         self._profile_lock = threading.Lock()
         self._inflight = 0  # requests between stream() and the end of their answer
         self._inflight_lock = threading.Lock()
+        # A frame's prompt prefix (up to its last visual token) computed once: follow-up questions
+        # about the same frame and budget prefill only their own text (runtime.prefix_cache).
+        reuse = prefix_cache_mb > 0 and getattr(decoder, "can_reuse_prefix", False)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if reuse else None
         self.reload_profile()
 
     # ---- loading -----------------------------------------------------------------------------
@@ -117,12 +124,15 @@ class Pipeline:
         quantile: float = QUANTILE,
         warmup: bool = False,
         preprocess: str = "auto",
+        prefix_cache_mb: float = DEFAULT_MB,
     ) -> Pipeline:
         """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
 
         quantile: the fraction of deadlines the policy plans to keep (runtime.policy).
         warmup: run every budget once so the first request is not a cold start.
-        preprocess: auto | graph (frames into a frame-input graph) | host (PIL first: exact)."""
+        preprocess: auto | graph (frames into a frame-input graph) | host (PIL first: exact).
+        prefix_cache_mb: bound of the prefix cache (a frame's prompt prefix kept for follow-up
+        questions; 0 disables it)."""
         root = Path(bundle)
         m = verify_bundle(root)
         if m.llm is None:
@@ -138,7 +148,7 @@ class Pipeline:
             "LLM providers: %s (quantized for --target %s)", decoder.session.get_providers(), llm_target(m)
         )
         tok = load_tokenizer(root / m.tokenizer)
-        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile, preprocess)
+        pipe = cls(root, m, vision, decoder, tok, profile_if_missing, quantile, preprocess, prefix_cache_mb)
         if warmup:
             pipe.warmup()
         return pipe
@@ -327,12 +337,40 @@ class Pipeline:
             inputs, pre_ms = self._timed_preprocess(images)
             choice = self.choose(opts, text, waited_ms + pre_ms, load, n)
             check_context(text, choice.budgets, opts.max_new_tokens, context)
-            vp = self._vision_pass(inputs, choice.budgets, pre_ms)
+            hit, key = self._cached_prefix(inputs, ids, choice.budget)
+            if hit is not None:  # this frame at this budget was asked before: no vision pass
+                f = hit.features
+                vp = VisionPass({choice.budget: f}, pre_ms, 0.0, self.vision.name, images=[f], calls=0)
+            else:
+                vp = self._vision_pass(inputs, choice.budgets, pre_ms)
         except BaseException:
             self._leave()
             raise
-        req = Request(vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms)
+        req = Request(
+            vp, ids, choice, opts, t_start, load=load, waited_ms=waited_ms, prefix=hit, prefix_key=key
+        )
         return Answer(self._answer(req), opts, choice.budget, on_done=self._leave, budgets=choice.budgets)
+
+    @contextmanager
+    def prefix_cache_off(self) -> Iterator[None]:
+        """Within: every request computes its own prefix (timing tools ask one frame again and
+        again and must measure the uncached path). Not for a pipeline serving other requests."""
+        saved, self.prefix_cache = self.prefix_cache, None
+        try:
+            yield
+        finally:
+            self.prefix_cache = saved
+
+    def _cached_prefix(
+        self, inputs: Sequence[np.ndarray], ids: Sequence[int], budget: int
+    ) -> tuple[PrefixEntry | None, str | None]:
+        """(the cached prefix of this frame, budget and prompt start, or None; its key, or None
+        where nothing is cached: several images, or no text after the image)."""
+        image = self.special["image"]
+        if self.prefix_cache is None or len(inputs) != 1 or ids[-1] == image:
+            return None, None
+        key = prefix_key(inputs[0], budget, ids[: list(ids).index(image)])
+        return self.prefix_cache.get(key), key
 
     @property
     def inflight(self) -> int:
@@ -412,13 +450,37 @@ class Pipeline:
         feats = req.vp.images or [req.vp.features[req.choice.budget]]  # [T_i, D] per image
         embeds = self.embeddings(req.ids, feats)  # [1, S, D]
         params, timeout_s = self._params(req.opts), req.opts.timeout_s
-        gen = self.decoder.start(embeds, params, timeout_s=timeout_s)
+        prefix, save = self._prefix_plan(req)
+        gen = self.decoder.start(embeds, params, timeout_s=timeout_s, prefix=prefix, save_prefix=save)
         text = TextStream(gen, self.tokenizer, params.stop)
         yield from text
+        saved = getattr(gen, "saved_prefix", None)
+        if saved is not None and self.prefix_cache is not None and req.prefix_key is not None:
+            self.prefix_cache.put(req.prefix_key, PrefixEntry(feats[0], saved))
         return self._result(req, gen, text, time.perf_counter())
+
+    def _prefix_plan(self, req: Request) -> tuple[Any, int]:
+        """(the cached prefix's KV state to start from, or None; how many positions to save after
+        the prefill, 0: none). The prefix runs up to and including the image's last visual token."""
+        if req.prefix_key is None or self.prefix_cache is None:
+            return None, 0
+        if req.prefix is not None:
+            return req.prefix.kv, 0
+        n = list(req.ids).index(self.special["image"]) + req.choice.budget
+        spec = self.decoder.spec
+        size = (
+            2
+            * spec.num_layers
+            * spec.num_kv_heads
+            * n
+            * spec.head_dim
+            * np.dtype(self.decoder.kv_dtype).itemsize
+        )
+        return None, (n if size <= self.prefix_cache.max_bytes else 0)  # too large to keep: skip the copy
 
     def _result(self, req: Request, gen: Generation, text: TextStream, t_end: float) -> Result:
         measured = measured_ms(req, gen, t_end)
-        if self.policy is not None and not req.reused:
+        # a prefix-cache hit's prefill is a fraction of the budget's: it would mislead the policy
+        if self.policy is not None and not req.reused and req.prefix is None:
             self.policy.observe(req.choice.budgets, req.text_tokens, gen.decode_steps, measured, req.load)
         return build_result(req, gen, text.full, measured, self.decoder.provider)

@@ -108,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(
-        args.bundle, backend=args.backend, threads=args.threads, warmup=True, preprocess=args.preprocess
+    pipe = Pipeline.load(  # no prefix cache: the same frames are timed again and again
+        args.bundle,
+        backend=args.backend,
+        threads=args.threads,
+        warmup=True,
+        preprocess=args.preprocess,
+        prefix_cache_mb=0,
     )
     ns = [int(n) for n in args.frames.split(",")]
     rows = batching(pipe, ns, args.runs, pipe.check_budget(args.tokens), *args.size)

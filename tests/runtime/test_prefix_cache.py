@@ -1,0 +1,73 @@
+"""runtime.prefix_cache through the Pipeline: a follow-up question about the same frame reuses its
+prompt prefix (no vision pass, only its own text prefilled) and answers exactly as uncached."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+
+Q1, Q2 = "What is in the picture?", "What colour is it?"
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_bundle):
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_bundle, threads=1), Pipeline.load(tiny_bundle, threads=1, prefix_cache_mb=0)
+
+
+def test_a_follow_up_about_the_same_frame_reuses_the_prefix_and_answers_the_same(pipes, real_images):
+    cached, plain = pipes
+    assert plain.prefix_cache is None and cached.prefix_cache is not None
+    frame = np.asarray(real_images[0])
+    for tokens in (36, 576):
+        first = cached.ask(frame, Q1, tokens=tokens, max_new_tokens=6)
+        assert first.prefix_reused == 0 and not first.vision_reused
+        follow = cached.ask(frame.copy(), Q2, tokens=tokens, max_new_tokens=6)  # same pixels, new array
+        image_at = cached.prompt_ids(Q2).index(cached.special["image"])
+        assert follow.prefix_reused == image_at + tokens and follow.vision_reused
+        assert follow.measured_ms["vision"] == 0.0
+        want = plain.ask(frame, Q2, tokens=tokens, max_new_tokens=6)
+        assert follow.token_ids == want.token_ids and follow.answer == want.answer
+    stats = cached.prefix_cache.stats()
+    assert stats["hits"] == 2 and stats["entries"] == 2
+
+
+def test_another_image_budget_or_prompt_start_misses(pipes, real_images):
+    cached, _ = pipes
+    a, b = np.asarray(real_images[0]), np.asarray(real_images[1])
+    cached.ask(a, Q1, tokens=9, max_new_tokens=2)
+    assert cached.ask(b, Q1, tokens=9, max_new_tokens=2).prefix_reused == 0  # another image
+    assert cached.ask(a, Q1, tokens=1, max_new_tokens=2).prefix_reused == 0  # another budget
+    one_pixel = a.copy()
+    one_pixel[0, 0, 0] ^= 1
+    assert cached.ask(one_pixel, Q1, tokens=9, max_new_tokens=2).prefix_reused == 0
+    system = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": Q1}]
+    assert cached.ask(a, system, tokens=9, max_new_tokens=2).prefix_reused == 0  # another prompt start
+    assert cached.ask(a, Q2, tokens=9, max_new_tokens=2).prefix_reused > 0
+
+
+def entry(nbytes_each: int) -> PrefixEntry:
+    k = np.zeros((1, 1, nbytes_each // 8, 1), np.float32)  # k and v: nbytes_each / 2 each
+    return PrefixEntry(np.zeros((0, 1), np.float32), ((k, k.copy()),))
+
+
+def test_eviction_keeps_the_cache_under_its_byte_bound():
+    cache = PrefixCache(max_bytes=1000)
+    for i in range(5):
+        assert cache.put(f"k{i}", entry(400))
+        assert cache.bytes <= 1000
+    assert len(cache) == 2 and cache.get("k4") is not None and cache.get("k0") is None
+    assert cache.stats()["evictions"] == 3
+    assert not cache.put("big", entry(2000)) and cache.bytes <= 1000  # larger than the bound: not kept
+    with pytest.raises(ValueError, match="size >= 0"):
+        PrefixCache(-1)
+
+
+def test_the_key_covers_pixels_budget_and_prompt_start():
+    x = np.zeros((1, 4, 4, 3), np.uint8)
+    k = prefix_key(x, 36, [1, 2])
+    assert k == prefix_key(x.copy(), 36, [1, 2])
+    assert len({k, prefix_key(x, 9, [1, 2]), prefix_key(x, 36, [1, 3]), prefix_key(x + 1, 36, [1, 2])}) == 4
