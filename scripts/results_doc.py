@@ -335,6 +335,39 @@ def budget_probe(d: dict) -> list[str]:
     return out + table(["variant", "target", *[f"{t} tokens" for t in budgets]], rows)
 
 
+def decoder_speed(d: dict) -> list[str]:
+    bound = d["bound_ms_per_token"]
+    rows = []
+    for name, label in (("copy", "copy per step"), ("shared", "shared past/present buffers")):
+        if name in d:
+            ms = d[name]["decode_ms_per_token"]
+            rows.append(
+                [label, f"{ms:.2f}", f"{1e3 / ms:.0f}", f"{bound / ms:.0%}", f"{d[name]['prefill_ms']:.0f}"]
+            )
+    pc = d["prefix_cache"]
+    out = [
+        f"`{d['model']}` bundle, {d['llm_quant']} decoder ({d['exporter']}), {d['threads']} threads, medians of "
+        f"{d['reps']} interleaved runs. Bound: {d['decoder_weight_bytes'] / 1e6:.0f} MB of weights per token at "
+        f"{d['bandwidth_gbs']} GB/s = {bound:.2f} ms/token.",
+        "",
+    ]
+    out += table(
+        [
+            "KV cache",
+            "decode ms/token",
+            "tok/s",
+            "of the bound",
+            f"prefill {d['prefill_tokens']} tokens (ms)",
+        ],
+        rows,
+    )
+    return out + [
+        "",
+        f"Prefix cache at {pc['tokens']} tokens: a follow-up question about the same frame reaches its first token "
+        f"in {pc['follow_up_ttft_ms']:.0f} ms against {pc['first_ttft_ms']:.0f} ms for the first ({pc['ratio']:.0%}).",
+    ]
+
+
 # ---------------------------------------------------------------- families
 
 
@@ -376,6 +409,15 @@ FAMILIES = (
         "`latency_tiny/` is a tiny-preset fp32 bundle with host preprocessing (2026-11-24); "
         "`latency_small/` is the `make demo` bundle (`small`, int8 decoder, preprocessing in the "
         "graph, 2026-12-02).",
+    ),
+    Family(
+        "Runtime: the decoder against the memory-bandwidth bound, and the prefix cache",
+        ("decoder_speed_*.json",),
+        decoder_speed,
+        "Decode speed of the bundle's decoder with the KV cache copied every step (the old loop) and kept in "
+        "shared past/present buffers, against the bound of reading the decoder's weights once per token at "
+        "this machine's measured bandwidth; and the time to first token of a follow-up question about a "
+        "cached frame. Rerun: `python benchmarks/decoder_speed.py --bundle runs/demo/bundle`.",
     ),
     Family(
         "Runtime vs transformers",
