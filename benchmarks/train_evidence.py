@@ -2,7 +2,8 @@
 recipe) on the built-in benchmark and score accuracy per budget and category on its test split.
 
     python benchmarks/train_evidence.py                  # tiny: the committed train_evidence.*
-    python benchmarks/train_evidence.py --preset small   # small: evidence_small.* (recipe flags below)
+    python benchmarks/train_evidence.py --preset small   # small: evidence_small.* (recipe flags below;
+                                                         # superseded by benchmarks/evidence.py)
 
 Each run's result is kept under --runs (a rerun skips finished runs); the summary goes to
 benchmarks/results/<name>.{json,md,png}. The JSON holds `rows`: one object per (pyramid,

@@ -69,8 +69,9 @@ the answer priors, and their results (`dev/results/`). Findings, 2026-12-01 to 2
 
 Removed as stale: `small_trained.{json,md}` and the script that made it (the longer
 caption-stage-1 recipe, 2026-12-02, 45 % at 36 tokens at best). It predates the `ground` stage,
-which `evidence_small` and the `make demo` recipe supersede, and the 45-minute recipe was not
-rerun.
+which the `make demo` recipe supersedes, and the 45-minute recipe was not rerun. Removed as
+mixing code versions: `evidence_small*` (FMVR and M3 rows from before two fixes; see the evidence
+section).
 """
 
 CATEGORY_ORDER = ("colour", "count", "region", "exist", "digit", "all", "frames")
@@ -318,6 +319,52 @@ def evidence(d: dict) -> list[str]:
     return out
 
 
+def evidence_protocol(d: dict) -> list[str]:
+    """benchmarks/evidence.py's summary: accuracy per arm, budget and category with bootstrap
+    intervals, and FMVR - M3 paired over scenes."""
+    acc = {(r["arm"], r["tokens"], r["category"]): r for r in d["accuracy"]}
+    order = ("colour", "shape", "count", "region", "where", "exist", "digit", "all")  # easy and detail
+    cats = [c for c in order if any(k[2] == c for k in acc)]
+    base = d.get("constant_baseline", {})
+    rows = [
+        ["constant answer (fit on train)", "-", "-"]
+        + [pct(base[c]["accuracy"]) if c in base else "-" for c in cats]
+    ]
+    for arm in dict.fromkeys(k[0] for k in acc):
+        for t in sorted({k[1] for k in acc if k[0] == arm}, reverse=True):
+            cells = [acc.get((arm, t, c)) for c in cats]
+            seeds = next(c["seeds"] for c in cells if c)
+            rows.append(
+                [arm, str(seeds), str(t)]
+                + [f"{pct(c['accuracy'])} [{pct(c['low'])}, {pct(c['high'])}]" if c else "-" for c in cells]
+            )
+    a = d["args"]
+    out = [
+        f"Preset `{a['preset']}`, `{d['variant']}` variant, **{d['split']} split** ({a['eval_n']} scenes, benchmark "
+        f"seed {d['bench_seed']}), {d['device']}; accuracy (%) with a 95 % bootstrap interval over scenes. "
+        f"Start: ground {a['start_ground_steps']} + stage 2 {a['start_steps']} steps at 576 tokens (`none`); "
+        f"arms: {a['adapt_steps']} steps at {a['adapt_tokens']} tokens, FMVR blocks at lr {a['pyramid_lr']}.",
+        "",
+    ]
+    out += table(["arm", "seeds", "tokens", *cats], rows)
+    if d.get("differences"):
+        out += ["", "FMVR - M3 (points, all categories, paired over the same scenes, 95 % interval):", ""]
+        out += table(
+            ["LM", "tokens", "FMVR - M3", "interval", "scenes"],
+            [
+                [
+                    x["lm"],
+                    str(x["tokens"]),
+                    pct(x["fmvr_minus_m3"]),
+                    f"[{pct(x['low'])}, {pct(x['high'])}]",
+                    str(x["scenes"]),
+                ]
+                for x in d["differences"]
+            ],
+        )
+    return out
+
+
 def budget_probe(d: dict) -> list[str]:
     budgets = sorted({r["tokens"] for r in d["rows"]}, reverse=True)
     rows = []
@@ -444,16 +491,16 @@ FAMILIES = (
         "`python benchmarks/train_evidence.py` (the `.md` has the command to run longer).",
     ),
     Family(
-        "Training evidence, small preset",
-        ("evidence_small.json", "evidence_small_clips.json"),
-        evidence,
-        "`evidence_small` (2026-12-06): the demo's recipe (stage `ground` 250 steps of 32, then 80 LoRA steps "
-        "of 8) for FMVR and M3 at 36/9 tokens and `none` at 576, two seeds each, scored at every budget. "
-        "The FMVR and M3 runs predate two fixes of the same day (float32 cached tower features in stage 2, "
-        "the digit cells' ground target); the `none` runs have them. `evidence_small_clips` (2026-12-02) "
-        "adds 300 two-frame clips to stage 2 and scores the frames category; it predates the `ground` stage "
-        "(caption stage 1, no ground), so its single-image columns sit near the answer priors, and it "
-        "should be rerun with the demo's recipe before its frames result is read as more than that.",
+        "Training evidence: FMVR against M3 from one plain-LLaVA start",
+        ("evidence_*_val.json", "evidence_*_test.json"),
+        evidence_protocol,
+        "`benchmarks/evidence.py`: one starting model trained at 576 tokens with the `none` cascade (plain "
+        "LLaVA), then a Matryoshka adaptation at 144/36/9 tokens in which the arms differ only in the cascade "
+        "swapped in (FMVR's blocks with their own learning rate, or M3's pooling) and in whether the LM is "
+        "frozen or trained through LoRA. Choices are made on the val split; a report uses the test split's "
+        "own benchmark seed; intervals are bootstrapped over scenes, FMVR - M3 paired. A `_val` file is a "
+        "choosing run, not a report. The earlier small-preset evidence (`evidence_small*`, the easy "
+        "variant, FMVR and M3 rows from before two fixes) was removed: it mixed code versions.",
     ),
 )
 
