@@ -367,7 +367,8 @@ class Pipeline:
         """(the cached prefix of this frame, budget and prompt start, or None; its key, or None
         where nothing is cached: several images, or no text after the image)."""
         image = self.special["image"]
-        if self.prefix_cache is None or len(inputs) != 1 or ids[-1] == image:
+        reusable = getattr(self.decoder, "can_reuse_prefix", False)  # (a test may switch its KV mode)
+        if self.prefix_cache is None or not reusable or len(inputs) != 1 or ids[-1] == image:
             return None, None
         key = prefix_key(inputs[0], budget, ids[: list(ids).index(image)])
         return self.prefix_cache.get(key), key
