@@ -198,6 +198,12 @@ class Decoder:
         z = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self.kv_dtype)  # [1, kv, 0, hd]
         return ort.OrtValue.ortvalue_from_numpy(z, self.device, 0)
 
+    def kv_bytes(self, positions: int) -> int:
+        """Bytes of the K and V cache of `positions` prompt positions, every layer."""
+        spec = self.spec
+        per = spec.num_kv_heads * spec.head_dim * np.dtype(self.kv_dtype).itemsize
+        return 2 * spec.num_layers * positions * per
+
     def kv_buffer(self, length: int) -> tuple[Any, np.ndarray | None]:
         """An uninitialised [1, kv, length, hd] cache buffer on the decoder's device (only the
         positions below the mask's length are ever read): (OrtValue, the numpy array it shares

@@ -468,16 +468,8 @@ class Pipeline:
         if req.prefix is not None:
             return req.prefix.kv, 0
         n = list(req.ids).index(self.special["image"]) + req.choice.budget
-        spec = self.decoder.spec
-        size = (
-            2
-            * spec.num_layers
-            * spec.num_kv_heads
-            * n
-            * spec.head_dim
-            * np.dtype(self.decoder.kv_dtype).itemsize
-        )
-        return None, (n if size <= self.prefix_cache.max_bytes else 0)  # too large to keep: skip the copy
+        fits = self.decoder.kv_bytes(n) <= self.prefix_cache.max_bytes
+        return None, (n if fits else 0)  # too large to keep: skip the copy
 
     def _result(self, req: Request, gen: Generation, text: TextStream, t_end: float) -> Result:
         measured = measured_ms(req, gen, t_end)
