@@ -37,25 +37,81 @@ def quiet_quantizer_logs() -> Iterator[None]:
 ACCURACY_LEVEL_CPU = 4  # MatMulNBits accuracy_level on the CPU target (recorded in the manifest)
 
 
-def matmul_nbits(bits: int) -> Callable[[Any, int, str], Any]:
-    """Weight-only MatMulNBits with symmetric blocks: onnx ModelProto in, quantized ModelProto out."""
+def head_matmul(model: Any) -> str | None:
+    """The name of the MatMul that computes the graph's `logits` (the LM head), walking back
+    through the shape/cast ops between them; None when there is none."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = "logits"
+    for _ in range(8):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node.name
+        name = node.input[0]
+    return None
 
-    def quantize(model: Any, block_size: int, target: str) -> Any:
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Weight-only MatMulNBits quantization (round to nearest per block of `block_size` weights)
+    of every MatMul with a constant weight.
+
+    symmetric: zero point fixed at the middle level; else a zero point per block (+~4% bytes).
+    eight_bit: MatMuls kept at 8 bits (mixed precision): "head" is the LM head (the MatMul that
+    computes `logits`), any other entry a substring of node names (e.g. "down_proj").
+    int8_activations: on the CPU, MatMulNBits' accuracy_level 4 (activations int8 per block in
+    the kernel); without it onnxruntime dequantizes 8-bit weights on every call (~20x slower)."""
+
+    bits: int
+    symmetric: bool = True
+    eight_bit: tuple[str, ...] = ()
+    int8_activations: bool = True
+
+    def describe(self) -> str:
+        zero = "symmetric" if self.symmetric else "asymmetric"
+        named = [("the LM head" if k == "head" else k) for k in self.eight_bit]
+        keep = f", int8 for {' and '.join(named)}" if self.bits != 8 and self.eight_bit else ""
+        act = "activations int8 per block in the kernel" if self.int8_activations else "fp32 activations"
+        return f"int{self.bits} weights (round to nearest, {zero} blocks{keep}); on the CPU, {act}"
+
+    def kept(self, model: Any) -> list[str]:
+        """The MatMuls `eight_bit` names in `model`."""
+        names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+        head = head_matmul(model)
+        return [
+            n
+            for n in names
+            if any((k == "head" and n == head) or (k != "head" and k in n) for k in self.eight_bit)
+        ]
+
+    def __call__(self, model: Any, block_size: int, target: str) -> Any:
+        keep = self.kept(model) if self.bits != 8 else []
+        if self.eight_bit and self.bits != 8 and not keep:
+            raise ExportError(f"--quant: no MatMul matches {self.eight_bit} in this decoder")
+        model = self._pass(model, self.bits, block_size, target, exclude=keep)
+        if keep:
+            model = self._pass(model, 8, block_size, target, include=keep)
+        return model
+
+    def _pass(
+        self, model: Any, bits: int, block_size: int, target: str,
+        exclude: list[str] | None = None, include: list[str] | None = None,
+    ) -> Any:  # fmt: skip
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         # accuracy_level 4 on the CPU: activations quantized to int8 per block of K inside the
         # kernel, int8 dot products (VNNI / AMX). Without it onnxruntime dequantizes the 8-bit
         # weights on every call: ~1 ms per 576x1536 MatMul at M=1, 50x the level-4 kernel
         # (measured, onnxruntime 1.32), which made the whole int8 decoder a ~240 ms fixed cost.
-        level = ACCURACY_LEVEL_CPU if target == "cpu" else None
+        level = ACCURACY_LEVEL_CPU if target == "cpu" and self.int8_activations else None
         q = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=level
-        )
+            model, bits=bits, block_size=block_size, is_symmetric=self.symmetric, accuracy_level=level,
+            nodes_to_exclude=exclude or [], nodes_to_include=include or None,
+        )  # fmt: skip
         with quiet_quantizer_logs():
             q.process()
         return q.model.model
-
-    return quantize
 
 
 @dataclass(frozen=True)
@@ -94,6 +150,14 @@ class Quantization:
         return self.quantize is not None and not built
 
 
+# The int4 recipe, chosen on benchmarks/int4_quality.py (small, SmolLM2-135M): asymmetric
+# blocks and the LM head in 8 bits cut the mean KL to fp32 from 0.45 to 0.26 nats and raise
+# teacher-forced top-1 on plain text from 0.56 to 0.75 (questions 0.59 -> 0.78) for 16 MB more;
+# no weight-only int4 recipe there reached int8's 0.98 (int8 also keeps the down projections:
+# 0.77). Symmetric int4 everywhere is the fastest and the worst.
+INT4 = WeightOnly(4, symmetric=False, eight_bit=("head",))
+INT8 = WeightOnly(8)
+
 # Floors: measured on the untrained tiny model (near-flat logits, the hardest case); trained
 # models agree more. int8 is weight-only: per-tensor dynamic int8 activations lost SmolLM2
 # (top-1 agreement 0.54 from its outlier activations); 8-bit weight blocks keep 1.00.
@@ -102,22 +166,22 @@ QUANTIZATIONS: dict[str, Quantization] = {
     for q in (
         Quantization(
             "int4",
-            "int4 weights (MatMulNBits, symmetric blocks); on the CPU, activations int8 per block in the kernel",
+            INT4.describe(),
             ("cpu", "cuda"),
             "",
             floor=0.65,
             export_precision="fp32",
-            quantize=matmul_nbits(4),
+            quantize=INT4,
             builder_quantizes_for=("cuda",),
         ),
         Quantization(
             "int8",
-            "int8 weights (MatMulNBits, symmetric blocks); on the CPU, activations int8 per block in the kernel",
+            INT8.describe(),
             ("cpu",),
             "8-bit MatMulNBits kernels are onnxruntime CPU kernels",
             floor=0.85,
             export_precision="fp32",
-            quantize=matmul_nbits(8),
+            quantize=INT8,
         ),
         Quantization(
             "fp16",

@@ -68,8 +68,19 @@ def test_quantized_graphs_hold_the_quantized_ops(per_budget_bundle, dynamo_decod
     # accuracy_level 4 on the CPU: without it onnxruntime dequantizes 8-bit weights on every call
     int8 = nbits(per_budget_bundle[0])
     assert int8 and all(a["bits"] == 8 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in int8)
-    int4 = nbits(dynamo_decoders["int4"][0])
-    assert int4 and all(a["bits"] == 4 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in int4)
+    # int4 (export.quant.INT4): asymmetric 4-bit blocks, the LM head (the MatMul of `logits`) in 8 bits
+    graph = onnx.load(str(dynamo_decoders["int4"][0] / "llm/decoder.onnx"), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    head = producer["logits"]
+    while head.op_type != "MatMulNBits":
+        head = producer[head.input[0]]
+    int4 = [(n.name, {a.name: a.i for a in n.attribute}) for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(int4) > 1 and all(a["block_size"] == 32 and a["accuracy_level"] == 4 for _, a in int4)
+    assert {name: a["bits"] for name, a in int4} == {name: 8 if name == head.name else 4 for name, _ in int4}
+    zero_points = {
+        n.name: len(n.input) > 3 and bool(n.input[3]) for n in graph.node if n.op_type == "MatMulNBits"
+    }
+    assert all(zero_points.values()), zero_points  # asymmetric: every block has its zero point
     assert per_budget_bundle[1].llm.quantization["accuracy_level"] == 4
 
 
