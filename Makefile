@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv ros demo test test-faults test-jetson lint typecheck check clean
+.PHONY: venv ros cluster demo test test-faults test-cluster test-jetson lint typecheck check clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,13 @@ $(VENV)/.ros-installed: $(STAMP) constraints-ros.txt
 	$(PIP) install -q -c constraints.txt -c constraints-ros.txt -e '.[ros]'
 	touch $@
 
+# The cluster extra (Ray Serve, ~80 MB): tests/cluster's Ray tests skip without it.
+cluster: $(VENV)/.cluster-installed
+
+$(VENV)/.cluster-installed: $(STAMP) constraints-cluster.txt
+	$(PIP) install -q -c constraints.txt -c constraints-cluster.txt -e '.[cluster]'
+	touch $@
+
 demo: venv
 	PY=$(PY) bash scripts/demo.sh
 
@@ -48,6 +55,10 @@ test: venv
 # marked slow, so `make test` leaves them out and CI runs them here.
 test-faults: venv
 	$(PY) -m pytest -q -m slow tests/faults
+
+# Ray Serve on a local cluster (tests/cluster/test_ray_app.py, ~2 min; marked slow): needs `make cluster`.
+test-cluster: cluster
+	$(PY) -m pytest -q -m slow tests/cluster
 
 # The torch-free runtime on a Jetson's Python and versions (JetPack 6: Python 3.10; numpy,
 # onnxruntime, pillow of constraints-jetson.txt): a bundle built by the main venv, then

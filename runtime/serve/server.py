@@ -129,7 +129,9 @@ def error(e: api.ApiError, headers: dict[str, str] | None = None) -> JSONRespons
 class Server:
     """The app, a bound socket (port 0 picks a free one) and uvicorn to serve it."""
 
-    def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
+    def __init__(self, pipeline: Any, cfg: ServerConfig, listen: bool = True) -> None:
+        """listen=False: the app only (`self.app`), for a host that serves it itself (the
+        cluster's Ray Serve ingress, runtime.cluster.app)."""
         self.pipeline, self.cfg = pipeline, cfg
         self.model = cfg.model_name or f"fmvr-{pipeline.manifest.model.get('name', 'model')}"
         self.started = time.time()
@@ -139,6 +141,9 @@ class Server:
         self.pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="fmvr-pipeline")
         self.metrics = Metrics(self)
         self.app = self._app()
+        self._done = threading.Event()
+        if not listen:
+            return
         config = uvicorn.Config(
             self.app,
             host=cfg.host,
@@ -149,7 +154,6 @@ class Server:
         )
         self.uvicorn = uvicorn.Server(config)
         self.socket = config.bind_socket()
-        self._done = threading.Event()
 
     def _app(self) -> Starlette:
         routes = [
@@ -329,6 +333,8 @@ class Server:
             put(("done", ans.result))
         except GenerationTimeout as e:
             put(("error", api.ApiError(504, f"{e} (limit {self.cfg.timeout_s:g} s)", "timeout_error")))
+        except api.ApiError as e:  # a remote pipeline's (runtime.cluster): its replica was lost
+            put(("error", e))
         except Exception as e:  # onnxruntime's errors are plain Exceptions: report, and go on
             log.exception("request failed while decoding")
             put(("error", api.ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
