@@ -415,6 +415,94 @@ def decoder_speed(d: dict) -> list[str]:
     ]
 
 
+def int4_quality(d: dict) -> list[str]:
+    budgets = d["budgets"]
+    rows = []
+    for name, r in d["recipes"].items():
+        img = [f"{r['image'][str(t)]['top1']:.3f}" for t in budgets]
+        rows.append([name, f"{r['decoder_mb']:.0f}", f"{r['text']['paragraphs']['top1']:.3f}",
+                     f"{r['text']['paragraphs']['kl']:.4f}",
+                     f"{r['text']['questions']['top1']:.3f}", *img, f"{r['decode_tok_s']:.0f}"])  # fmt: skip
+    out = [
+        f"Checkpoint `{d['checkpoint']}`, {d['threads']} threads; decode: median of {d['reps']} interleaved runs of "
+        f"{d['new_tokens']} tokens. Top-1: teacher-forced agreement with PyTorch fp32 (paragraphs: "
+        "export/data/agreement_text.txt; questions: the export gate's set in the chat template; image: the text "
+        f"after the image, {d['scenes']} val scenes).",
+        "",
+    ]
+    out += table(
+        [
+            "recipe",
+            "MB",
+            "paragraphs top-1",
+            "paragraphs KL",
+            "questions top-1",
+            *[f"image @{t}" for t in budgets],
+            "tok/s",
+        ],
+        rows,
+    )
+    acc = {n: r["accuracy_val"] for n, r in d["recipes"].items() if "accuracy_val" in r}
+    if acc:
+        n_q = next(iter(acc.values()))["questions_per_budget"]
+        out += ["", f"Benchmark accuracy (detail variant, val split, {n_q} questions per budget), %:", ""]
+        out += table(["recipe", *map(str, budgets)],
+                     [[n, *(f"{100 * r[str(t)]['all']:.1f}" for t in budgets)] for n, r in acc.items()])  # fmt: skip
+    return out
+
+
+def vision_speed(d: dict) -> list[str]:
+    _, h, w, _ = d["frame"]
+    prof = d["profile_ms"]
+    total = sum(prof.values())
+    out = [
+        f"`{d['model']}` bundle, one {w}x{h} frame, {d['threads']} threads, preprocessing "
+        f"{'in the graph' if d.get('preprocess', 'graph') == 'graph' else 'on the host (PIL)'}: the vision pass "
+        f"{d['full_ms']:.1f} ms (median of {d['reps']}), of which preprocessing {d['preprocess_ms']:.1f} ms. "
+        "onnxruntime's node profile of the graph:",
+        "",
+    ]
+    return out + table(
+        ["part", "ms", "share"], [[k, f"{v:.2f}", f"{v / total:.0%}"] for k, v in list(prof.items())[:8]]
+    )
+
+
+def fleet_sim(d: dict) -> list[str]:
+    rows = []
+    for mode, by_age in d["headline"].items():
+        for age, routers in by_age.items():
+            rows.append([mode, age, *(f"{100 * r['hit_rate']:.1f}% / {r['mean_budget']:.0f}" for r in (
+                routers.get(k, {"hit_rate": float("nan"), "mean_budget": float("nan")})
+                for k in ("round_robin", "power_of_two", "deadline", "deadline_spread")))])  # fmt: skip
+    return [
+        "At 64 replicas (15 closed-loop clients each): deadline hit rate / mean budget, by who picks the budget "
+        "(the replica's policy when the request starts, or the router) and the routing statistics' age (ms).",
+        "",
+    ] + table(["budget by", "stats age", "round robin", "power of two", "deadline", "deadline spread"], rows)
+
+
+def cluster_bench(d: dict) -> list[str]:
+    rows = []
+    for name in ("deadline", "power-of-two", "round-robin"):
+        if name in d["runs"]:
+            r = d["runs"][name]
+            rows.append([name, str(r["requests"]), f"{r['hit_rate']:.1%}", f"{r['mean_budget']:.0f}",
+                         f"{r['p95_ms']:.0f}", str(r["errors"] or "-")])  # fmt: skip
+    out = [
+        f"{d['replicas']} replicas x {d['threads']} thread on this machine, {d['clients']} closed-loop clients for "
+        f"{d['seconds']:g} s per router, `latency_budget_ms` {d['deadline_ms']:g}.",
+        "",
+    ]
+    out += table(["router", "requests", "deadline met", "mean budget", "p95 round trip (ms)", "errors"], rows)
+    k = d["runs"].get("kill")
+    if k:
+        m = k["minute_after"]
+        out += ["", f"A replica killed under load: {k['all']['requests']} requests, {k['without_answer']} without an "
+                f"answer, errors {k['all']['errors'] or 'none'}; the minute after the kill: deadline met "
+                f"{m['hit_rate']:.1%} at mean budget {m['mean_budget']:.0f}."]  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------- families
 
 
@@ -465,6 +553,37 @@ FAMILIES = (
         "shared past/present buffers, against the bound of reading the decoder's weights once per token at "
         "this machine's measured bandwidth; and the time to first token of a follow-up question about a "
         "cached frame. Rerun: `python benchmarks/decoder_speed.py --bundle runs/demo/bundle`.",
+    ),
+    Family(
+        "Runtime: decoder quantization recipes against fp32",
+        ("int4_quality_*.json",),
+        int4_quality,
+        "Weight-only MatMulNBits recipes (export.quant.WeightOnly: bits, symmetric or not, the LM head and other "
+        "MatMuls kept at 8 bits) of one fp32 decoder, each through runtime.llm.Decoder. Rerun: "
+        "`python benchmarks/int4_quality.py --checkpoint CHECKPOINT --eval-n 20`.",
+    ),
+    Family(
+        "Runtime: where the vision pass goes",
+        ("vision_speed_*.json",),
+        vision_speed,
+        "The bundle's vision graph on one camera frame, and its parts. Rerun: "
+        "`python benchmarks/vision_speed.py --bundle BUNDLE`.",
+    ),
+    Family(
+        "Cluster: routers on this machine, and a replica killed",
+        ("cluster_bench.json",),
+        cluster_bench,
+        "runtime.cluster.app on a local Ray cluster: the deadline router against Ray Serve's default "
+        "(power of two choices) and round robin in one run, then one replica killed under load. Rerun: "
+        "`python benchmarks/cluster_bench.py --bundle BUNDLE` (the bundle needs this device's profile).",
+    ),
+    Family(
+        "Cluster: routing by deadline, simulated",
+        ("fleet_sim.json",),
+        fleet_sim,
+        "A discrete-event simulation of 1-64 replicas driven by this machine's measured service times "
+        "(runtime/cluster/router.py's routers, the same code a deployment runs). Rerun: "
+        "`python benchmarks/fleet_sim.py`; the `.md` has every fleet size.",
     ),
     Family(
         "Runtime vs transformers",
