@@ -462,9 +462,14 @@ def vision_speed(d: dict) -> list[str]:
         "onnxruntime's node profile of the graph:",
         "",
     ]
-    return out + table(
+    out += table(
         ["part", "ms", "share"], [[k, f"{v:.2f}", f"{v / total:.0%}"] for k, v in list(prof.items())[:8]]
     )
+    if d.get("vs"):
+        v = d["vs"]
+        out += ["", f"Interleaved with `{v['bundle']}` ({d['reps']} pairs, the same machine state): this "
+                f"{v['this_ms']:.1f} ms, that {v['vs_ms']:.1f} ms (medians)."]  # fmt: skip
+    return out
 
 
 def fleet_sim(d: dict) -> list[str]:
