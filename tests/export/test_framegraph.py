@@ -65,6 +65,24 @@ def test_in_graph_preprocessing_matches_pil(photos, preset_name):
         np.testing.assert_array_equal(exact, ref, err_msg=name)
 
 
+@pytest.mark.parametrize("size", [(1920, 1080), (1000, 40), (40, 1000), (385, 383), (384, 384), (17, 9)])
+def test_banded_resize_matches_pil_at_extreme_sizes(real_images, size):
+    """The banded MatMuls (export.framegraph.BANDS blocks per pass, each reading only the pixels
+    its weights touch) at up- and downscales, extreme aspects and odd sizes: the same bounds."""
+    from PIL import Image
+
+    from export.framegraph import BANDS
+    from fmvr.config import preset
+
+    pre = Preprocessor.from_config(preset("small"))
+    model = frame_only_model(pre, 18)
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 2 * BANDS
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    photo = np.asarray(real_images[0].resize(size, Image.Resampling.BILINEAR))  # [H, W, 3]
+    err = grey_levels(sess.run(None, {"frames": photo[None]})[0], pre(photo), pre)
+    assert err.mean() <= PIXEL_MAE and err.max() <= PIXEL_MAX, (size, err.mean(), err.max())
+
+
 def test_float32_division_by_255_is_the_reference_rescale():
     """export.framegraph's NORMALISE note: v / 255 in float32 equals fmvr.preprocess's float64
     rescale rounded to float32, for every grey level (a float32 multiply by 1/255 would not)."""
