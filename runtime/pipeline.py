@@ -42,7 +42,7 @@ from runtime.images import (
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, at_budget
 from runtime.policy import QUANTILE, Choice, Policy
-from runtime.prefix_cache import DEFAULT_MB, PrefixCache, PrefixEntry, prefix_key
+from runtime.prefix_cache import DEFAULT_MB, PrefixCache, PrefixEntry, frame_digest, prefix_key
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, check_providers, load_backend
 
@@ -255,9 +255,11 @@ class Pipeline:
         spent_ms: float | None = None,
         load: int = 0,
         images: int = 1,
+        cached: dict[int, int] | None = None,
     ) -> Choice:
         """The budget of each of `images` images for `opts`: forced (`opts.tokens`), else the
-        policy's pick for `opts.latency_ms` with `load` other requests in flight."""
+        policy's pick for `opts.latency_ms` with `load` other requests in flight (`cached`: the
+        budgets whose prefix the prefix cache holds for this frame, Policy.choose)."""
         forced = self.forced_budgets(opts, images)
         if forced is not None:
             return forced_choice(self.policy, forced, opts, text_tokens, spent_ms, load)
@@ -268,7 +270,7 @@ class Pipeline:
             return Choice(big[-1], None, None, "no latency budget given: the largest budget", budgets=big)
         o = opts
         return self.policy.choose(
-            o.latency_ms, text_tokens, o.max_new_tokens, o.objective, o.strict, spent_ms, load, images
+            o.latency_ms, text_tokens, o.max_new_tokens, o.objective, o.strict, spent_ms, load, images, cached
         )
 
     def forced_budgets(self, opts: AskOptions, images: int) -> tuple[int, ...] | None:
@@ -335,7 +337,8 @@ class Pipeline:
             planned = self.forced_budgets(opts, n) or (self.budgets[-1],) * n
             check_context(text, planned, opts.max_new_tokens, context)  # before any vision work
             inputs, pre_ms = self._timed_preprocess(images)
-            choice = self.choose(opts, text, waited_ms + pre_ms, load, n)
+            cached = self._cached_budgets(inputs, ids) if opts.tokens is None else {}
+            choice = self.choose(opts, text, waited_ms + pre_ms, load, n, cached)
             check_context(text, choice.budgets, opts.max_new_tokens, context)
             hit, key = self._cached_prefix(inputs, ids, choice.budget)
             if hit is not None:  # this frame at this budget was asked before: no vision pass
@@ -360,6 +363,18 @@ class Pipeline:
             yield
         finally:
             self.prefix_cache = saved
+
+    def _cached_budgets(self, inputs: Sequence[np.ndarray], ids: Sequence[int]) -> dict[int, int]:
+        """{budget: text tokens after the image} for the budgets whose prefix for this frame and
+        prompt start is in the prefix cache (one image; empty when nothing can be reused)."""
+        image = self.special["image"]
+        reusable = getattr(self.decoder, "can_reuse_prefix", False)
+        if not self.prefix_cache or not reusable or len(inputs) != 1 or ids[-1] == image:
+            return {}
+        at = list(ids).index(image)
+        digest = frame_digest(inputs[0])
+        held = [b for b in self.budgets if prefix_key(inputs[0], b, ids[:at], digest) in self.prefix_cache]
+        return {b: len(ids) - at - 1 for b in held}
 
     def _cached_prefix(
         self, inputs: Sequence[np.ndarray], ids: Sequence[int], budget: int

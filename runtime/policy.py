@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,13 +128,21 @@ class Policy:
         self._seen = {part: [deque[float](maxlen=window) for _ in range(MAX_LOAD + 1)] for part in PARTS}
         self._lock = threading.Lock()
 
-    def raw(self, budget: int | Sequence[int], text_tokens: int, max_new_tokens: int) -> dict[str, float]:
-        """Profiled ms per stage, uncorrected; `budget`: one image's, or one per image."""
+    def raw(
+        self,
+        budget: int | Sequence[int],
+        text_tokens: int,
+        max_new_tokens: int,
+        cached_suffix: int | None = None,
+    ) -> dict[str, float]:
+        """Profiled ms per stage, uncorrected; `budget`: one image's, or one per image.
+        `cached_suffix`: the image's prompt prefix is in the prefix cache (runtime.prefix_cache):
+        no vision pass, and only these text tokens after the image prefilled."""
         p, budgets = self.profile, _budgets(budget)
         return {
             "preprocess": p.preprocess_ms * len(budgets),
-            "vision": sum(p.vision(t) for t in budgets),
-            "prefill": p.prefill(text_tokens + sum(budgets)),
+            "vision": 0.0 if cached_suffix is not None else sum(p.vision(t) for t in budgets),
+            "prefill": p.prefill(cached_suffix if cached_suffix is not None else text_tokens + sum(budgets)),
             "decode": p.decode_ms_per_token * max_new_tokens,
         }
 
@@ -157,12 +165,14 @@ class Policy:
         max_new_tokens: int,
         spent_ms: float | None = None,
         load: int = 0,
+        cached_suffix: int | None = None,
     ) -> Prediction:
         """Corrected ms per stage for one image at `budget`, or one image per budget in a list
         (the last the newest); `spent_ms`: time this request already spent (preprocessing, a
-        queue), used as is; `load`: other requests in flight on this device."""
+        queue), used as is; `load`: other requests in flight on this device; `cached_suffix`:
+        see `raw`."""
         budgets = _budgets(budget)
-        raw = self.raw(budgets, text_tokens, max_new_tokens)
+        raw = self.raw(budgets, text_tokens, max_new_tokens, cached_suffix)
         stages = dict(raw)
         for part, names in PARTS.items():
             r = self.ratio(part, load)
@@ -182,18 +192,23 @@ class Policy:
         spent_ms: float | None = None,
         load: int = 0,
         images: int = 1,
+        cached: Mapping[int, int] | None = None,
     ) -> Choice:
         """The first candidate of the ladder predicted to fit (for one image: the largest budget);
         else all-smallest (deadline_met=False) or DeadlineError.
 
         `spent_ms`: time already spent on this request (preprocessing, queueing), counted as
         measured; `load`: other requests in flight on this device; `images`: how many images the
-        prompt holds (the last the newest).
+        prompt holds (the last the newest); `cached`: {budget: text tokens after the image} for the
+        budgets whose prompt prefix this frame already has in the prefix cache (one image): they
+        are predicted without a vision pass and with only that text prefilled, so a cached 576 may
+        fit a deadline an uncached 36 would not.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         steps = ladder(self.budgets, images)
-        preds = [self.predict(c, text_tokens, max_new_tokens, spent_ms, load) for c in steps]
+        hits = dict(cached or {}) if images == 1 else {}
+        preds = [self.predict(c, text_tokens, max_new_tokens, spent_ms, load, hits.get(c[-1])) for c in steps]
         times = {label(c): round(p.time(objective), 3) for c, p in zip(steps, preds)}
         if latency_ms is None:
             return _choice(preds[0], None, "no latency budget given: the largest budget", times)
@@ -204,6 +219,8 @@ class Policy:
             ms = times[label(c)]
             if ms <= latency_ms:
                 why = f"largest {what} whose {q} {objective} {ms:.1f} ms fits {latency_ms:g} ms{busy}"
+                if c[-1] in hits:
+                    why += " (this frame's prefix is cached: no vision pass, only the question prefilled)"
                 return _choice(p, True, why + _which(c), times)
         last = steps[-1]
         why = (

@@ -43,14 +43,25 @@ class PrefixEntry:
         return int(self.features.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv))
 
 
-def prefix_key(frame_input: np.ndarray, budget: int, prefix_ids: Sequence[int]) -> str:
-    """The cache key of an image (the exact array its vision graph takes), a budget and the
-    prompt tokens before the image (template, system prompt)."""
+def frame_digest(frame_input: np.ndarray) -> bytes:
+    """A digest of an image as its vision graph takes it (dtype, shape, every byte)."""
     h = hashlib.blake2b(digest_size=20)
     a = np.ascontiguousarray(frame_input)
-    h.update(f"{a.dtype.str}{a.shape}|{budget}|".encode())
-    h.update(np.asarray(prefix_ids, dtype=np.int64).tobytes())
+    h.update(f"{a.dtype.str}{a.shape}|".encode())
     h.update(memoryview(a).cast("B"))
+    return h.digest()
+
+
+def prefix_key(
+    frame_input: np.ndarray, budget: int, prefix_ids: Sequence[int], digest: bytes | None = None
+) -> str:
+    """The cache key of an image (the exact array its vision graph takes; `digest`: its
+    frame_digest, when already computed), a budget and the prompt tokens before the image
+    (template, system prompt)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(digest if digest is not None else frame_digest(frame_input))
+    h.update(f"|{budget}|".encode())
+    h.update(np.asarray(prefix_ids, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -94,6 +105,11 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is held (a look: no hit or miss counted, no LRU move)."""
+        with self._lock:
+            return key in self._entries
 
     def stats(self) -> dict[str, int]:
         with self._lock:

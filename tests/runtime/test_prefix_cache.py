@@ -71,3 +71,24 @@ def test_the_key_covers_pixels_budget_and_prompt_start():
     k = prefix_key(x, 36, [1, 2])
     assert k == prefix_key(x.copy(), 36, [1, 2])
     assert len({k, prefix_key(x, 9, [1, 2]), prefix_key(x, 36, [1, 3]), prefix_key(x + 1, 36, [1, 2])}) == 4
+
+
+def test_the_policy_counts_a_cached_prefix_a_cached_576_fits_where_an_uncached_36_does_not(
+    tiny_bundle, real_images, synthetic_profile
+):
+    """Synthetic profile: an uncached 576 is ~100 ms to the first token, an uncached 36 ~18 ms;
+    with this frame's 576 prefix cached, 576 needs no vision pass and only the question prefilled."""
+    from runtime.pipeline import Pipeline
+    from runtime.policy import Policy
+
+    pipe = Pipeline.load(tiny_bundle, threads=1)
+    pipe.policy = Policy(synthetic_profile, pipe.budgets)
+    frame = np.asarray(real_images[0])
+    cold = pipe.ask(frame, Q1, latency_ms=15, max_new_tokens=2)
+    assert cold.budget < 36 and "cached" not in cold.reason
+    pipe.ask(frame, Q1, tokens=576, max_new_tokens=2)  # the frame's 576-token prefix, now cached
+    warm = pipe.ask(frame, Q2, latency_ms=15, max_new_tokens=2)
+    assert warm.budget == 576 and warm.prefix_reused > 0, warm.reason
+    assert "prefix is cached" in warm.reason
+    other = pipe.ask(np.asarray(real_images[1]), Q2, latency_ms=15, max_new_tokens=2)
+    assert other.budget < 36  # another frame: nothing cached, the uncached ladder as before
