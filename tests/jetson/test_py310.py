@@ -53,7 +53,12 @@ def test_this_is_the_jetson_stack():
 def test_every_core_runtime_module_imports_without_torch():
     import runtime
 
-    skip = ("runtime.serve", "runtime.ros", "runtime.__main__")  # extras: the server, ROS 2
+    skip = (
+        "runtime.serve",
+        "runtime.ros",
+        "runtime.cluster.app",
+        "runtime.__main__",
+    )  # extras: server, ROS 2, Ray
     names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "runtime.")]
     for name in names:
         if not name.startswith(skip):

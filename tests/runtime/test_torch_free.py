@@ -3,6 +3,7 @@ torch and transformers made unimportable."""
 
 from __future__ import annotations
 
+import importlib.util
 import pkgutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def runtime_modules() -> list[str]:
     assert {"runtime.pipeline", "runtime.serve.server", "runtime.ros.node", "runtime.tools.card"} <= set(
         names
     )
+    if importlib.util.find_spec("ray") is None:  # the cluster extra (`make cluster`) is not installed
+        names = [n for n in names if n != "runtime.cluster.app"]
     tasks = [m.name for m in pkgutil.walk_packages(fmvr.tasks.__path__, "fmvr.tasks.")]
     return ["runtime", *sorted(n for n in names if not n.endswith("__main__")), "fmvr.tasks", *tasks]
 
