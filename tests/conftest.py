@@ -112,3 +112,21 @@ def benchmark_script():
         return mod
 
     return load
+
+
+@pytest.fixture
+def synthetic_profile():
+    """A device profile with round numbers (ms): vision 40/20/10/8/7 at 576/144/36/9/1 tokens,
+    prefill 1 + 0.1 per token, decode 2 per token, preprocessing 1 (runtime and cluster tests)."""
+    from runtime.profile import Profile
+
+    vision = {576: 40.0, 144: 20.0, 36: 10.0, 9: 8.0, 1: 7.0}
+    return Profile(
+        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "CPUExecutionProvider"},
+        backend="ort-cpu",
+        vision_ms={t: {"p50": v, "p90": v * 1.1, "n": 5} for t, v in vision.items()},
+        prefill_intercept_ms=1.0,
+        prefill_ms_per_token=0.1,
+        decode_ms_per_token=2.0,
+        preprocess_ms=1.0,
+    )

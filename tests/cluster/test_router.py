@@ -15,7 +15,6 @@ from runtime.cluster.router import (
     fit,
 )
 from runtime.policy import MIN_SAMPLES, Policy
-from runtime.profile import Profile
 
 BUDGETS = (576, 144, 36, 9, 1)
 TTFT = {576: 900.0, 144: 300.0, 36: 160.0, 9: 130.0, 1: 120.0}  # p95 at load 0, ms
@@ -181,21 +180,8 @@ def test_bad_requests_are_refused():
         choose(100, (77,), [replica("a")])
 
 
-def profile() -> Profile:
-    vision = {576: 40.0, 144: 20.0, 36: 10.0, 9: 8.0, 1: 7.0}
-    return Profile(
-        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "CPUExecutionProvider"},
-        backend="ort-cpu",
-        vision_ms={t: {"p50": v, "p90": v * 1.1, "n": 5} for t, v in vision.items()},
-        prefill_intercept_ms=1.0,
-        prefill_ms_per_token=0.1,
-        decode_ms_per_token=2.0,
-        preprocess_ms=1.0,
-    )
-
-
-def test_statistics_come_from_the_policy():
-    pol = Policy(profile(), BUDGETS)
+def test_statistics_come_from_the_policy(synthetic_profile):
+    pol = Policy(synthetic_profile, BUDGETS)
     s = ReplicaStats.from_policy("a", pol, text_tokens=40, max_new_tokens=10, suffix_tokens=15)
     for b in BUDGETS:
         p = pol.predict(b, 40, 10)
@@ -210,8 +196,8 @@ def test_statistics_come_from_the_policy():
     assert counted.predicted_ms(36) == pytest.approx(3 * pol.predict(36, 40, 10).ttft_ms)
 
 
-def test_a_learned_correction_moves_the_statistics():
-    pol = Policy(profile(), BUDGETS)
+def test_a_learned_correction_moves_the_statistics(synthetic_profile):
+    pol = Policy(synthetic_profile, BUDGETS)
     raw = pol.raw(144, 40, 10)
     twice = {"vision": 2 * raw["vision"], "prefill": 2 * raw["prefill"], "decode": raw["decode"]}
     for _ in range(MIN_SAMPLES):

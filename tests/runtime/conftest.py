@@ -15,26 +15,6 @@ if str(ROOT) not in sys.path[:1]:
 if "runtime" in sys.modules and getattr(sys.modules["runtime"], "__file__", None) is None:
     del sys.modules["runtime"]
 
-from runtime.profile import Profile  # noqa: E402
-
-
-def make_synthetic_profile() -> Profile:
-    vision = {576: 40.0, 144: 20.0, 36: 10.0, 9: 8.0, 1: 7.0}
-    return Profile(
-        device={"cpu": "test-cpu", "machine": "x86_64", "provider": "CPUExecutionProvider"},
-        backend="ort-cpu",
-        vision_ms={t: {"p50": v, "p90": v * 1.1, "n": 5} for t, v in vision.items()},
-        prefill_intercept_ms=1.0,
-        prefill_ms_per_token=0.1,
-        decode_ms_per_token=2.0,
-        preprocess_ms=1.0,
-    )
-
-
-@pytest.fixture
-def synthetic_profile() -> Profile:
-    return make_synthetic_profile()
-
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
