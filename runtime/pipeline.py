@@ -337,10 +337,11 @@ class Pipeline:
             planned = self.forced_budgets(opts, n) or (self.budgets[-1],) * n
             check_context(text, planned, opts.max_new_tokens, context)  # before any vision work
             inputs, pre_ms = self._timed_preprocess(images)
-            cached = self._cached_budgets(inputs, ids) if opts.tokens is None else {}
+            scope = self._prefix_scope(inputs, ids)
+            cached = self._cached_budgets(scope, ids) if opts.tokens is None else {}
             choice = self.choose(opts, text, waited_ms + pre_ms, load, n, cached)
             check_context(text, choice.budgets, opts.max_new_tokens, context)
-            hit, key = self._cached_prefix(inputs, ids, choice.budget)
+            hit, key = self._cached_prefix(scope, choice.budget)
             if hit is not None:  # this frame at this budget was asked before: no vision pass
                 f = hit.features
                 vp = VisionPass({choice.budget: f}, pre_ms, 0.0, self.vision.name, images=[f], calls=0)
@@ -364,28 +365,38 @@ class Pipeline:
         finally:
             self.prefix_cache = saved
 
-    def _cached_budgets(self, inputs: Sequence[np.ndarray], ids: Sequence[int]) -> dict[int, int]:
-        """{budget: text tokens after the image} for the budgets whose prefix for this frame and
-        prompt start is in the prefix cache (one image; empty when nothing can be reused)."""
-        image = self.special["image"]
-        reusable = getattr(self.decoder, "can_reuse_prefix", False)
-        if not self.prefix_cache or not reusable or len(inputs) != 1 or ids[-1] == image:
-            return {}
-        at = list(ids).index(image)
-        digest = frame_digest(inputs[0])
-        held = [b for b in self.budgets if prefix_key(inputs[0], b, ids[:at], digest) in self.prefix_cache]
-        return {b: len(ids) - at - 1 for b in held}
-
-    def _cached_prefix(
-        self, inputs: Sequence[np.ndarray], ids: Sequence[int], budget: int
-    ) -> tuple[PrefixEntry | None, str | None]:
-        """(the cached prefix of this frame, budget and prompt start, or None; its key, or None
-        where nothing is cached: several images, or no text after the image)."""
+    def _prefix_scope(
+        self, inputs: Sequence[np.ndarray], ids: Sequence[int]
+    ) -> tuple[Any, bytes, list[int]] | None:
+        """(the frame, its digest, the prompt ids before the image) when the prefix cache can
+        serve this request, else None (no cache, a decoder that cannot reuse a prefix, several
+        images, or no text after the image). The frame is hashed once per request."""
         image = self.special["image"]
         reusable = getattr(self.decoder, "can_reuse_prefix", False)  # (a test may switch its KV mode)
         if self.prefix_cache is None or not reusable or len(inputs) != 1 or ids[-1] == image:
+            return None
+        return inputs[0], frame_digest(inputs[0]), list(ids[: list(ids).index(image)])
+
+    def _cached_budgets(
+        self, scope: tuple[Any, bytes, list[int]] | None, ids: Sequence[int]
+    ) -> dict[int, int]:
+        """{budget: text tokens after the image} for the budgets whose prefix for this frame and
+        prompt start is in the prefix cache (empty when nothing can be reused)."""
+        if scope is None or not self.prefix_cache:
+            return {}
+        frame, digest, before = scope
+        held = [b for b in self.budgets if prefix_key(frame, b, before, digest) in self.prefix_cache]
+        return {b: len(ids) - len(before) - 1 for b in held}
+
+    def _cached_prefix(
+        self, scope: tuple[Any, bytes, list[int]] | None, budget: int
+    ) -> tuple[PrefixEntry | None, str | None]:
+        """(the cached prefix of this frame, budget and prompt start, or None; its key, or None
+        where nothing can be cached)."""
+        if scope is None or self.prefix_cache is None:
             return None, None
-        key = prefix_key(inputs[0], budget, ids[: list(ids).index(image)])
+        frame, digest, before = scope
+        key = prefix_key(frame, budget, before, digest)
         return self.prefix_cache.get(key), key
 
     @property
