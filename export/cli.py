@@ -89,6 +89,13 @@ def add_llm_args(p: argparse.ArgumentParser, allow_none: bool) -> None:
     g.add_argument(
         "--block-size", type=int, default=32, help="int4/int8 block size (power of 2, >= 16; default 32)"
     )
+    g.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=None,
+        help="the KV memory budget the manifest records: the KV caches of all requests running at "
+        "once stay within it (default: one request at the model's full context)",
+    )
 
 
 def vision_options(args: argparse.Namespace) -> VisionOptions:
@@ -105,7 +112,11 @@ def llm_options(args: argparse.Namespace) -> LLMOptions | None:
     if args.quant == "none":
         return None
     return LLMOptions(
-        quant=args.quant, target=args.target, exporter=args.exporter, block_size=args.block_size
+        quant=args.quant,
+        target=args.target,
+        exporter=args.exporter,
+        block_size=args.block_size,
+        kv_cache_mb=args.kv_cache_mb,
     )
 
 

@@ -15,6 +15,7 @@ calls nothing back.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -158,6 +159,21 @@ def embeds_dtype(path: Path) -> str:
     return "float16" if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
 
 
+def kv_cache_mb(cfg: Any, path: Path, opts: LLMOptions) -> float:
+    """The KV memory budget to record: opts.kv_cache_mb, else one request's cache at the model's
+    full context (K and V, every layer, in the decoder's past_key dtype), in MB rounded up."""
+    if opts.kv_cache_mb is not None:
+        return float(opts.kv_cache_mb)
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    past = next(i for i in g.input if i.name.startswith("past_key_values"))
+    itemsize = 2 if past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else 4
+    t = cfg.text
+    per_position = 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize
+    return float(math.ceil(per_position * t.max_position_embeddings / 2**20))
+
+
 def write_llm(model: Any, tokenizer: Any, root: Path, opts: LLMOptions) -> tuple[LLMSection, list[FileEntry]]:
     """Export, quantize and hash the decoder + embedding table into bundle dir `root`.
 
@@ -188,6 +204,7 @@ def write_llm(model: Any, tokenizer: Any, root: Path, opts: LLMOptions) -> tuple
             "accuracy_level": accuracy_level(final),
             "target": opts.target,
         },
+        kv_cache_mb=kv_cache_mb(cfg, final, opts),
     )
     entries = [
         file_entry(root, DECODER, "llm-decoder", precision=opts.quant),

@@ -79,9 +79,12 @@ class LLMOptions:
     target: str = "cpu"
     exporter: str = "auto"
     block_size: int = 32
+    kv_cache_mb: float | None = None  # the KV memory budget (None: one request at the full context)
 
     def __post_init__(self) -> None:
         self.quantization.check_target(self.target)
+        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
+            raise ExportError(f"--kv-cache-mb {self.kv_cache_mb:g}: give a positive number of MB")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"--exporter {self.exporter!r}: choose one of {', '.join(EXPORTERS)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -106,6 +109,7 @@ class LLMOptions:
         return [
             *("--quant", self.quant, "--target", self.target),
             *("--exporter", self.exporter, "--block-size", str(self.block_size)),
+            *(() if self.kv_cache_mb is None else ("--kv-cache-mb", f"{self.kv_cache_mb:g}")),
         ]
 
     def to_dict(self) -> dict[str, Any]:

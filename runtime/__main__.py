@@ -43,6 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="ask/serve: keep a frame's prompt prefix (up to its visual tokens) for follow-up questions "
         f"about it, at most this many MB (default {DEFAULT_MB}; 0: off). The timing commands never use it",
     )
+    p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=None,
+        help="KV memory budget of the requests running at once (default: the manifest's llm.kv_cache_mb; "
+        "0: no limit). A request over it alone is refused; one that would fit later gets a 503 (serve)",
+    )
     p.add_argument("--verbose", action="store_true", help="log the backend choice and profile notes")
 
 
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.cmd != "profile",
             preprocess=args.preprocess,
             prefix_cache_mb=args.prefix_cache_mb if args.cmd in ("ask", "serve") else 0,
+            kv_cache_mb=args.kv_cache_mb,
         )
         commands = {"ask": _ask, "profile": _profile, "serve": _serve, "latency": _latency, "card": _card}
         return commands[args.cmd](pipe, args)

@@ -194,6 +194,9 @@ class LLMSection:
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
     quantization: dict[str, Any] = field(default_factory=dict)
+    # The KV memory budget: the caches of all generations running at once (runtime.llm.KVBudget);
+    # 0: none recorded (bundles before it), no limit.
+    kv_cache_mb: float = 0.0
 
 
 @dataclass

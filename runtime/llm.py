@@ -17,11 +17,19 @@ share cache state. The KV cache moves through IO binding and stays on the device
   is made once: a step rebinds only the new token's embedding and the mask.
 - copy (standard attention, exporter "torch-dynamo"): each step's `present` OrtValues (past + S
   long, a fresh allocation and a copy of the cache) are bound as the next step's `past`.
+
+The KV memory budget (manifest llm.kv_cache_mb, or the runtime's --kv-cache-mb): every generation
+reserves the cache of its whole length (prompt + max_new_tokens) when it starts and returns it when
+it ends, so the caches of the generations running at once never exceed the budget. A request
+whose cache alone exceeds it is a KVCacheTooSmall, a ValueError (lower max_new_tokens or the budget); one that would
+fit once others finish is a KVCacheFull (the server answers 503, retry shortly).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +74,45 @@ class GenerationTimeout(TimeoutError):
     """The request's timeout passed during decoding."""
 
 
+class KVCacheFull(RuntimeError):
+    """The generations running now hold the KV memory budget: retry once one has finished."""
+
+
+class KVCacheTooSmall(ValueError):
+    """One request's KV cache alone is larger than the KV memory budget."""
+
+
+class KVBudget:
+    """Bytes of KV cache reserved by running generations, against a limit (0: none). Thread-safe."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit, self.reserved, self.peak = int(limit_bytes), 0, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int, what: str) -> None:
+        """Take n bytes for `what`, or raise: KVCacheTooSmall when n alone is over the limit,
+        KVCacheFull when it fits only once others release theirs."""
+        mb = 2**20
+        if self.limit and n > self.limit:
+            raise KVCacheTooSmall(
+                f"{what} needs {n / mb:.1f} MB of KV cache, over this bundle's KV memory budget of "
+                f"{self.limit / mb:.1f} MB: lower max_new_tokens or the visual-token budget, or raise "
+                "the budget (--kv-cache-mb, at export or at run time)"
+            )
+        with self._lock:
+            if self.limit and self.reserved + n > self.limit:
+                raise KVCacheFull(
+                    f"the KV memory budget ({self.limit / mb:.1f} MB) is held by running requests "
+                    f"({self.reserved / mb:.1f} MB); {what} needs {n / mb:.1f} MB: retry shortly"
+                )
+            self.reserved += n
+            self.peak = max(self.peak, self.reserved)
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.reserved -= n
+
+
 def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy argmax, or a temperature + top-p (nucleus) sample from logits [V]."""
     if temperature <= 0:
@@ -108,8 +155,15 @@ class Decoder:
     """An onnxruntime decoder session + the embedding table; `start` begins a Generation."""
 
     def __init__(
-        self, session: ort.InferenceSession, spec: LLMSection, embed_table: np.ndarray, max_len: int
+        self,
+        session: ort.InferenceSession,
+        spec: LLMSection,
+        embed_table: np.ndarray,
+        max_len: int,
+        kv_cache_mb: float | None = None,
     ) -> None:
+        """kv_cache_mb: the KV memory budget of all generations at once (None: the manifest's
+        llm.kv_cache_mb; 0: no limit)."""
         self.session, self.spec, self.max_len = session, spec, max_len
         types = check_io(session, spec)
         self.embed_dtype = ORT_DTYPES[types["inputs_embeds"]]
@@ -138,6 +192,10 @@ class Decoder:
         ]
         # GroupQueryAttention updates a shared past/present buffer in place; standard attention cannot.
         self.shared_kv = spec.exporter == "onnxruntime-genai"
+        mb = spec.kv_cache_mb if kv_cache_mb is None else kv_cache_mb
+        if mb < 0:
+            raise ValueError(f"the KV memory budget must be >= 0 MB (0: no limit), got {mb:g}")
+        self.kv_budget = KVBudget(int(mb * 2**20))
 
     @classmethod
     def load(
@@ -147,6 +205,7 @@ class Decoder:
         providers: Sequence[Any],
         max_len: int,
         threads: int = 0,
+        kv_cache_mb: float | None = None,
     ) -> Decoder:
         opts = ort.SessionOptions()
         if threads:
@@ -159,7 +218,7 @@ class Decoder:
                 f"{spec.embed_tokens} has shape {table.shape}, the manifest says "
                 f"[{spec.vocab_size}, {spec.hidden_size}]"
             )
-        return cls(session, spec, table, max_len)
+        return cls(session, spec, table, max_len, kv_cache_mb)
 
     def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Token embeddings [1, S, D] in the decoder's input dtype."""
@@ -191,7 +250,10 @@ class Decoder:
         """Logits at every position [S, V] of embeddings [1, S, D]: one prefill, cache dropped
         (scoring; export's quality gate compares these with PyTorch's)."""
         gen = Generation(self, embeds, SamplingParams(max_new_tokens=1))
-        return gen._run(gen.embeds, every_position=True)
+        try:
+            return gen._run(gen.embeds, every_position=True)
+        finally:
+            gen.release()
 
     def empty_past(self) -> Any:
         spec = self.spec
@@ -252,6 +314,10 @@ class Generation:
             )
         if not 0 <= save_prefix <= embeds.shape[1]:
             raise ValueError(f"save_prefix {save_prefix} for a {embeds.shape[1]}-token prompt")
+        # the whole length's cache, held until the generation ends (or is dropped)
+        reserved = dec.kv_bytes(need)
+        dec.kv_budget.reserve(reserved, f"this request ({need} positions)")
+        self.release = weakref.finalize(self, dec.kv_budget.release, reserved)
         self.io = dec.session.io_binding()
         self.io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in first-bind order
         self.kv: list[tuple[np.ndarray | None, np.ndarray | None]] = []  # numpy views of the buffers (CPU)
@@ -333,6 +399,7 @@ class Generation:
         finally:
             if self.finish_reason is None:
                 self.finish_reason = "stop"  # closed by the caller (a stop string)
+            self.release()  # its KV memory back to the budget (once; the buffers go with self)
 
 
 class TextStream:

@@ -125,6 +125,7 @@ class Pipeline:
         warmup: bool = False,
         preprocess: str = "auto",
         prefix_cache_mb: float = DEFAULT_MB,
+        kv_cache_mb: float | None = None,
     ) -> Pipeline:
         """Verify the bundle (schema, sha256 of every file, engines vs this device) and load it.
 
@@ -132,7 +133,10 @@ class Pipeline:
         warmup: run every budget once so the first request is not a cold start.
         preprocess: auto | graph (frames into a frame-input graph) | host (PIL first: exact).
         prefix_cache_mb: bound of the prefix cache (a frame's prompt prefix kept for follow-up
-        questions; 0 disables it)."""
+        questions; 0 disables it).
+        kv_cache_mb: the KV memory budget of the requests running at once (None: the manifest's
+        llm.kv_cache_mb; 0: no limit): a request over it alone is a ValueError, one that would
+        fit once others finish a runtime.llm.KVCacheFull."""
         root = Path(bundle)
         m = verify_bundle(root)
         if m.llm is None:
@@ -142,7 +146,7 @@ class Pipeline:
         vision = load_backend(root, m, backend, threads)
         providers = decoder_providers(m, vision.name)
         cfg = FMVRConfig.from_dict(m.model["config"])
-        decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads)
+        decoder = Decoder.load(root, m.llm, providers, cfg.text.max_position_embeddings, threads, kv_cache_mb)
         check_providers(decoder.session.get_providers(), providers[0], f"decoder {m.llm.decoder}")
         log.info(
             "LLM providers: %s (quantized for --target %s)", decoder.session.get_providers(), llm_target(m)

@@ -225,6 +225,8 @@ class RemoteAnswer:
                     yield value
                 elif kind == "done":
                     self.result = value
+        except RayTaskError as e:  # raised while decoding (timeout, KV memory budget full): as is
+            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         except REPLICA_LOST as e:
             from runtime.serve import api
 

@@ -44,7 +44,7 @@ except ImportError as e:  # the base runtime does not carry the server's depende
     raise ImportError(f'the server needs its extra: pip install "fmvr-edge[serve]" ({e})') from e
 
 from runtime.images import ContextError
-from runtime.llm import GenerationTimeout
+from runtime.llm import GenerationTimeout, KVCacheFull, KVCacheTooSmall
 from runtime.options import OptionsError
 from runtime.policy import DeadlineError
 from runtime.serve import api
@@ -279,7 +279,7 @@ class Server:
         job.add_done_callback(self._release)
         kind, value = await events.get()
         if kind == "error":
-            return error(value)
+            return error(value, {"Retry-After": "1"} if value.status == 503 else None)
         cid = api.new_id()
         if not req.stream:
             self.metrics.record(value)
@@ -333,6 +333,10 @@ class Server:
             put(("done", ans.result))
         except GenerationTimeout as e:
             put(("error", api.ApiError(504, f"{e} (limit {self.cfg.timeout_s:g} s)", "timeout_error")))
+        except KVCacheFull as e:  # the running requests hold the KV memory budget: nothing was sent
+            put(("error", api.ApiError(503, str(e), "overloaded_error")))
+        except KVCacheTooSmall as e:  # this request alone: max_tokens or the budget must come down
+            put(("error", api.ApiError(400, str(e), param="max_tokens")))
         except api.ApiError as e:  # a remote pipeline's (runtime.cluster): its replica was lost
             put(("error", e))
         except Exception as e:  # onnxruntime's errors are plain Exceptions: report, and go on
