@@ -75,15 +75,24 @@ def export_dynamo(lm: Any, cfg: Any, path: Path, fp16: bool) -> None:
 
 
 def export_genai(
-    lm: Any, tokenizer: Any, path: Path, precision: str, target: str, work: Path, block_size: int
+    lm: Any,
+    tokenizer: Any,
+    path: Path,
+    precision: str,
+    target: str,
+    work: Path,
+    block_size: int,
+    exclude_embeds: bool = True,
 ) -> None:
-    """onnxruntime-genai's model builder, offline, from a local HF directory, exclude_embeds=true."""
+    """onnxruntime-genai's model builder, offline, from a local HF directory; exclude_embeds
+    (the bundle's contract): the graph takes inputs_embeds, else input_ids (genai's own loop)."""
     hf, out = work / "hf", work / "genai"
     lm.save_pretrained(hf)
     tokenizer.save(str(hf / "tokenizer.json"))
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf)]
     cmd += ["-o", str(out), "-p", precision, "-e", target, "-c", str(work / "cache")]
-    cmd += ["--extra_options", "exclude_embeds=true", f"int4_block_size={block_size}"]
+    embeds = "true" if exclude_embeds else "false"
+    cmd += ["--extra_options", f"exclude_embeds={embeds}", f"int4_block_size={block_size}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0 or not (out / "model.onnx").is_file():
@@ -94,6 +103,47 @@ def export_genai(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(load_model(out / "model.onnx"), path)
+
+
+KEEP = "num_logits_to_keep"  # the decoder's input [1] int64: logits of the last K positions
+LOGIT_MATMULS = ("MatMul", "MatMulNBits", "Gemm")
+
+
+def last_logits_only(model: Any) -> bool:
+    """Make the LM head run on the last `num_logits_to_keep` positions only (a new input, [1]
+    int64; runtime.llm feeds 1 when it generates): a prefill of S tokens then skips S - 1 rows
+    of the head, about a fifth of a small model's prefill (the head is 49152 x 576 on
+    SmolLM2-135M), and does not write [S, vocab] logits. Feeding S gives every position (the
+    quality gates, Decoder.logits). False, graph unchanged, when the head is not a MatMul
+    feeding `logits` (through Casts). (An overridable initializer defaulting to 1 would keep
+    the input optional, but onnxruntime's IO binding cannot bind one.)"""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in LOGIT_MATMULS or any(i.name == KEEP for i in g.input):
+        return False
+    hidden = node.input[0]  # [B, S, D]
+    kept = f"{hidden}/last_{KEEP}"
+    g.initializer.extend(
+        [
+            helper.make_tensor(f"{KEEP}/ends", TensorProto.INT64, [1], [2**62]),
+            helper.make_tensor(f"{KEEP}/axes", TensorProto.INT64, [1], [1]),
+        ]
+    )
+    g.input.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))
+    neg = helper.make_node("Neg", [KEEP], [f"{KEEP}/starts"], name=f"/{KEEP}/Neg")
+    cut = helper.make_node(
+        "Slice", [hidden, f"{KEEP}/starts", f"{KEEP}/ends", f"{KEEP}/axes"], [kept], name=f"/{KEEP}/Slice"
+    )
+    node.input[0] = kept
+    at = list(g.node).index(node)
+    g.node.insert(at, cut)
+    g.node.insert(at, neg)
+    return True
 
 
 def load_model(path: Path) -> Any:
@@ -134,6 +184,8 @@ def make_decoder(lm: Any, cfg: Any, tokenizer: Any, final: Path, opts: LLMOption
     else:
         export_dynamo(lm, cfg, base, q.export_precision == "fp16")
     model = load_model(base)
+    if not last_logits_only(model):
+        warnings.warn("the decoder's LM head was not found: logits stay at every position", stacklevel=2)
     if q.needs_quantize_step(exporter, opts.target):
         assert q.quantize is not None
         model = q.quantize(model, opts.block_size, opts.target)

@@ -2,8 +2,9 @@
 
 Decoder contract (runtime/bundle.py LLMSection, onnxruntime-genai naming):
     inputs   inputs_embeds [B,S,D], attention_mask [B,past+S] int64, (position_ids [B,S]),
+             (num_logits_to_keep [1] int64: logits of the last K positions only),
              past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
-    outputs  logits [B,S,V], present.{i}.key/.value [B, kv_heads, past+S, head_dim]
+    outputs  logits [B,S,V] (or [B,K,V]), present.{i}.key/.value [B, kv_heads, past+S, head_dim]
 
 One `Decoder` serves any number of threads: it holds the session and read-only buffers
 (an all-ones mask and the position ramp, preallocated to the model's context length and
@@ -49,6 +50,9 @@ except ImportError as e:  # aarch64 Linux: `pip install .` leaves onnxruntime to
 from runtime.bundle import LLMSection
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# The decoder's optional input (export.decoder.last_logits_only): logits of the last K positions
+# only ([1] int64; generation feeds 1); a decoder without it computes every position's.
+KEEP = "num_logits_to_keep"
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,12 @@ def check_io(session: ort.InferenceSession, spec: LLMSection) -> dict[str, str]:
     want_in = ["inputs_embeds", "attention_mask"]
     want_in += [t.format(i=i) for i in layers for t in (spec.past_key, spec.past_value)]
     want_out = ["logits", *(t.format(i=i) for i in layers for t in (spec.present_key, spec.present_value))]
-    extra = sorted(set(types) - set(want_in) - {"position_ids"})
+    extra = sorted(set(types) - set(want_in) - {"position_ids", KEEP})
     problems = [f"no input {n}" for n in want_in if n not in types]
     problems += [f"no output {n}" for n in want_out if n not in outputs]
     problems += [f"unexpected input {n}" for n in extra]
+    if KEEP in types and types[KEEP] != "tensor(int64)":
+        problems.append(f"{KEEP} is {types[KEEP]}, not int64")
     floats = [n for n in want_in if n != "attention_mask" and n in types]
     problems += [f"{n} is {types[n]}, not float or float16" for n in floats if types[n] not in ORT_DTYPES]
     if problems:
@@ -169,6 +175,8 @@ class Decoder:
         self.embed_dtype = ORT_DTYPES[types["inputs_embeds"]]
         self.kv_dtype = ORT_DTYPES[types[spec.past_key.format(i=0)]]
         self.has_position_ids = "position_ids" in types
+        self.has_keep = KEEP in types
+        self.keep_last = np.ones(1, dtype=np.int64)  # read-only
         if embed_table.dtype != self.embed_dtype:
             raise ValueError(
                 f"{spec.embed_tokens} is {embed_table.dtype}, the decoder's inputs_embeds is "
@@ -250,6 +258,8 @@ class Decoder:
         """Logits at every position [S, V] of embeddings [1, S, D]: one prefill, cache dropped
         (scoring; export's quality gate compares these with PyTorch's)."""
         gen = Generation(self, embeds, SamplingParams(max_new_tokens=1))
+        if self.has_keep:
+            gen.io.bind_cpu_input(KEEP, np.array([embeds.shape[1]], dtype=np.int64))
         try:
             return gen._run(gen.embeds, every_position=True)
         finally:
@@ -320,6 +330,8 @@ class Generation:
         self.release = weakref.finalize(self, dec.kv_budget.release, reserved)
         self.io = dec.session.io_binding()
         self.io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in first-bind order
+        if dec.has_keep:  # the last position's logits only (Decoder.logits rebinds it)
+            self.io.bind_cpu_input(KEEP, dec.keep_last)
         self.kv: list[tuple[np.ndarray | None, np.ndarray | None]] = []  # numpy views of the buffers (CPU)
         if dec.shared_kv:  # bound once, for every step: past and present are the same buffers
             for pk, pv, ok, ov in dec.kv_names:

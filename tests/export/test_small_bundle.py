@@ -99,3 +99,22 @@ def test_small_shared_kv_decoder_equals_the_copy_loop_at_every_budget(small_pipe
             assert small_pipe.ask(real_images[0], PROMPT, tokens=tokens, max_new_tokens=NEW).token_ids == want
     finally:
         dec.shared_kv = True
+
+
+def test_the_factored_grid_is_the_projected_grid(reduced_small):
+    """export.wrap.FactoredGrid (the projector's first layer per feature map, at the map's own
+    resolution) gives model.encode_grid's tokens, with a LayerNorm whose gain and bias matter."""
+    import copy
+
+    from export.wrap import FactoredGrid, VisionExport
+
+    model = copy.deepcopy(reduced_small).eval()
+    with torch.no_grad():
+        model.projector.norm.weight.uniform_(0.5, 1.5)
+        model.projector.norm.bias.normal_(0.0, 0.1)
+    assert FactoredGrid.applies(model) and VisionExport(model, (36,)).grid is not None
+    x = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        want, got = model.encode_grid(x), FactoredGrid(model)(x)
+    assert got.shape == want.shape == (2, 576, model.cfg.text.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

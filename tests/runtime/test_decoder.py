@@ -89,3 +89,36 @@ def test_shared_kv_buffers_give_the_copy_loops_tokens_and_update_in_place(tiny_b
 
 def test_a_standard_attention_decoder_keeps_the_copy_loop(tiny_bundle, spec):
     assert not load(tiny_bundle, dataclasses.replace(spec, exporter="torch-dynamo")).shared_kv
+
+
+def test_the_head_runs_on_the_last_position_unless_asked_for_more(tiny_bundle, spec):
+    """export.decoder.last_logits_only: generation feeds num_logits_to_keep = 1 (the prefill skips
+    S - 1 rows of the LM head); S gives every position, the same values."""
+    import onnxruntime as ort
+
+    from runtime.llm import KEEP
+
+    dec = load(tiny_bundle, spec)
+    assert dec.has_keep
+    sess = ort.InferenceSession(str(tiny_bundle / spec.decoder), providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    feed = {"inputs_embeds": dec.embed(IDS), "attention_mask": np.ones((1, len(IDS)), np.int64)}
+    feed |= {n: empty for i in sess.get_inputs() if (n := i.name).startswith("past_key_values")}
+    feed |= {n: np.arange(len(IDS))[None] for i in sess.get_inputs() if (n := i.name) == "position_ids"}
+    last = sess.run(["logits"], feed | {KEEP: np.array([1])})[0]
+    every = sess.run(["logits"], feed | {KEEP: np.array([len(IDS)])})[0]
+    assert last.shape == (1, 1, spec.vocab_size) and every.shape == (1, len(IDS), spec.vocab_size)
+    np.testing.assert_allclose(last[0, 0], every[0, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dec.logits(dec.embed(IDS)), every[0], rtol=1e-5, atol=1e-5)
+
+
+def test_last_logits_only_leaves_a_graph_without_a_matmul_head_alone():
+    from onnx import TensorProto, helper
+
+    from export.decoder import KEEP, last_logits_only
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [y]))
+    assert not last_logits_only(model)
+    assert KEEP not in [i.name for i in model.graph.input]
