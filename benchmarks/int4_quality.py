@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from export.gates import agreement, image_prompts, torch_refs  # noqa: E402
 from export.quant import WeightOnly  # noqa: E402
 from fmvr.atomic import write_json, write_text  # noqa: E402
 from fmvr.provenance import run_record  # noqa: E402
@@ -51,7 +52,6 @@ RECIPES: dict[str, tuple[WeightOnly | None, int]] = {
         32,
     ),
 }
-TEXT = ROOT / "export" / "data" / "agreement_text.txt"
 
 
 def base_decoder(model: Any, tok: Any, work: Path) -> Path:
@@ -88,78 +88,12 @@ def make_decoder(base: Path, name: str, work: Path, table: np.ndarray, model: An
 
 
 def text_sequences(model: Any, tok: Any) -> dict[str, list[np.ndarray]]:
-    """Token ids of the fixed text set: {"paragraphs": plain text, "questions": the export
-    gate's questions in the chat template}."""
-    from export.gates import text_prompts
+    """Token ids of the fixed text set: {"paragraphs": plain text (export/data/agreement_text.txt),
+    "questions": the export gate's questions in the chat template}."""
+    from export.gates import paragraphs, text_prompts
 
-    paras = [p for p in TEXT.read_text().split("\n") if p.strip()]
-    return {
-        "paragraphs": [np.asarray(tok.encode(p).ids, dtype=np.int64) for p in paras],
-        "questions": [
-            np.asarray(i, dtype=np.int64) for i in text_prompts(tok, model.cfg.template, model.cfg.bos_id)
-        ],
-    }
-
-
-def image_sequences(model: Any, tok: Any, budgets: tuple[int, ...], scenes: int) -> dict[int, list[Any]]:
-    """{budget: [(inputs_embeds [1, S, D] (torch), first position after the image)]}: val
-    scenes' questions with their reference answers."""
-    import torch
-
-    from fmvr import tasks
-    from fmvr.preprocess import Preprocessor
-    from fmvr.tokenizer import expand_image_tokens, prompt_ids
-
-    cfg = model.cfg
-    pre = Preprocessor.from_config(cfg)
-    out: dict[int, list[Any]] = {t: [] for t in budgets}
-    for scene in tasks.scenes("val", scenes, 0, "detail"):
-        with torch.no_grad():
-            visual = model.encode_budgets(torch.from_numpy(pre([tasks.render_scene(scene)])), budgets)
-        for _, q, a in scene.questions:
-            ids = prompt_ids(tok, cfg.template, q, 1, cfg.bos_id) + tok.encode(a).ids + [cfg.eos_token_id]
-            for t in budgets:
-                full = expand_image_tokens(ids, cfg.image_token_id, t)
-                after = max(i for i, x in enumerate(full) if x == cfg.image_token_id) + 1
-                with torch.no_grad():
-                    out[t].append((model.embed(torch.tensor([full]), visual[t]), after))  # [1, S, D]
-    return out
-
-
-def agreement(dec: Any, lm: Any, seqs: list[Any], refs: list[np.ndarray]) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with the PyTorch logits `refs`, and the mean KL divergence
-    KL(fp32 || quantized) in nats (steadier than top-1 where fp32's first two are near a tie):
-    at every position of a text sequence, at the text positions after the image of an image
-    sequence (what follows a visual token is never a prediction anyone reads)."""
-    same = total = 0
-    kl = 0.0
-    for x, ref in zip(seqs, refs):
-        emb, start = (
-            (dec.embed(x), 0) if isinstance(x, np.ndarray) else (x[0].numpy().astype(dec.embed_dtype), x[1])
-        )
-        got, want = dec.logits(emb)[start:].astype(np.float64), ref[start:].astype(np.float64)
-        same += int((want.argmax(-1) == got.argmax(-1)).sum())
-        total += len(want)
-        logp, logq = log_softmax(want), log_softmax(got)
-        kl += float((np.exp(logp) * (logp - logq)).sum())
-    return {"top1": same / total, "kl": kl / total, "positions": total}
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def torch_refs(lm: Any, seqs: list[Any]) -> list[np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        return [
-            lm(input_ids=torch.from_numpy(x)[None]).logits[0].float().numpy()
-            if isinstance(x, np.ndarray)
-            else lm(inputs_embeds=x[0]).logits[0].float().numpy()
-            for x in seqs
-        ]
+    questions = text_prompts(tok, model.cfg.template, model.cfg.bos_id)
+    return {"paragraphs": paragraphs(tok), "questions": [np.asarray(i, dtype=np.int64) for i in questions]}
 
 
 def decode_ms(dec: Any, new: int) -> float:
@@ -236,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     base = base_decoder(model, tok, a.work)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     text = text_sequences(model, tok)
-    images = image_sequences(model, tok, budgets, a.scenes)
+    images = image_prompts(model, tok, budgets, a.scenes)
     lm = model.language_model
     text_ref = {k: torch_refs(lm, v) for k, v in text.items()}
     image_ref = {t: torch_refs(lm, s) for t, s in images.items()}
@@ -252,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": recipe.describe() if recipe else "fp32 (no quantization)",
             "block_size": block or None,
             "decoder_mb": size / 2**20,
-            "text": {k: agreement(dec, lm, v, text_ref[k]) for k, v in text.items()},
-            "image": {str(t): agreement(dec, lm, images[t], image_ref[t]) for t in budgets},
+            "text": {k: agreement(dec, v, text_ref[k]) for k, v in text.items()},
+            "image": {str(t): agreement(dec, images[t], image_ref[t]) for t in budgets},
             "build_s": time.time() - t0,
         }
         img = rows[name]["image"]

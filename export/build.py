@@ -174,7 +174,11 @@ def record_quality(section: LLMSection, files: list[FileEntry], record: dict[str
 def agreement_note(rec: dict[str, Any]) -> str:
     if rec.get("status") != "measured":
         return f"quality not measured: {rec.get('reason')}"
-    return f"top-1 agreement {rec['top1']:.3f} (floor {rec['floor']}), greedy 20 equal: {rec['greedy_equal']}"
+    sets = "".join(f"; {k} {v['top1']:.3f}" for k, v in rec.get("sets", {}).items())
+    return (
+        f"top-1 agreement {rec['top1']:.3f} (floor {rec['floor']}), greedy 20 equal: {rec['greedy_equal']}"
+        + (f" (recorded top-1{sets})" if sets else "")
+    )
 
 
 def add_llm(src: Source, bundle: str | Path, llm: LLMOptions, force: bool) -> tuple[Path, Manifest]:

@@ -49,7 +49,11 @@ def test_manifest_holds_what_a_torch_free_runtime_needs(src, shared_bundle):
         "max_frame": [1920, 1920],
     }
     assert m.build["llm"] == {
-        "quant": "fp32", "target": "cpu", "exporter": "auto", "block_size": 32, "kv_cache_mb": None
+        "quant": "fp32",
+        "target": "cpu",
+        "exporter": "auto",
+        "block_size": 32,
+        "kv_cache_mb": None,
     }
     assert m.llm.quant == "fp32" and m.file("llm/decoder.onnx").precision == "fp32"
     roles = {f.path: f.role for f in m.files}

@@ -32,6 +32,10 @@ def test_fp32_genai_greedy_equals_transformers(src, shared_bundle):
     assert len(ours) == 20 and ours == theirs
     rec = m.llm.quantization["agreement"]
     assert rec["greedy_equal"] and rec["top1"] == 1.0 and rec["max_abs_logit_err"] < 1e-4
+    # recorded beside the gated questions: plain text, and the benchmark's questions after an image
+    assert set(rec["sets"]) == {"paragraphs", "images_576", "images_36"}
+    for name, got in rec["sets"].items():
+        assert got["positions"] > 20 and got["top1"] == 1.0 and got["kl"] < 1e-6, name
 
 
 def test_fp32_dynamo_greedy_equals_transformers(src, dynamo_decoders):
@@ -58,6 +62,9 @@ def test_int8_and_int4_meet_the_floor(per_budget_bundle, dynamo_decoders):
     assert int8["agreement"]["runtime"] == "runtime.llm.Decoder"
     for q in (int8, int4):
         assert q["agreement"]["positions"] > 100 and 0 < q["agreement"]["max_abs_logit_err"] < 1.0
+        assert all(0 < v["kl"] < 1.0 for v in q["agreement"]["sets"].values())
+    # 4 bits lose more than 8, on every recorded set
+    assert all(int4["agreement"]["sets"][k]["kl"] > v["kl"] for k, v in int8["agreement"]["sets"].items())
 
 
 def test_quantized_graphs_hold_the_quantized_ops(per_budget_bundle, dynamo_decoders):
