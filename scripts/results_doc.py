@@ -415,6 +415,27 @@ def decoder_speed(d: dict) -> list[str]:
     ]
 
 
+def decoder_vs_genai(d: dict) -> list[str]:
+    bound = d["bound_ms_per_token"]
+    names = {"ours": "ours (runtime.llm)", "genai": "onnxruntime-genai"}
+    rows = [
+        [names[e], f"{m['decode_ms']:.2f}", f"{1e3 / m['decode_ms']:.0f}", f"{bound / m['decode_ms']:.0%}",
+         f"{m['prefill_ms']:.0f}", f"{m['peak_rss_mb']:.0f}"]
+        for e, m in d["median"].items()
+    ]  # fmt: skip
+    out = [
+        f"{d['quant']}: {d['method']}; {d['threads']} threads, medians of {d['reps']} alternating runs, each a "
+        f"fresh process. Bound: {d['decoder_weight_bytes'] / 1e6:.0f} MB of weights per token at "
+        f"{d['bandwidth_gbs']} GB/s = {bound:.2f} ms/token. Greedy tokens equal: {d['greedy_tokens_equal']}.",
+        "",
+    ]
+    return out + table(
+        ["decoder", "decode ms/token", "tok/s", "of the bound", f"prefill {d['prefill_tokens']} tokens (ms)",
+         "peak RSS (MB)"],
+        rows,
+    )  # fmt: skip
+
+
 def int4_quality(d: dict) -> list[str]:
     budgets = d["budgets"]
     rows = []
@@ -558,6 +579,15 @@ FAMILIES = (
         "shared past/present buffers, against the bound of reading the decoder's weights once per token at "
         "this machine's measured bandwidth; and the time to first token of a follow-up question about a "
         "cached frame. Rerun: `python benchmarks/decoder_speed.py --bundle runs/demo/bundle`.",
+    ),
+    Family(
+        "Runtime: our decoder against onnxruntime-genai, same weights",
+        ("decoder_vs_genai_*.json",),
+        decoder_vs_genai,
+        "Both decoders built by onnxruntime-genai's model builder from SmolLM2-135M-Instruct (the `small` "
+        "preset's LM) and quantized by the same export.quant recipe; ours takes inputs_embeds, runs the LM "
+        "head on the last position only and our Python loop, genai's takes input_ids and runs its C++ loop. "
+        "Rerun: `python benchmarks/decoder_vs_genai.py --quant int8` (and `--quant int4`).",
     ),
     Family(
         "Runtime: decoder quantization recipes against fp32",

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from fmvr.frames import ENCODINGS, Frame
+from runtime.llm import KVCacheFull
 from runtime.options import OBJECTIVES, AskOptions
 from runtime.policy import DeadlineError
 from runtime.ros.stream import FrameStream, StreamAnswer
@@ -50,7 +51,8 @@ CHOICES = {"backend": BACKENDS, "objective": OBJECTIVES, "reliability": RELIABIL
 TEXT_DEPTH = 10  # questions and answers: reliable, keep-last 10; more waiting questions are refused
 RESULT_FIELDS = ("answer", "budget", "deadline_met", "predicted_deadline_met", "latency_ms", "objective")
 RESULT_FIELDS += ("reason", "predicted_ms", "measured_ms", "finish_reason", "backend")
-ANSWER_ERRORS = (ValueError, TimeoutError, DeadlineError)  # bad frame/image/options, no frame, strict
+# bad frame/image/options, no frame, strict deadline, the other worker holding the KV memory budget
+ANSWER_ERRORS = (ValueError, TimeoutError, DeadlineError, KVCacheFull)
 HELP = {
     "bundle": "bundle directory (made by `python -m export`)",
     "backend": "vision backend (auto: from manifest + device)",
