@@ -299,6 +299,12 @@ def paragraphs(tokenizer: Any) -> list[np.ndarray]:
     return [np.asarray(tokenizer.encode(t).ids, dtype=np.int64) for t in lines]
 
 
+def gate_budgets(budgets: Any) -> tuple[int, ...]:
+    """The budgets whose image prompts the LLM gate records: the largest, and 36 where the model
+    serves it (a `none` cascade serves only its full grid)."""
+    return tuple(sorted({max(budgets)} | ({36} & set(budgets)), reverse=True))
+
+
 def image_prompts(model: Any, tokenizer: Any, budgets: tuple[int, ...], scenes: int) -> dict[int, list[Any]]:
     """{budget: [(inputs_embeds [1, S, D] (torch), first position after the image)]}: the
     built-in benchmark's val scenes (detail variant), every question with its reference answer
@@ -408,8 +414,7 @@ def llm_gate(root: Path, section: LLMSection, model: Any, tokenizer: Any, target
     # recorded beside it: plain text, and the benchmark's questions after an image
     texts = paragraphs(tokenizer)
     sets = {"paragraphs": (texts, torch_refs(lm, texts))}
-    budgets = tuple(sorted({max(cfg.budgets), min(36, max(cfg.budgets))}, reverse=True))
-    for t, seqs in image_prompts(model, tokenizer, budgets, GATE_SCENES).items():
+    for t, seqs in image_prompts(model, tokenizer, gate_budgets(cfg.budgets), GATE_SCENES).items():
         sets[f"images_{t}"] = (seqs, torch_refs(lm, seqs))
     rec["sets"] = {name: agreement(dec, seqs, refs) for name, (seqs, refs) in sets.items()}
     ours, theirs = runtime_greedy(dec, prompts[0]), torch_greedy(lm, prompts[0])

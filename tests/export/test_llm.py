@@ -157,3 +157,11 @@ def test_llm_cli_needs_an_existing_bundle(tmp_path, capsys):
     assert "python -m export.onnx" in capsys.readouterr().out
     assert main(["--demo-tiny", "--out", str(tmp_path), "--block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().out
+
+
+def test_the_gate_records_images_at_the_budgets_the_model_serves():
+    from export.gates import gate_budgets
+
+    assert gate_budgets((576, 144, 36, 9, 1)) == (576, 36)
+    assert gate_budgets((576,)) == (576,)  # the `none` cascade: plain LLaVA
+    assert gate_budgets((144, 9)) == (144,)
