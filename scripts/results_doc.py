@@ -569,7 +569,10 @@ FAMILIES = (
         "the budget policy against every fixed budget at three deadlines and several concurrent clients. "
         "`latency_tiny/` is a tiny-preset fp32 bundle with host preprocessing (2026-11-24); "
         "`latency_small/` is the `make demo` bundle (`small`, int8 decoder, preprocessing in the "
-        "graph, 2026-12-02).",
+        "graph, 2026-12-02, an Intel Xeon); `latency_small_before/` and `latency_small_after/` are one "
+        "untrained `small` checkpoint exported before and after the export's graph rewrites (the projector's "
+        "first layer per feature map, the LM head on the last position), timed one after the other on "
+        "another machine (AMD EPYC, 2 cores, 2026-12-07): compare those two with each other only.",
     ),
     Family(
         "Runtime: the decoder against the memory-bandwidth bound, and the prefix cache",
