@@ -29,6 +29,7 @@ import numpy as np
 from export.common import ExportError
 from export.options import EXPORTER_NAMES, LLMOptions
 from runtime.bundle import FileEntry, LLMSection, file_entry
+from runtime.llm import KEEP  # the decoder's input [1] int64: logits of the last K positions
 
 DECODER = "llm/decoder.onnx"
 EMBED = "llm/embed_tokens.npy"
@@ -105,7 +106,6 @@ def export_genai(
     save_model(load_model(out / "model.onnx"), path)
 
 
-KEEP = "num_logits_to_keep"  # the decoder's input [1] int64: logits of the last K positions
 LOGIT_MATMULS = ("MatMul", "MatMulNBits", "Gemm")
 
 

@@ -90,7 +90,7 @@ class KVBudget:
     """Bytes of KV cache reserved by running generations, against a limit (0: none). Thread-safe."""
 
     def __init__(self, limit_bytes: int) -> None:
-        self.limit, self.reserved, self.peak = int(limit_bytes), 0, 0
+        self.limit, self.reserved = int(limit_bytes), 0
         self._lock = threading.Lock()
 
     def reserve(self, n: int, what: str) -> None:
@@ -110,7 +110,6 @@ class KVBudget:
                     f"({self.reserved / mb:.1f} MB); {what} needs {n / mb:.1f} MB: retry shortly"
                 )
             self.reserved += n
-            self.peak = max(self.peak, self.reserved)
 
     def release(self, n: int) -> None:
         with self._lock:
