@@ -171,7 +171,7 @@ def adapt(args, arm: str, seed: int, start: Path) -> Path:
     from train.loop import train
 
     pyramid, lm = ARMS[arm]
-    out = Path(args.runs) / f"{args.preset}-{args.variant}" / f"{arm}-s{seed}"
+    out = arm_dir(args, arm, seed)
     common = dict(init=str(start), pyramid=pyramid, pyramid_init="pooling", tokens=args.adapt_tokens,
                   budget_mode="random", steps=args.adapt_steps, batch_size=args.batch_size, bench_seed=2,
                   bench_kind="qa", schedule="constant", seed=seed,
@@ -182,6 +182,13 @@ def adapt(args, arm: str, seed: int, start: Path) -> Path:
     else:  # projector and blocks only, on the questions in the chat template: stage 1's parts
         cfg = train_cfg(args, out, stage="stage1", template="chat", lr=args.frozen_projector_lr, **common)
     return trained(out, cfg, train)
+
+
+def arm_dir(args, arm: str, seed: int) -> Path:
+    """An arm's run folder; FMVR's carries the blocks' learning rate, so a val sweep over
+    --pyramid-lr keeps every candidate (M3 has no blocks: one run serves every candidate)."""
+    lr = f"-plr{args.pyramid_lr:g}" if ARMS[arm][0] == "fmvr" else ""
+    return Path(args.runs) / f"{args.preset}-{args.variant}" / f"{arm}{lr}-s{seed}"
 
 
 def scored(args, name: str, ckpt: Path, budgets: tuple[int, ...]) -> dict:
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         results[CEILING] = [rec | {"seed": args.start_seed}] if rec else []
     for seed in map(int, args.seeds.split(",")):  # seed-major: an interrupted study holds every arm
         for arm in args.arms.split(","):
-            ckpt = Path(args.runs) / f"{args.preset}-{args.variant}" / f"{arm}-s{seed}" / "final"
+            ckpt = arm_dir(args, arm, seed) / "final"
             if not args.finished_only:
                 ckpt = adapt(args, arm, seed, start)
             rec = scored(args, arm, ckpt, (576, 144, 36, 9, 1)) if ckpt.is_dir() else {}

@@ -31,7 +31,8 @@ def test_a_tiny_study_writes_rows_intervals_and_fmvr_minus_m3(tmp_path, benchmar
     }
     assert data["code"]["source_sha256"] and data["constant_baseline"]["all"]["accuracy"] > 0
     runs = tmp_path / "runs" / "tiny-detail"
-    fmvr = json.loads((runs / "fmvr-frozen-s0" / "final" / "extra.json").read_text())["train_config"]
+    assert {p.name for p in runs.iterdir()} == {"start-s0", "fmvr-frozen-plr0.001-s0", "m3-frozen-s0"}
+    fmvr = json.loads((runs / "fmvr-frozen-plr0.001-s0" / "final" / "extra.json").read_text())["train_config"]
     m3 = json.loads((runs / "m3-frozen-s0" / "final" / "extra.json").read_text())["train_config"]
     differ = {k for k in fmvr if fmvr[k] != m3[k]}
     assert differ <= {"out", "pyramid", "pyramid_lr"}, differ  # the arms differ only in the block
