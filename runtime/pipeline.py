@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,15 @@ from runtime.images import (
 from runtime.llm import Decoder, Generation, SamplingParams, TextStream
 from runtime.options import AskOptions, at_budget
 from runtime.policy import QUANTILE, Choice, Policy
-from runtime.prefix_cache import DEFAULT_MB, PrefixCache, PrefixEntry, frame_digest, prefix_key
+from runtime.prefix_cache import (
+    DEFAULT_MB,
+    TEXT_PREFIX_MB,
+    PrefixCache,
+    PrefixEntry,
+    frame_digest,
+    prefix_key,
+    text_prefix_key,
+)
 from runtime.profile import Profile, ProfileError, device_info, load_profile, save_profile
 from runtime.vision import VisionBackend, check_providers, load_backend
 
@@ -67,6 +76,16 @@ def decoder_providers(m: Manifest, vision_backend: str) -> list[str]:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     log.warning("the decoder was exported for --target cuda, but this onnxruntime has no CUDA provider: CPU")
     return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """How one request's prefill uses the prefix caches (Pipeline._prefix_plan)."""
+
+    start: Any  # KV state to start the prefill from (a cached frame or text prefix), or None
+    save: int  # prompt positions to save after the prefill (0: none)
+    text: int  # prompt positions before the first image (the text prefix's length)
+    text_key: str | None  # the text prefix's key where it is to be saved from this prefill
 
 
 class Pipeline:
@@ -109,8 +128,14 @@ class Pipeline:
         self._inflight_lock = threading.Lock()
         # A frame's prompt prefix (up to its last visual token) computed once: follow-up questions
         # about the same frame and budget prefill only their own text (runtime.prefix_cache).
-        reuse = prefix_cache_mb > 0 and getattr(decoder, "can_reuse_prefix", False)
+        reusable = getattr(decoder, "can_reuse_prefix", False)
+        reuse = prefix_cache_mb > 0 and reusable
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if reuse else None
+        # The prompt's text before the image (template and system prompt: ~22 tokens of ChatML) is
+        # the same for every request of a client: its KV state is computed once and each request
+        # prefills from the image on. Always on where the decoder can reuse a prefix (timing tools
+        # included: every real request takes this path); a few entries, one per system prompt.
+        self.text_prefix = PrefixCache(TEXT_PREFIX_MB * 2**20) if reusable else None
         self.reload_profile()
 
     # ---- loading -----------------------------------------------------------------------------
@@ -481,25 +506,45 @@ class Pipeline:
         feats = req.vp.images or [req.vp.features[req.choice.budget]]  # [T_i, D] per image
         embeds = self.embeddings(req.ids, feats)  # [1, S, D]
         params, timeout_s = self._params(req.opts), req.opts.timeout_s
-        prefix, save = self._prefix_plan(req)
-        gen = self.decoder.start(embeds, params, timeout_s=timeout_s, prefix=prefix, save_prefix=save)
+        plan = self._prefix_plan(req)
+        gen = self.decoder.start(
+            embeds, params, timeout_s=timeout_s, prefix=plan.start, save_prefix=plan.save
+        )
         text = TextStream(gen, self.tokenizer, params.stop)
         yield from text
-        saved = getattr(gen, "saved_prefix", None)
-        if saved is not None and self.prefix_cache is not None and req.prefix_key is not None:
-            self.prefix_cache.put(req.prefix_key, PrefixEntry(feats[0], saved))
+        self._keep_prefix(req, plan, getattr(gen, "saved_prefix", None), feats[0])
         return self._result(req, gen, text, time.perf_counter())
 
-    def _prefix_plan(self, req: Request) -> tuple[Any, int]:
-        """(the cached prefix's KV state to start from, or None; how many positions to save after
-        the prefill, 0: none). The prefix runs up to and including the image's last visual token."""
-        if req.prefix_key is None or self.prefix_cache is None:
-            return None, 0
+    def _prefix_plan(self, req: Request) -> PrefixPlan:
+        """Where the prefill starts and what it saves. A cached frame prefix (up to and including
+        the image's last visual token) starts past the image; else the cached text before the
+        image (template, system prompt) starts at the image. Saved: the frame prefix where the
+        frame cache can keep it, else the text before the image when it is not cached yet."""
         if req.prefix is not None:
-            return req.prefix.kv, 0
-        n = list(req.ids).index(self.special["image"]) + req.choice.budget
-        fits = self.decoder.kv_bytes(n) <= self.prefix_cache.max_bytes
-        return None, (n if fits else 0)  # too large to keep: skip the copy
+            return PrefixPlan(req.prefix.kv, 0, 0, None)
+        if not getattr(self.decoder, "can_reuse_prefix", False) or self.special["image"] not in req.ids:
+            return PrefixPlan(None, 0, 0, None)
+        before = list(req.ids).index(self.special["image"])  # text positions before the first image
+        key = text_prefix_key(req.ids[:before]) if self.text_prefix is not None and before else None
+        hit = self.text_prefix.get(key) if self.text_prefix is not None and key is not None else None
+        save = 0
+        if req.prefix_key is not None and self.prefix_cache is not None:
+            n = before + req.choice.budget
+            save = n if self.decoder.kv_bytes(n) <= self.prefix_cache.max_bytes else 0  # too large: no copy
+        if not save and hit is None and key is not None:
+            save = before
+        return PrefixPlan(None if hit is None else hit.kv, save, before, None if hit is not None else key)
+
+    def _keep_prefix(self, req: Request, plan: PrefixPlan, saved: Any, features: np.ndarray) -> None:
+        """Put what the prefill saved into the frame and text caches (plan: _prefix_plan's)."""
+        if saved is None:
+            return
+        if self.prefix_cache is not None and req.prefix_key is not None and plan.save > plan.text:
+            self.prefix_cache.put(req.prefix_key, PrefixEntry(features, saved))
+        if self.text_prefix is not None and plan.text_key is not None:
+            n = plan.text
+            kv = tuple((k[:, :, :n].copy(), v[:, :, :n].copy()) for k, v in saved)
+            self.text_prefix.put(plan.text_key, PrefixEntry(np.zeros((0,), np.float32), kv))
 
     def _result(self, req: Request, gen: Generation, text: TextStream, t_end: float) -> Result:
         measured = measured_ms(req, gen, t_end)

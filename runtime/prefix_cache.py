@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_MB = 256  # the Pipeline's default bound (a 576-token prefix of `small` is ~28 MB)
+TEXT_PREFIX_MB = 16  # the text-before-the-image cache's bound (ChatML's 22 positions of `small`: 1 MB)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,14 @@ def prefix_key(
     h.update(f"|{budget}|".encode())
     h.update(np.asarray(prefix_ids, dtype=np.int64).tobytes())
     return h.hexdigest()
+
+
+def text_prefix_key(prefix_ids: Sequence[int]) -> str:
+    """The cache key of the prompt tokens before the image (template, system prompt) alone."""
+    return (
+        "text:"
+        + hashlib.blake2b(np.asarray(prefix_ids, dtype=np.int64).tobytes(), digest_size=20).hexdigest()
+    )
 
 
 class PrefixCache:
