@@ -27,6 +27,9 @@ def source_sha256(paths: Sequence[str] = SOURCES, root: Path = ROOT) -> str:
     h = hashlib.sha256()
     for name in paths:
         top = root / name
+        if not top.exists():  # an installed package holds only some of the folders (a Jetson's runtime)
+            h.update(f"{name}: absent\0".encode())
+            continue
         for path in sorted(top.rglob("*.py")) if top.is_dir() else [top]:
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmvr.atomic import open_atomic, write_json, write_text
+from fmvr.provenance import run_record
 from runtime.measure import synthetic_image, time_ms
 from runtime.tools.batching import batching as _batching
 from runtime.tools.batching import to_markdown as to_markdown_batching
@@ -168,6 +169,9 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"# Runtime benchmark ({rep['device']['key']}, vision {rep['backend']}, LLM {rep['llm_provider']})",
         "",
     ]
+    if "code" in rep:
+        code = rep["code"]
+        lines += [f"`{rep['command']}`; code {code['commit']} (dirty: {code['dirty']}), {rep['created']}", ""]
     lines += [
         "## TTFT per budget vs FLOPs",
         "",
@@ -326,6 +330,7 @@ def run_latency(
     with pipe.prefix_cache_off():  # one frame asked again and again: time the uncached path
         rows = ttft_per_budget(pipe, image, runs)
         rep = {
+            **run_record(),  # the command and the code version that measured it
             "device": {**pipe.device, "key": pipe.policy.profile.key},
             "backend": pipe.vision.name,
             "llm_provider": pipe.decoder.provider,

@@ -44,5 +44,6 @@ def test_bench_runs_one_load_run_per_concurrency(tiny_bundle, tmp_path):
         assert {r["config"] for r in load["runs"]} == {"policy", *(f"fixed {t}" for t in pipe.budgets)}
     saved = json.loads((tmp_path / "latency.json").read_text())
     assert [load["concurrency"] for load in saved["load"]] == [1, 2]
+    assert saved["code"]["source_sha256"] and "command" in saved  # what measured it
     md = (tmp_path / "latency.md").read_text()
     assert "1 concurrent clients" in md and "2 concurrent clients" in md and md.count("| kept |") == 2
