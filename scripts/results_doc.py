@@ -118,6 +118,22 @@ def provenance(d: dict) -> list[str]:
 # ---------------------------------------------------------------- one renderer per family
 
 
+def text_prefix(d: dict) -> list[str]:
+    out = [
+        f"{d['machine']}; {len({r['pair'] for r in d['runs']})} alternating pairs.",
+        "",
+        "| budget | TTFT before ms | TTFT after ms | prefill before ms | prefill after ms "
+        "| TTFT ratio before | TTFT ratio after | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in d["summary"]:
+        out.append(
+            f"| {s['budget']} | {s['ttft_before']:.0f} | {s['ttft_after']:.0f} | {s['prefill_before']:.0f} | "
+            f"{s['prefill_after']:.0f} | {s['ratio_before']:.3f} | {s['ratio_after']:.3f} | {s['flops_ratio']:.3f} |"
+        )
+    return out
+
+
 def export_bench(d: dict) -> list[str]:
     lat = d["latency"]
     out = [
@@ -573,6 +589,14 @@ FAMILIES = (
         "untrained `small` checkpoint exported before and after the export's graph rewrites (the projector's "
         "first layer per feature map, the LM head on the last position), timed one after the other on "
         "another machine (AMD EPYC, 2 cores, 2026-12-07): compare those two with each other only.",
+    ),
+    Family(
+        "Runtime: the text before the image prefilled once",
+        ("latency_*/summary.json",),
+        text_prefix,
+        "TTFT per budget of one bundle from two checkouts, without and with the cache of the prompt's text "
+        "before the image (template and system prompt), run alternately; the medians of the runs. Rerun: "
+        "`python -m runtime latency --bundle BUNDLE` from each checkout.",
     ),
     Family(
         "Runtime: the decoder against the memory-bandwidth bound, and the prefix cache",
