@@ -28,7 +28,7 @@ for lr in $CANDIDATES; do
 done
 
 chosen=$("$PY" - "$OUT" $CANDIDATES <<'EOF'
-import json, sys
+import json, subprocess, sys
 from pathlib import Path
 
 out, cands = Path(sys.argv[1]), sys.argv[2:]
@@ -38,9 +38,10 @@ for lr in cands:
     got = [r["accuracy"] for r in rows if r["arm"] == "fmvr-frozen" and r["category"] == "all" and r["tokens"] in (36, 9)]
     score[lr] = sum(got) / len(got)
 best = max(sorted(cands, key=float), key=lambda lr: score[lr])  # stable: the smaller rate wins a tie
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 (out / "evidence_choice.json").write_text(json.dumps(
-    {"rule": "fmvr-frozen val accuracy, all categories, mean of 36 and 9 tokens", "scores": score, "pyramid_lr": best},
-    indent=1) + "\n")
+    {"rule": "fmvr-frozen val accuracy, all categories, mean of 36 and 9 tokens", "scores": score, "pyramid_lr": best,
+     "command": "bash scripts/evidence_study.sh", "commit": commit or None}, indent=1) + "\n")
 print(best)
 EOF
 )

@@ -335,9 +335,17 @@ def evidence(d: dict) -> list[str]:
     return out
 
 
+def evidence_choice(d: dict) -> list[str]:
+    """scripts/evidence_study.sh's choice of the FMVR blocks' learning rate on val."""
+    rows = [[lr, pct(v), "chosen" if lr == d["pyramid_lr"] else ""] for lr, v in d["scores"].items()]
+    return [f"Rule: {d['rule']}.", "", *table(["--pyramid-lr", "val accuracy (%)", ""], rows)]
+
+
 def evidence_protocol(d: dict) -> list[str]:
     """benchmarks/evidence.py's summary: accuracy per arm, budget and category with bootstrap
-    intervals, and FMVR - M3 paired over scenes."""
+    intervals, and FMVR - M3 paired over scenes (or the study's val choice)."""
+    if "rule" in d:
+        return evidence_choice(d)
     acc = {(r["arm"], r["tokens"], r["category"]): r for r in d["accuracy"]}
     order = ("colour", "shape", "count", "region", "where", "exist", "digit", "all")  # easy and detail
     cats = [c for c in order if any(k[2] == c for k in acc)]
@@ -673,7 +681,7 @@ FAMILIES = (
     ),
     Family(
         "Training evidence: FMVR against M3 from one plain-LLaVA start",
-        ("evidence_*_val.json", "evidence_*_test.json"),
+        ("evidence_*_val*.json", "evidence_*_test.json", "evidence_choice.json"),
         evidence_protocol,
         "`benchmarks/evidence.py`: one starting model trained at 576 tokens with the `none` cascade (plain "
         "LLaVA), then a Matryoshka adaptation at 144/36/9 tokens in which the arms differ only in the cascade "
