@@ -30,7 +30,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def pipe(tiny_bundle):
     from runtime.pipeline import Pipeline
 
-    return Pipeline.load(tiny_bundle, threads=1)
+    # No KV memory budget: the tiny bundle's default holds one request at its full context, so
+    # the concurrency tests sharing this pipeline would get KVCacheFull whenever two requests
+    # overlap (timing-dependent). The budget has its own tests (test_kv_budget.py).
+    return Pipeline.load(tiny_bundle, threads=1, kv_cache_mb=0)
 
 
 @pytest.fixture(scope="session")

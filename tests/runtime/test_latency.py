@@ -36,7 +36,7 @@ def test_bench_runs_one_load_run_per_concurrency(tiny_bundle, tmp_path):
     from runtime.pipeline import Pipeline
 
     # its own pipeline: the bench measures a profile into it, which the shared `pipe` must not get
-    pipe = Pipeline.load(tiny_bundle, threads=1)
+    pipe = Pipeline.load(tiny_bundle, threads=1, kv_cache_mb=0)  # two clients at once: no KV budget
     rep = run_latency(pipe, tmp_path, runs=1, requests=3, concurrency=(1, 2))
     assert [load["concurrency"] for load in rep["load"]] == [1, 2]
     for load in rep["load"]:
