@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -54,11 +56,42 @@ def code_version() -> dict[str, str | bool | None]:
     }
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform elsewhere)."""
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+# CPU features that change this project's timings: bf16/int8 matrix units (training autocast,
+# onnxruntime's int8 kernels) and AVX-512.
+TIMING_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """{"cpu": model name, "logical_cpus": n, "cpu_flags": the TIMING_FLAGS it has}: timings
+    compare only between records of the same machine (two "Intel Xeon" can differ in AMX)."""
+    flags: set[str] = set()
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {
+        "cpu": cpu_model(cpuinfo),
+        "logical_cpus": os.cpu_count(),
+        "cpu_flags": [f for f in TIMING_FLAGS if f in flags],
+    }
+
+
 def run_record(argv: Sequence[str] | None = None) -> dict:
-    """{"code": code_version(), "command": the command line, "created": UTC time}."""
+    """{"code": code_version(), "command": the command line, "created": UTC time, "machine": machine()}."""
     args = list(sys.argv if argv is None else argv)
     return {
         "code": code_version(),
         "command": shlex.join(["python", *args]) if args else "",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
     }

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fmvr.atomic import write_json
+from fmvr.provenance import cpu_model
 
 PROFILE_SCHEMA = 1
 STAGES = ("preprocess", "vision", "prefill", "decode")
@@ -41,16 +42,6 @@ class ProfileError(ValueError):
 
 
 # ---- device identity ------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, platform elsewhere)."""
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text(errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown-cpu"
 
 
 def _run(cmd: list[str]) -> str | None:

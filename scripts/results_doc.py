@@ -112,6 +112,10 @@ def provenance(d: dict) -> list[str]:
             flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
         lines.append(f"Arguments recorded in the JSON: `{' '.join(flags)}`.")
     lines.append(f"Commit: `{commit}`{dirty}." if commit else "Commit: not recorded.")
+    box = d.get("machine") or meta.get("machine")  # fmvr.provenance.machine, where recorded
+    if isinstance(box, dict) and box.get("cpu"):
+        flags = ", ".join(box.get("cpu_flags") or []) or "none of note"
+        lines.append(f"Machine: {box['cpu']}, {box.get('logical_cpus')} logical CPUs (flags: {flags}).")
     return [" ".join(lines)]
 
 
