@@ -41,6 +41,7 @@ ORT_PROVIDERS = {
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
 ORT_TRT_MAX_BATCH = 4  # the ort-tensorrt provider's profile, as export.trt's default --max-batch
 TRT_SUPPORTED = (10, 11)  # TensorRT majors [lo, hi): engines and this backend are TensorRT 10
+STOP_SPINNING = "session.force_spinning_stop"  # onnxruntime: idle the intra-op pool when a Run ends
 
 
 def graph_input(x: Any, section: VisionSection) -> np.ndarray:
@@ -140,6 +141,10 @@ class OrtVision:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # The vision pass is one Run per request and the LLM's prefill follows at once, on the
+        # same cores: without this, the vision pool's threads keep spinning after the Run and take
+        # cores from the prefill (36-token prefill 97 -> 73 ms, TTFT 128 -> 103 ms, 2 threads).
+        opts.add_session_config_entry(STOP_SPINNING, "1")
         providers: list[Any] = [
             self.provider,
             "CPUExecutionProvider",

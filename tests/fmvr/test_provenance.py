@@ -19,7 +19,9 @@ def test_the_source_hash_changes_with_a_file_and_tolerates_absent_folders(tmp_pa
 
 def test_the_machine_is_named_with_the_flags_that_change_timings(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 amx_bf16 sse\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 amx_bf16 sse\n"
+    )
     got = machine(info)
     assert got["cpu"] == "Intel(R) Xeon(R) Processor"
     assert got["cpu_flags"] == ["amx_bf16", "avx2"]  # in TIMING_FLAGS' order, the rest dropped

@@ -146,3 +146,17 @@ def test_a_missing_onnxruntime_names_what_to_install(monkeypatch):
         importlib.import_module("runtime.llm")
     monkeypatch.undo()
     importlib.import_module("runtime.llm")
+
+
+def test_the_vision_sessions_stop_spinning_when_their_run_ends(pipe):
+    # The LLM's prefill follows the vision pass on the same cores: a vision pool still spinning
+    # after its Run would take them (runtime/vision.py, STOP_SPINNING).
+    from runtime.vision import STOP_SPINNING
+
+    sessions = [
+        *pipe.vision.sessions.values(),
+        *([pipe.vision.pre_session] if pipe.vision.pre_session else []),
+    ]
+    assert sessions
+    for s in sessions:
+        assert s.get_session_options().get_session_config_entry(STOP_SPINNING) == "1"
