@@ -3,11 +3,16 @@
     python benchmarks/latency_ab.py --bundle runs/demo/bundle --before /work/ab/before --after . \
         --pairs 4 --out benchmarks/results/latency_small_spinning
 
-Each pair runs `python -m runtime latency --bundle BUNDLE --threads 2 --runs 5 --requests 3
---concurrency 1` once from each checkout (a git worktree of the other commit), in alternating
-order (before first in odd pairs), so drift of a shared machine falls on both sides. Writes
-OUT/summary.{json,md}: the medians over pairs of TTFT, prefill and vision per budget, the TTFT
-ratio to 576 tokens against the FLOPs ratio, each run's rows, both commits, the machine.
+The `before` checkout is a worktree of the commit without the change
+(`git worktree add --detach /work/ab/before <commit>`); both run under this interpreter and its
+virtualenv (`python -m` imports the checkout's own packages first). Each pair runs
+`python -m runtime latency --bundle BUNDLE --threads 2 --runs 5 --requests 3 --concurrency 1`
+once from each checkout, in alternating order (before first in odd pairs), so drift of a shared
+machine falls on both sides; a run is the whole latency job (a minute or two: profile, load,
+preprocessing), of which only the TTFT table is kept. Writes OUT/runs.jsonl as runs finish
+(a failed pair loses nothing), then OUT/summary.{json,md}: the medians over pairs of TTFT,
+prefill and vision per budget, the TTFT ratio to 576 tokens against the FLOPs ratio, each
+side's code version as its own run recorded it, and the machine.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ def describe(checkout: Path) -> str:
     return out.stdout.strip()[:160] if out.returncode == 0 else str(checkout)
 
 
-def one_run(checkout: Path, bundle: Path, out: Path, threads: int) -> list[dict]:
+def one_run(checkout: Path, bundle: Path, out: Path, threads: int) -> dict:
+    """`runtime latency` from `checkout`: its latency.json (the `ttft` rows, `code` where recorded)."""
     cmd = [sys.executable, "-m", "runtime", "latency", "--bundle", str(bundle), "--threads", str(threads),
            "--runs", "5", "--requests", "3", "--concurrency", "1", "--out", str(out)]  # fmt: skip
-    subprocess.run(cmd, cwd=checkout, check=True, capture_output=True, text=True)
-    return json.loads((out / "latency.json").read_text())["ttft"]
+    done = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"runtime latency failed in {checkout} (exit {done.returncode}):\n{tail}")
+    return json.loads((out / "latency.json").read_text())
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -49,8 +58,16 @@ def summarise(runs: list[dict]) -> list[dict]:
         row: dict = {"budget": budget}
         for side in ("before", "after"):
             mine = [r for r in runs if r["budget"] == budget and r["side"] == side]
+            if not mine:
+                raise SystemExit(
+                    f"budget {budget} was timed on one side only: the two checkouts serve other budgets"
+                )
             for k in KEYS:
                 row[f"{k}_{side}"] = statistics.median(r[k] for r in mine)
+        if abs(row["flops_ratio_before"] - row["flops_ratio_after"]) > 1e-9:
+            raise SystemExit(
+                f"budget {budget}: the two checkouts count FLOPs differently; compare like with like"
+            )
         row["flops_ratio"] = row.pop("flops_ratio_before")
         del row["flops_ratio_after"]
         rows.append(row)
@@ -65,7 +82,8 @@ def to_markdown(d: dict) -> str:
         "",
         f"- before: {d['sides']['before']}",
         f"- after: {d['sides']['after']}",
-        f"- machine: {d['machine']['cpu']}, {d['machine']['logical_cpus']} logical CPUs",
+        f"- machine: {d['machine']['cpu']}, {d['machine']['logical_cpus']} logical CPUs, "
+        f"flags {', '.join(d['machine']['cpu_flags']) or 'none of note'}",
         "",
         "| budget | TTFT before ms | TTFT after ms | prefill before | prefill after | vision before | vision after "
         "| TTFT ratio before | TTFT ratio after | FLOPs ratio |",
@@ -91,12 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     runs: list[dict] = []
+    code: dict[str, list] = {"before": [], "after": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    log.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(1, args.pairs + 1):
             order = ("before", "after") if pair % 2 else ("after", "before")
             for side in order:
-                rows = one_run(sides[side], args.bundle.resolve(), Path(tmp) / f"{side}-{pair}", args.threads)
-                runs += [{"pair": pair, "side": side, **{k: r[k] for k in ("budget", *KEYS)}} for r in rows]
+                got = one_run(sides[side], args.bundle.resolve(), Path(tmp) / f"{side}-{pair}", args.threads)
+                code[side].append(got.get("code"))
+                rows = [
+                    {"pair": pair, "side": side, **{k: r[k] for k in ("budget", *KEYS)}} for r in got["ttft"]
+                ]
+                with log.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                runs += rows
                 print(
                     f"pair {pair} {side}: " + ", ".join(f"{r['budget']}: {r['ttft_ms']:.0f} ms" for r in rows)
                 )
@@ -106,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": args.pairs,
         "threads": args.threads,
         "sides": {k: describe(v) for k, v in sides.items()},
+        "side_code": {
+            k: v[0] for k, v in code.items()
+        },  # each side's own record (commit, dirty, source hash)
         "summary": summarise(runs),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "summary.json", d)
     write_text(args.out / "summary.md", to_markdown(d))
     print(to_markdown(d))

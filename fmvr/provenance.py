@@ -71,7 +71,7 @@ TIMING_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f",
 
 
 def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """{"cpu": model name, "logical_cpus": n, "cpu_flags": the TIMING_FLAGS it has}: timings
+    """{"cpu": model name, "logical_cpus": n this process may use, "cpu_flags": the TIMING_FLAGS it has}: timings
     compare only between records of the same machine (two "Intel Xeon" can differ in AMX)."""
     flags: set[str] = set()
     if cpuinfo.is_file():
@@ -81,7 +81,7 @@ def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
                 break
     return {
         "cpu": cpu_model(cpuinfo),
-        "logical_cpus": os.cpu_count(),
+        "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_flags": [f for f in TIMING_FLAGS if f in flags],
     }
 
