@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The FMVR-vs-M3 study of docs/evidence.md, end to end, as cached and resumable runs:
+# The FMVR-vs-M3 study (docs/RESULTS.md, "Training evidence"), end to end, as cached and resumable runs:
 #   1. val: one seed of m3-frozen and of fmvr-frozen per candidate --pyramid-lr (the FMVR blocks'
 #      own learning rate, the one knob FMVR has and M3 has not);
 #   2. the choice: the candidate whose fmvr-frozen val accuracy (all categories) averaged over 36
