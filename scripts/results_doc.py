@@ -404,7 +404,25 @@ def evidence_protocol(d: dict) -> list[str]:
                 for x in d["differences"]
             ],
         )
+        out += ["", verdict(d["differences"])]
     return out
+
+
+def verdict(diffs: list[dict]) -> str:
+    """One sentence per LM variant, from the intervals: where FMVR or M3 is ahead (interval
+    excluding 0) and where they tie."""
+    parts = []
+    for lm in dict.fromkeys(x["lm"] for x in diffs):
+        mine = [x for x in diffs if x["lm"] == lm]
+        ahead = {
+            who: [str(x["tokens"]) for x in mine if (x["low"] > 0 if who == "FMVR" else x["high"] < 0)]
+            for who in ("FMVR", "M3")
+        }
+        tie = [str(x["tokens"]) for x in mine if x["low"] <= 0 <= x["high"]]
+        said = [f"{who} ahead at {', '.join(ts)} tokens" for who, ts in ahead.items() if ts]
+        said += [f"a tie (interval across 0) at {', '.join(tie)}"] if tie else []
+        parts.append(f"LM {lm}: " + "; ".join(said))
+    return "Reading it: " + ". ".join(parts) + "."
 
 
 def budget_probe(d: dict) -> list[str]:
