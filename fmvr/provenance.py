@@ -48,7 +48,8 @@ def _git(*args: str) -> str | None:
 @lru_cache(maxsize=1)
 def code_version() -> dict[str, str | bool | None]:
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", *SOURCES) if commit else None
+    # dirty = an edited or new Python source (what source_sha256 hashes), not a result file beside it
+    status = _git("status", "--porcelain", "--", *(f":(glob){d}/**/*.py" for d in SOURCES)) if commit else None
     return {
         "commit": commit,
         "dirty": None if status is None else bool(status),
