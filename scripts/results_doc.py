@@ -651,7 +651,10 @@ FAMILIES = (
         "Decode speed of the bundle's decoder with the KV cache copied every step (the old loop) and kept in "
         "shared past/present buffers, against the bound of reading the decoder's weights once per token at "
         "this machine's measured bandwidth; and the time to first token of a follow-up question about a "
-        "cached frame. Rerun: `python benchmarks/decoder_speed.py --bundle runs/demo/bundle`.",
+        "cached frame. Rerun: `python benchmarks/decoder_speed.py --bundle runs/demo/bundle`. `_amd`: the same "
+        "benchmark on the AMD EPYC session of 2026-12-07 (another demo bundle, older code); the bound is a numpy "
+        "reduction's bandwidth, which a decoder whose weights partly stay in a large last-level cache can beat "
+        "(the Xeon: 106 %).",
     ),
     Family(
         "Runtime: our decoder against onnxruntime-genai, same weights",
@@ -675,7 +678,8 @@ FAMILIES = (
         ("vision_speed_*.json",),
         vision_speed,
         "The bundle's vision graph on one camera frame, and its parts. Rerun: "
-        "`python benchmarks/vision_speed.py --bundle BUNDLE`.",
+        "`python benchmarks/vision_speed.py --bundle BUNDLE`. `_graph` is the `make demo` bundle on the Intel Xeon "
+        "(2026-12-08); `_graph_amd` and `_host` are from the AMD EPYC session of 2026-12-07 (older code).",
     ),
     Family(
         "Cluster: routers on this machine, and a replica killed",
