@@ -1,5 +1,5 @@
 # Quick start:  make demo   (the main job on the `small` preset and the built-in benchmark: no hub
-#                           downloads, no GPU; ~17 min on 2 cores)
+#                           downloads, no GPU; 14-17 min on 2 cores)
 #               make test   (the test suite)
 # Both create .venv and install the pinned versions of constraints.txt on first use.
 
