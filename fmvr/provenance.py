@@ -49,7 +49,9 @@ def _git(*args: str) -> str | None:
 def code_version() -> dict[str, str | bool | None]:
     commit = _git("rev-parse", "HEAD")
     # dirty = an edited or new Python source (what source_sha256 hashes), not a result file beside it
-    status = _git("status", "--porcelain", "--", *(f":(glob){d}/**/*.py" for d in SOURCES)) if commit else None
+    status = (
+        _git("status", "--porcelain", "--", *(f":(glob){d}/**/*.py" for d in SOURCES)) if commit else None
+    )
     return {
         "commit": commit,
         "dirty": None if status is None else bool(status),
