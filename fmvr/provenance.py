@@ -59,12 +59,23 @@ def code_version() -> dict[str, str | bool | None]:
     }
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, platform elsewhere)."""
+def _cpuinfo(cpuinfo: Path) -> dict[str, str]:
+    """The first value of each key of /proc/cpuinfo (the first processor's), lower-case keys."""
+    out: dict[str, str] = {}
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep:
+                out.setdefault(key.strip().lower(), value.strip())
+    return out
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo"), info: dict[str, str] | None = None) -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform elsewhere)."""
+    info = _cpuinfo(cpuinfo) if info is None else info
+    for key in ("model name", "hardware", "cpu model"):
+        if info.get(key):
+            return info[key]
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
@@ -76,14 +87,10 @@ TIMING_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f",
 def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """{"cpu": model name, "logical_cpus": n this process may use, "cpu_flags": the TIMING_FLAGS it has}: timings
     compare only between records of the same machine (two "Intel Xeon" can differ in AMX)."""
-    flags: set[str] = set()
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    info = _cpuinfo(cpuinfo)
+    flags = set(info.get("flags", "").split())
     return {
-        "cpu": cpu_model(cpuinfo),
+        "cpu": cpu_model(info=info),
         "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_flags": [f for f in TIMING_FLAGS if f in flags],
     }

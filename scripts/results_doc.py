@@ -133,11 +133,9 @@ def latency_ab(d: dict) -> list[str]:
         ]
         cols = [("ttft_ms", "TTFT ms", ".0f"), ("prefill_ms", "prefill ms", ".0f"), ("vision_ms", "vision ms", ".1f"),
                 ("ttft_ratio", "TTFT ratio", ".3f")]  # fmt: skip
-        key = "{k}_{side}"
     else:  # latency_small_text_prefix: summarised by hand before the script existed
         head = [f"{d['machine']}; {pairs} alternating pairs.", ""]
         cols = [("ttft", "TTFT ms", ".0f"), ("prefill", "prefill ms", ".0f"), ("ratio", "TTFT ratio", ".3f")]
-        key = "{k}_{side}"
     header = (
         ["budget"]
         + [f"{name} {side}" for _, name, _ in cols for side in ("before", "after")]
@@ -147,7 +145,7 @@ def latency_ab(d: dict) -> list[str]:
     for s in d["summary"]:
         cells = [str(s["budget"])]
         for k, _, fmt in cols:
-            cells += [format(s[key.format(k=k, side=side)], fmt) for side in ("before", "after")]
+            cells += [format(s[f"{k}_{side}"], fmt) for side in ("before", "after")]
         rows.append(cells + [f"{s['flops_ratio']:.3f}"])
     return head + table(header, rows)
 
